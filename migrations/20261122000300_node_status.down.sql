@@ -1,0 +1,2 @@
+DROP VIEW healthy_storages;
+DROP TABLE node_status;

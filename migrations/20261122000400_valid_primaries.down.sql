@@ -1,0 +1,1 @@
+DROP VIEW valid_primaries;

@@ -1,0 +1,221 @@
+//! The command line, as operators type it for Praefect: `praefect -config FILE [subcommand]`
+//! or `praefect subcommand -config FILE`, long flags with one dash or two.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{ArgAction, Parser, Subcommand};
+
+/// Rewrites Go-style single-dash long flags (`-config`, `-virtual-storage=x`) to the
+/// double-dash form clap understands. One-letter flags (`-f`, `-q`), negative numbers and
+/// everything after `--` are left alone.
+pub fn normalize_args<I>(args: I) -> Vec<OsString>
+where
+    I: IntoIterator<Item = OsString>,
+{
+    let mut out = Vec::new();
+    let mut passthrough = false;
+    for (i, arg) in args.into_iter().enumerate() {
+        if i == 0 || passthrough {
+            out.push(arg);
+            continue;
+        }
+        let rewritten = match arg.to_str() {
+            Some("--") => {
+                passthrough = true;
+                None
+            }
+            Some(text) if is_single_dash_long_flag(text) => {
+                Some(OsString::from(format!("-{text}")))
+            }
+            _ => None,
+        };
+        out.push(rewritten.unwrap_or(arg));
+    }
+    out
+}
+
+fn is_single_dash_long_flag(text: &str) -> bool {
+    let Some(rest) = text.strip_prefix('-') else {
+        return false;
+    };
+    if rest.starts_with('-') {
+        return false;
+    }
+    let name = rest.split('=').next().unwrap_or("");
+    name.len() > 1 && name.starts_with(|c: char| c.is_ascii_alphabetic())
+}
+
+/// `praefect`: the Gitaly Cluster router.
+#[derive(Debug, Parser)]
+#[command(
+    name = "praefect",
+    about = "The Gitaly Cluster router: makes several Gitaly nodes look like one highly available Gitaly",
+    disable_version_flag = true,
+    args_conflicts_with_subcommands = false
+)]
+pub struct Cli {
+    /// Path to the configuration file (TOML).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print the version and exit.
+    #[arg(long, short = 'v', action = ArgAction::SetTrue)]
+    pub version: bool,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the router (the default when no subcommand is given).
+    Serve,
+    /// Check that the database can be reached and is PostgreSQL 11 or later.
+    #[command(name = "sql-ping")]
+    SqlPing,
+    /// Apply all pending database migrations.
+    #[command(name = "sql-migrate")]
+    SqlMigrate {
+        /// Ignore migrations in the database that this version does not know.
+        #[arg(
+            long,
+            default_value_t = true,
+            num_args = 0..=1,
+            default_missing_value = "true",
+            action = ArgAction::Set,
+            value_name = "BOOL"
+        )]
+        ignore_unknown: bool,
+        /// Print the text of each migration as it is applied.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Show which migrations are applied.
+    #[command(name = "sql-migrate-status")]
+    SqlMigrateStatus,
+    /// Roll back the N newest migrations (a dry run unless -f is given).
+    #[command(name = "sql-migrate-down")]
+    SqlMigrateDown {
+        /// Really roll back; without it, only list what would be rolled back.
+        #[arg(short = 'f', long = "force")]
+        force: bool,
+        /// How many migrations to roll back.
+        #[arg(value_name = "N")]
+        max: usize,
+    },
+    /// Work with configuration files.
+    Configuration {
+        #[command(subcommand)]
+        command: ConfigurationCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigurationCommand {
+    /// Validate the TOML configuration read from standard input; errors are printed as JSON.
+    Validate,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(args: &[&str]) -> Vec<String> {
+        normalize_args(args.iter().map(OsString::from))
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn single_dash_long_flags_become_double_dash() {
+        assert_eq!(
+            norm(&[
+                "praefect",
+                "-config",
+                "f.toml",
+                "sql-migrate-down",
+                "-f",
+                "1"
+            ]),
+            [
+                "praefect",
+                "--config",
+                "f.toml",
+                "sql-migrate-down",
+                "-f",
+                "1"
+            ]
+        );
+        assert_eq!(
+            norm(&[
+                "praefect",
+                "-virtual-storage=x",
+                "--config=y",
+                "-1",
+                "--",
+                "-keep"
+            ]),
+            [
+                "praefect",
+                "--virtual-storage=x",
+                "--config=y",
+                "-1",
+                "--",
+                "-keep"
+            ]
+        );
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(normalize_args(args.iter().map(OsString::from))).unwrap()
+    }
+
+    #[test]
+    fn both_argument_orders_parse() {
+        let before = parse(&["praefect", "-config", "c.toml", "sql-ping"]);
+        let after = parse(&["praefect", "sql-ping", "-config", "c.toml"]);
+        for cli in [before, after] {
+            assert_eq!(cli.config.as_deref(), Some(std::path::Path::new("c.toml")));
+            assert!(matches!(cli.command, Some(Command::SqlPing)));
+        }
+        let serve = parse(&["praefect", "-config", "c.toml"]);
+        assert!(serve.command.is_none());
+    }
+
+    #[test]
+    fn sql_migrate_flags() {
+        match parse(&["praefect", "-config", "c", "sql-migrate"]).command {
+            Some(Command::SqlMigrate {
+                ignore_unknown,
+                verbose,
+            }) => assert!(ignore_unknown && !verbose),
+            other => panic!("unexpected {other:?}"),
+        }
+        match parse(&[
+            "praefect",
+            "sql-migrate",
+            "-ignore-unknown=false",
+            "-verbose",
+        ])
+        .command
+        {
+            Some(Command::SqlMigrate {
+                ignore_unknown,
+                verbose,
+            }) => assert!(!ignore_unknown && verbose),
+            other => panic!("unexpected {other:?}"),
+        }
+        match parse(&["praefect", "sql-migrate-down", "-f", "2"]).command {
+            Some(Command::SqlMigrateDown { force, max }) => assert!(force && max == 2),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unexpected_positional_arguments_are_refused() {
+        let args = normalize_args(["praefect", "sql-ping", "extra"].map(OsString::from));
+        assert!(Cli::try_parse_from(args).is_err());
+    }
+}

@@ -1,0 +1,191 @@
+//! Repository records: ids, replica paths, generations, assignments and primaries.
+
+use sqlx::Connection;
+
+use super::{Datastore, DatastoreError};
+
+/// Everything needed to record a repository that was just created on its replicas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewRepository {
+    pub repository_id: i64,
+    pub virtual_storage: String,
+    pub relative_path: String,
+    pub replica_path: String,
+    /// The storage that created it; it becomes the repository's primary.
+    pub primary: String,
+    /// Secondaries that created it too, at generation 0 like the primary.
+    pub updated_secondaries: Vec<String>,
+    /// Assigned storages that do not have it yet (replication targets).
+    pub outdated_secondaries: Vec<String>,
+    /// Whether to store explicit assignments (primary + all secondaries). Without them, every
+    /// configured storage counts as assigned.
+    pub store_assignments: bool,
+}
+
+/// A replica that may serve as the repository's primary.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ValidPrimary {
+    pub repository_id: i64,
+    pub storage: String,
+}
+
+impl Datastore {
+    /// Reserves a repository id for a repository about to be created; fails with
+    /// [`DatastoreError::RepositoryExists`] when (virtual_storage, relative_path) is taken.
+    pub async fn reserve_repository_id(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+    ) -> Result<i64, DatastoreError> {
+        let id: Option<i64> = self
+            .run("reserve_repository_id", |pool| async move {
+                sqlx::query_scalar(
+                    "SELECT nextval('repositories_repository_id_seq')
+                     WHERE NOT EXISTS (
+                         SELECT 1 FROM repositories
+                         WHERE virtual_storage = $1 AND relative_path = $2)",
+                )
+                .bind(virtual_storage)
+                .bind(relative_path)
+                .fetch_optional(&pool)
+                .await
+            })
+            .await?;
+        id.ok_or(DatastoreError::RepositoryExists)
+    }
+
+    /// Records a created repository, its replicas at generation 0 and, if asked, its
+    /// assignments, in one transaction.
+    pub async fn create_repository(&self, repo: &NewRepository) -> Result<(), DatastoreError> {
+        let mut with_replica = vec![repo.primary.clone()];
+        with_replica.extend(repo.updated_secondaries.iter().cloned());
+        let mut assigned = with_replica.clone();
+        if repo.store_assignments {
+            assigned.extend(repo.outdated_secondaries.iter().cloned());
+        } else {
+            assigned.clear();
+        }
+        let result = self
+            .run("create_repository", |pool| async move {
+                let mut conn = pool.acquire().await?;
+                let mut tx = conn.begin().await?;
+                sqlx::query(
+                    "INSERT INTO repositories
+                         (repository_id, virtual_storage, relative_path, generation, \"primary\", replica_path)
+                     VALUES ($1, $2, $3, 0, $4, $5)",
+                )
+                .bind(repo.repository_id)
+                .bind(&repo.virtual_storage)
+                .bind(&repo.relative_path)
+                .bind(&repo.primary)
+                .bind(&repo.replica_path)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO storage_repositories
+                         (repository_id, virtual_storage, relative_path, storage, generation)
+                     SELECT $1, $2, $3, storage, 0 FROM unnest($4::text[]) AS storage",
+                )
+                .bind(repo.repository_id)
+                .bind(&repo.virtual_storage)
+                .bind(&repo.relative_path)
+                .bind(&with_replica)
+                .execute(&mut *tx)
+                .await?;
+                if !assigned.is_empty() {
+                    sqlx::query(
+                        "INSERT INTO repository_assignments
+                             (repository_id, virtual_storage, relative_path, storage)
+                         SELECT $1, $2, $3, storage FROM unnest($4::text[]) AS storage",
+                    )
+                    .bind(repo.repository_id)
+                    .bind(&repo.virtual_storage)
+                    .bind(&repo.relative_path)
+                    .bind(&assigned)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await
+            })
+            .await;
+        match result {
+            Err(DatastoreError::Query {
+                source: sqlx::Error::Database(db),
+                ..
+            }) if db.is_unique_violation() => Err(DatastoreError::RepositoryExists),
+            other => other,
+        }
+    }
+
+    /// Records a successful write: the given storages that held the latest generation move to
+    /// the next one, and so does the repository. Storages that were behind stay behind.
+    pub async fn increment_generation(
+        &self,
+        repository_id: i64,
+        storages: &[String],
+    ) -> Result<i64, DatastoreError> {
+        let new_generation: Option<Option<i64>> = self
+            .run("increment_generation", |pool| async move {
+                sqlx::query_scalar(
+                    "WITH repo AS (
+                         SELECT repository_id, generation FROM repositories
+                         WHERE repository_id = $1
+                         FOR UPDATE
+                     ),
+                     bumped AS (
+                         UPDATE storage_repositories AS replica
+                         SET generation = replica.generation + 1
+                         FROM repo
+                         WHERE replica.repository_id = repo.repository_id
+                           AND replica.storage = ANY($2)
+                           AND replica.generation = repo.generation
+                         RETURNING replica.generation
+                     ),
+                     repo_bumped AS (
+                         UPDATE repositories
+                         SET generation = repositories.generation + 1
+                         FROM repo
+                         WHERE repositories.repository_id = repo.repository_id
+                           AND EXISTS (SELECT 1 FROM bumped)
+                         RETURNING repositories.generation
+                     )
+                     SELECT (SELECT generation FROM repo_bumped) FROM repo",
+                )
+                .bind(repository_id)
+                .bind(storages)
+                .fetch_optional(&pool)
+                .await
+            })
+            .await?;
+        match new_generation {
+            None => Err(DatastoreError::RepositoryNotFound),
+            Some(None) => Err(DatastoreError::WriteToOutdatedNodes),
+            Some(Some(generation)) => Ok(generation),
+        }
+    }
+
+    /// The replicas of a repository that may be its primary, sorted by storage.
+    pub async fn valid_primaries(
+        &self,
+        repository_id: i64,
+    ) -> Result<Vec<ValidPrimary>, DatastoreError> {
+        let rows: Vec<(i64, String)> = self
+            .run("valid_primaries", |pool| async move {
+                sqlx::query_as(
+                    "SELECT repository_id, storage FROM valid_primaries
+                     WHERE repository_id = $1 ORDER BY storage",
+                )
+                .bind(repository_id)
+                .fetch_all(&pool)
+                .await
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(repository_id, storage)| ValidPrimary {
+                repository_id,
+                storage,
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,11 @@
+//! praefect-rs: a Rust re-implementation of Praefect, the router of a Gitaly Cluster.
+//!
+//! One module per concern: `config` (TOML keys and validation), `cli` (subcommands),
+//! `datastore` (all SQL), `metrics`, `logging`, and `routing` (pure decisions).
+
+pub mod cli;
+pub mod config;
+pub mod datastore;
+pub mod logging;
+pub mod metrics;
+pub mod routing;

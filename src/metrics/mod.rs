@@ -1,0 +1,45 @@
+//! Prometheus metrics, kept in memory so that a scrape never touches the database
+//! (production#2918). Names follow Praefect's where Praefect has the metric.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus::{HistogramOpts, HistogramVec, Registry};
+
+/// The registry served on `/metrics`.
+pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
+
+/// Time spent in each named datastore operation.
+static DB_QUERY_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    let histogram = HistogramVec::new(
+        HistogramOpts::new(
+            "gitaly_praefect_datastore_operation_seconds",
+            "Time spent in each named database operation",
+        )
+        .buckets(vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+        ]),
+        &["operation", "result"],
+    )
+    .expect("static metric definition is valid");
+    // Registration only fails on a duplicate name, which the LazyLock rules out.
+    let _ = REGISTRY.register(Box::new(histogram.clone()));
+    histogram
+});
+
+/// Records one datastore operation.
+pub fn observe_db_query(operation: &str, ok: bool, elapsed: Duration) {
+    DB_QUERY_SECONDS
+        .with_label_values(&[operation, if ok { "ok" } else { "error" }])
+        .observe(elapsed.as_secs_f64());
+}
+
+/// Renders the registry in the text exposition format.
+pub fn render() -> String {
+    use prometheus::Encoder;
+    let mut buffer = Vec::new();
+    let encoder = prometheus::TextEncoder::new();
+    // Encoding into a Vec cannot fail for well-formed metric families.
+    let _ = encoder.encode(&REGISTRY.gather(), &mut buffer);
+    String::from_utf8_lossy(&buffer).into_owned()
+}

@@ -1,0 +1,36 @@
+//! Where a repository lives on the Gitaly nodes. Praefect stores repositories under paths
+//! derived from their id, not from the client's relative path, so that a rename or a
+//! re-creation never collides with leftovers on disk.
+
+use sha2::{Digest, Sha256};
+
+/// The two levels of fan-out directories: the first two bytes of SHA-256 of the decimal id.
+fn fan_out(repository_id: i64) -> (String, String) {
+    let digest = Sha256::digest(repository_id.to_string().as_bytes());
+    (hex::encode(&digest[..1]), hex::encode(&digest[1..2]))
+}
+
+/// `@cluster/repositories/<h0>/<h1>/<id>`.
+pub fn replica_path(repository_id: i64) -> String {
+    let (h0, h1) = fan_out(repository_id);
+    format!("@cluster/repositories/{h0}/{h1}/{repository_id}")
+}
+
+/// `@cluster/pools/<h0>/<h1>/<id>`, for object pools created through the router.
+pub fn pool_replica_path(repository_id: i64) -> String {
+    let (h0, h1) = fan_out(repository_id);
+    format!("@cluster/pools/{h0}/{h1}/{repository_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_praefects_layout() {
+        assert_eq!(replica_path(1), "@cluster/repositories/6b/86/1");
+        assert_eq!(pool_replica_path(1), "@cluster/pools/6b/86/1");
+        // sha256("2") = d4735e3a...
+        assert_eq!(replica_path(2), "@cluster/repositories/d4/73/2");
+    }
+}
