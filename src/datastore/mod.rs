@@ -19,7 +19,7 @@
 
 mod connect;
 mod health;
-mod migrations;
+pub mod migrations;
 mod repositories;
 
 pub use connect::{

@@ -1,0 +1,361 @@
+use std::fs::{self, OpenOptions};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sqlx::{Connection, Executor, PgConnection};
+
+use praefect::config::DatabaseConnection;
+use praefect::datastore::{migrations::known_migrations, Datastore, PoolSettings};
+
+/// Where the shared server lives, and how to reach it.
+#[derive(Clone, Debug)]
+pub struct PgServer {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    /// Set when the harness manages the server (not PGHOST).
+    pub data_dir: Option<PathBuf>,
+    /// The database with every migration applied that test databases are copied from.
+    pub template: String,
+}
+
+impl PgServer {
+    pub fn connection(&self, dbname: &str) -> DatabaseConnection {
+        DatabaseConnection {
+            host: self.host.clone(),
+            port: self.port.to_string(),
+            user: self.user.clone(),
+            password: self.password.clone(),
+            dbname: dbname.to_string(),
+            sslmode: "disable".to_string(),
+            ..Default::default()
+        }
+    }
+
+    pub fn url(&self, dbname: &str) -> String {
+        let auth = if self.password.is_empty() {
+            self.user.clone()
+        } else {
+            format!("{}:{}", self.user, self.password)
+        };
+        format!(
+            "postgres://{auth}@{}:{}/{dbname}?sslmode=disable",
+            self.host, self.port
+        )
+    }
+
+    pub async fn admin(&self) -> PgConnection {
+        PgConnection::connect(&self.url("postgres"))
+            .await
+            .expect("connecting to the test server's postgres database")
+    }
+}
+
+/// The shared server, started (or found) on first use.
+pub fn server() -> &'static PgServer {
+    static SERVER: OnceLock<PgServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        // Setup runs on its own thread and runtime so it can be called from any test, async
+        // or not.
+        std::thread::spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(setup())
+        })
+        .join()
+        .expect("test database setup panicked")
+    })
+}
+
+async fn setup() -> PgServer {
+    let state_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("praefect-test-pg");
+    fs::create_dir_all(&state_dir).expect("creating the test server directory");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state_dir.join("lock"))
+        .expect("opening the harness lock file");
+    lock.lock().expect("locking the harness lock file");
+
+    let mut server = match (std::env::var("PGHOST"), std::env::var("PGPORT")) {
+        (Ok(host), Ok(port)) if !host.is_empty() => PgServer {
+            host,
+            port: port.parse().expect("PGPORT is a number"),
+            user: std::env::var("PGUSER").unwrap_or_else(|_| "postgres".into()),
+            password: std::env::var("PGPASSWORD").unwrap_or_default(),
+            data_dir: None,
+            template: String::new(),
+        },
+        _ => start_private_server(&state_dir).await,
+    };
+    server.template = ensure_template(&server).await;
+    drop(lock);
+    server
+}
+
+fn migrations_fingerprint() -> String {
+    let mut hasher = Sha256::new();
+    for m in known_migrations() {
+        hasher.update(m.id.as_bytes());
+        hasher.update(m.up.as_bytes());
+        hasher.update(m.down.unwrap_or("").as_bytes());
+    }
+    hex::encode(&hasher.finalize()[..8])
+}
+
+/// Creates the migrated template database once per migration set.
+async fn ensure_template(server: &PgServer) -> String {
+    let name = format!("praefect_template_{}", migrations_fingerprint());
+    let mut admin = server.admin().await;
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_optional(&mut admin)
+        .await
+        .expect("looking for the template database");
+    if exists.is_none() {
+        let building = format!("{name}_building");
+        admin
+            .execute(format!("DROP DATABASE IF EXISTS \"{building}\"").as_str())
+            .await
+            .expect("dropping a half-built template");
+        admin
+            .execute(format!("CREATE DATABASE \"{building}\"").as_str())
+            .await
+            .expect("creating the template database");
+        let store = Datastore::connect(&server.connection(&building), PoolSettings::default())
+            .await
+            .expect("connecting to the template database");
+        store
+            .migrate_up(false, |_| {})
+            .await
+            .expect("migrating the template database");
+        store.close().await;
+        admin
+            .execute(format!("ALTER DATABASE \"{building}\" RENAME TO \"{name}\"").as_str())
+            .await
+            .expect("renaming the template database");
+    }
+    name
+}
+
+fn find_pg_binary(name: &str) -> PathBuf {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(entries) = fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<(u32, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+                Some((version, e.path().join("bin").join(name)))
+            })
+            .collect();
+        versions.sort();
+        candidates.extend(versions.into_iter().rev().map(|(_, p)| p));
+    }
+    if let Ok(path) = std::env::var("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|dir| dir.join(name)));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("PostgreSQL's {name} not found: install the postgresql package"))
+}
+
+/// The user and group to run PostgreSQL as: ourselves, or `postgres`/`nobody` when root.
+fn server_identity() -> Option<(u32, u32)> {
+    // Our uid, read from /proc to avoid unsafe libc calls.
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if uid != 0 {
+        return None;
+    }
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let lookup = |user: &str| {
+        passwd.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.first() == Some(&user) && fields.len() > 3)
+                .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
+                .flatten()
+        })
+    };
+    Some(lookup("postgres").or_else(|| lookup("nobody")).unwrap_or((65534, 65534)))
+}
+
+fn run_as(command: &mut Command, identity: Option<(u32, u32)>) -> &mut Command {
+    if let Some((uid, gid)) = identity {
+        command.gid(gid).uid(uid);
+    }
+    command
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("finding a free port")
+}
+
+async fn is_up(url: &str) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), PgConnection::connect(url)).await,
+        Ok(Ok(_))
+    )
+}
+
+async fn start_private_server(state_dir: &Path) -> PgServer {
+    let identity = server_identity();
+    let data_dir = state_dir.join("data");
+    let socket_dir = state_dir.join("socket");
+    let port_file = state_dir.join("port");
+    let mut server = PgServer {
+        host: "127.0.0.1".to_string(),
+        port: 0,
+        user: "postgres".to_string(),
+        password: String::new(),
+        data_dir: Some(data_dir.clone()),
+        template: String::new(),
+    };
+    if let Some(port) = fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse().ok()) {
+        server.port = port;
+        if is_up(&server.url("postgres")).await {
+            return server;
+        }
+    }
+    fs::create_dir_all(&socket_dir).expect("creating the socket directory");
+    if let Some((uid, gid)) = identity {
+        for dir in [state_dir, socket_dir.as_path()] {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid)).expect("chown test server dir");
+        }
+    }
+    if !data_dir.join("PG_VERSION").exists() {
+        let _ = fs::remove_dir_all(&data_dir);
+        let output = run_as(&mut Command::new(find_pg_binary("initdb")), identity)
+            .current_dir(state_dir)
+            .args(["-D"])
+            .arg(&data_dir)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running initdb");
+        assert!(
+            output.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    server.port = free_port();
+    let options = format!(
+        "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+         -c full_page_writes=off -c max_connections=500",
+        server.port,
+        socket_dir.display()
+    );
+    let output = run_as(&mut Command::new(find_pg_binary("pg_ctl")), identity)
+        .current_dir(state_dir)
+        .arg("-D")
+        .arg(&data_dir)
+        .arg("-l")
+        .arg(state_dir.join("server.log"))
+        .args(["-w", "-t", "60", "-o", &options, "start"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .output()
+        .expect("running pg_ctl start");
+    assert!(
+        output.status.success(),
+        "pg_ctl start failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        fs::read_to_string(state_dir.join("server.log")).unwrap_or_default()
+    );
+    fs::write(&port_file, server.port.to_string()).expect("writing the port file");
+    server
+}
+
+/// A database of its own for one test, dropped when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub server: &'static PgServer,
+}
+
+impl TestDb {
+    /// A fresh database with every migration applied.
+    pub async fn new() -> TestDb {
+        let server = server();
+        Self::create(server, Some(&server.template)).await
+    }
+
+    /// A fresh database without any migration, for the migration tests.
+    pub async fn empty() -> TestDb {
+        Self::create(server(), None).await
+    }
+
+    async fn create(server: &'static PgServer, template: Option<&str>) -> TestDb {
+        let name = format!("praefect_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = server.admin().await;
+        let statement = match template {
+            Some(template) => format!("CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""),
+            None => format!("CREATE DATABASE \"{name}\""),
+        };
+        admin
+            .execute(statement.as_str())
+            .await
+            .expect("creating the test database");
+        TestDb { name, server }
+    }
+
+    pub fn connection(&self) -> DatabaseConnection {
+        self.server.connection(&self.name)
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url(&self.name)
+    }
+
+    pub async fn datastore(&self) -> Datastore {
+        Datastore::connect(&self.connection(), PoolSettings::default())
+            .await
+            .expect("connecting the datastore to the test database")
+    }
+
+    /// A plain connection for seeding and inspecting test data.
+    pub async fn raw(&self) -> PgConnection {
+        PgConnection::connect(&self.url())
+            .await
+            .expect("connecting to the test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let server = self.server;
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let mut admin = server.admin().await;
+                let _ = admin
+                    .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+                    .await;
+            });
+        })
+        .join();
+    }
+}

@@ -1,0 +1,475 @@
+//! Datastore tests against a real PostgreSQL: migrations, NOTIFY payloads, the health quorum
+//! view, valid primaries, and surviving a server that turns read-only.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::postgres::PgListener;
+use sqlx::Executor;
+
+use common::pg::TestDb;
+use praefect::config::DatabaseConnection;
+use praefect::datastore::{
+    migrations::known_migrations, Datastore, DatastoreError, HealthObservation, HealthyStorage,
+    MigrationState, NewRepository, PoolSettings,
+};
+
+fn observation(vs: &str, storage: &str, healthy: bool) -> HealthObservation {
+    HealthObservation {
+        virtual_storage: vs.to_string(),
+        storage: storage.to_string(),
+        healthy,
+    }
+}
+
+fn healthy(vs: &str, storage: &str) -> HealthyStorage {
+    HealthyStorage {
+        virtual_storage: vs.to_string(),
+        storage: storage.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn migrations_apply_roll_back_and_reapply() {
+    let db = TestDb::empty().await;
+    let store = db.datastore().await;
+    let known = known_migrations();
+    assert!(known.len() >= 6);
+    assert!(known.iter().all(|m| m.down.is_some()), "every migration has a down");
+
+    assert_eq!(store.pending_migrations().await.unwrap(), known.len());
+    assert!(matches!(
+        store.check_migrations_up_to_date().await,
+        Err(DatastoreError::PendingMigrations(n)) if n == known.len()
+    ));
+    let mut events = 0;
+    let applied = store.migrate_up(false, |_| events += 1).await.unwrap();
+    assert_eq!(applied, known.len());
+    assert_eq!(events, 1 + 2 * known.len(), "planned + migrating/applied per migration");
+    store.check_migrations_up_to_date().await.unwrap();
+    assert_eq!(store.migrate_up(false, |_| {}).await.unwrap(), 0);
+
+    // Roll everything back, one by one, then forward again: every down undoes its up.
+    let newest = known.last().unwrap().id.clone();
+    assert_eq!(store.migrations_to_roll_back(1).await.unwrap(), vec![newest.clone()]);
+    assert_eq!(store.migrate_down(1).await.unwrap(), 1);
+    let status = store.migration_status().await.unwrap();
+    let last = status.iter().find(|s| s.id == newest).unwrap();
+    assert_eq!(last.state, MigrationState::NotApplied);
+    assert_eq!(store.migrate_down(known.len()).await.unwrap(), known.len() - 1);
+    let mut raw = db.raw().await;
+    let leftover: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'schema_migrations'",
+    )
+    .fetch_all(&mut raw)
+    .await
+    .unwrap();
+    assert!(leftover.is_empty(), "down migrations left tables: {leftover:?}");
+    assert_eq!(store.migrate_up(false, |_| {}).await.unwrap(), known.len());
+    store.check_migrations_up_to_date().await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_migrations_are_refused_unless_ignored() {
+    let db = TestDb::new().await;
+    let store = db.datastore().await;
+    let mut raw = db.raw().await;
+    raw.execute("INSERT INTO schema_migrations VALUES ('20990101000000_from_the_future', now())")
+        .await
+        .unwrap();
+    let err = store.migrate_up(false, |_| {}).await.unwrap_err();
+    assert!(
+        err.to_string().contains("unknown migration in database: 20990101000000_from_the_future"),
+        "{err}"
+    );
+    assert_eq!(store.migrate_up(true, |_| {}).await.unwrap(), 0);
+    let status = store.migration_status().await.unwrap();
+    assert_eq!(status.last().unwrap().state, MigrationState::Unknown);
+}
+
+#[tokio::test]
+async fn the_runbook_queries_work() {
+    let db = TestDb::new().await;
+    let mut raw = db.raw().await;
+    // Queries from operators' runbooks must run unchanged.
+    for query in [
+        "SELECT state, count(*) FROM replication_queue GROUP BY 1",
+        "SELECT job->>'virtual_storage', job->>'target_node_storage', count(*) FROM replication_queue WHERE state = 'ready' GROUP BY 1, 2",
+        "SELECT * FROM valid_primaries",
+        "SELECT * FROM healthy_storages",
+        "SELECT * FROM repository_generations",
+        "SELECT repository_id, virtual_storage, relative_path, generation, \"primary\", replica_path FROM repositories",
+        "SELECT virtual_storage, relative_path, storage, generation, repository_id, verified_at, verification_leased_until FROM storage_repositories",
+        "SELECT praefect_name, shard_name, node_name, last_contact_attempt_at, last_seen_active_at FROM node_status",
+        "SELECT id, acquired FROM replication_queue_lock",
+        "SELECT job_id, lock_id, triggered_at FROM replication_queue_job_lock",
+        "SELECT virtual_storage, storage, last_run, triggered_at FROM storage_cleanups",
+        "SELECT id, applied_at FROM schema_migrations",
+    ] {
+        sqlx::query(query).fetch_all(&mut raw).await.unwrap_or_else(|e| panic!("{query}: {e}"));
+    }
+    let states: Vec<String> = sqlx::query_scalar(
+        "SELECT unnest(enum_range(NULL::replication_job_state))::text",
+    )
+    .fetch_all(&mut raw)
+    .await
+    .unwrap();
+    assert_eq!(states, ["ready", "in_progress", "completed", "cancelled", "failed", "dead"]);
+}
+
+fn new_repository(id: i64, vs: &str, path: &str, primary: &str, secondaries: &[&str]) -> NewRepository {
+    NewRepository {
+        repository_id: id,
+        virtual_storage: vs.to_string(),
+        relative_path: path.to_string(),
+        replica_path: praefect::routing::replica_path(id),
+        primary: primary.to_string(),
+        updated_secondaries: secondaries.iter().map(|s| s.to_string()).collect(),
+        outdated_secondaries: Vec::new(),
+        store_assignments: false,
+    }
+}
+
+async fn next_payload(listener: &mut PgListener) -> (String, serde_json::Value) {
+    let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a notification within 5s")
+        .expect("listener error");
+    let payload: serde_json::Value =
+        serde_json::from_str(notification.payload()).expect("payload is JSON");
+    (notification.channel().to_string(), payload)
+}
+
+async fn assert_silent(listener: &mut PgListener) {
+    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await {
+        panic!("unexpected notification on {}: {}", n.channel(), n.payload());
+    }
+}
+
+#[tokio::test]
+async fn changes_notify_with_the_json_array_payload() {
+    let db = TestDb::new().await;
+    let store = db.datastore().await;
+    let mut listener = PgListener::connect(&db.url()).await.unwrap();
+    listener
+        .listen_all(["storage_repositories_updates", "repositories_updates"])
+        .await
+        .unwrap();
+
+    let id = store.reserve_repository_id("vs", "a.git").await.unwrap();
+    store
+        .create_repository(&new_repository(id, "vs", "a.git", "g1", &["g2"]))
+        .await
+        .unwrap();
+    let (channel, payload) = next_payload(&mut listener).await;
+    assert_eq!(channel, "storage_repositories_updates");
+    assert_eq!(payload, json!([{"virtual_storage": "vs", "relative_paths": ["a.git"]}]));
+
+    assert!(matches!(
+        store.reserve_repository_id("vs", "a.git").await,
+        Err(DatastoreError::RepositoryExists)
+    ));
+
+    store.increment_generation(id, &["g1".to_string()]).await.unwrap();
+    let (channel, payload) = next_payload(&mut listener).await;
+    assert_eq!(channel, "storage_repositories_updates");
+    assert_eq!(payload, json!([{"virtual_storage": "vs", "relative_paths": ["a.git"]}]));
+
+    // Verification bookkeeping must not flush the routers' caches.
+    let mut raw = db.raw().await;
+    raw.execute("UPDATE storage_repositories SET verified_at = now(), verification_leased_until = now()")
+        .await
+        .unwrap();
+    assert_silent(&mut listener).await;
+
+    // One statement touching two virtual storages: one entry per virtual storage, distinct paths.
+    raw.execute(
+        "INSERT INTO repositories (repository_id, virtual_storage, relative_path, generation) VALUES
+             (100, 'vs', 'b.git', 0), (101, 'other', 'c.git', 0);
+         INSERT INTO storage_repositories (repository_id, virtual_storage, relative_path, storage, generation) VALUES
+             (100, 'vs', 'b.git', 'g1', 0), (100, 'vs', 'b.git', 'g2', 0), (101, 'other', 'c.git', 'g1', 0);",
+    )
+    .await
+    .unwrap();
+    let (_, payload) = next_payload(&mut listener).await;
+    let mut entries = payload.as_array().unwrap().clone();
+    entries.sort_by_key(|e| e["virtual_storage"].as_str().unwrap().to_string());
+    assert_eq!(
+        entries,
+        vec![
+            json!({"virtual_storage": "other", "relative_paths": ["c.git"]}),
+            json!({"virtual_storage": "vs", "relative_paths": ["b.git"]}),
+        ]
+    );
+
+    // Deleting a repository notifies on both channels (the replicas go by cascade).
+    raw.execute("DELETE FROM repositories WHERE repository_id = 100").await.unwrap();
+    let mut seen = vec![next_payload(&mut listener).await, next_payload(&mut listener).await];
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(seen[0].0, "repositories_updates");
+    assert_eq!(seen[1].0, "storage_repositories_updates");
+    for (_, payload) in seen {
+        assert_eq!(payload, json!([{"virtual_storage": "vs", "relative_paths": ["b.git"]}]));
+    }
+
+    // An update that changes nothing relevant stays silent.
+    raw.execute("UPDATE storage_repositories SET generation = generation WHERE repository_id = 101")
+        .await
+        .unwrap();
+    assert_silent(&mut listener).await;
+}
+
+/// Records `healthy_count` healthy and the rest unhealthy observations of g1 by distinct routers.
+async fn routers_observe(store: &Datastore, routers: usize, healthy_count: usize) {
+    for i in 0..routers {
+        store
+            .record_health(&format!("praefect-{i}"), &[observation("vs", "g1", i < healthy_count)])
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn healthy_storages_needs_a_quorum_of_active_routers() {
+    for (routers, healthy_count, expect_healthy) in [
+        (1, 1, true),
+        (1, 0, false),
+        (2, 1, true),
+        (3, 1, false),
+        (3, 2, true),
+        (4, 1, false),
+        (4, 2, true),
+        (5, 2, false),
+        (5, 3, true),
+    ] {
+        let db = TestDb::new().await;
+        let store = db.datastore().await;
+        routers_observe(&store, routers, healthy_count).await;
+        let expected = if expect_healthy { vec![healthy("vs", "g1")] } else { vec![] };
+        assert_eq!(
+            store.healthy_storages().await.unwrap(),
+            expected,
+            "{healthy_count} of {routers} routers see it healthy"
+        );
+    }
+}
+
+#[tokio::test]
+async fn health_observations_expire() {
+    let db = TestDb::new().await;
+    let store = db.datastore().await;
+    let mut raw = db.raw().await;
+
+    // An unhealthy observation keeps the previous last-seen time.
+    store.record_health("p1", &[observation("vs", "g1", true)]).await.unwrap();
+    store.record_health("p1", &[observation("vs", "g1", false)]).await.unwrap();
+    assert_eq!(store.healthy_storages().await.unwrap(), vec![healthy("vs", "g1")]);
+
+    // Seen healthy more than 10 s ago no longer counts.
+    raw.execute("UPDATE node_status SET last_seen_active_at = now() - interval '11 seconds'")
+        .await
+        .unwrap();
+    assert!(store.healthy_storages().await.unwrap().is_empty());
+
+    // Two routers see g1 healthy, a third does not: 2 of 3 is a quorum.
+    let db = TestDb::new().await;
+    let store = db.datastore().await;
+    let mut raw = db.raw().await;
+    routers_observe(&store, 4, 1).await;
+    assert!(store.healthy_storages().await.unwrap().is_empty(), "1 of 4 is no quorum");
+    // Two routers stop probing for over a minute: they leave the denominator; 1 of 2 is.
+    raw.execute(
+        "UPDATE node_status SET last_contact_attempt_at = now() - interval '61 seconds',
+                                last_seen_active_at = NULL
+         WHERE praefect_name IN ('praefect-2', 'praefect-3')",
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.healthy_storages().await.unwrap(), vec![healthy("vs", "g1")]);
+
+    // Quorums are per virtual storage: routers active only elsewhere do not count.
+    store
+        .record_health("p-elsewhere", &[observation("other", "x", false)])
+        .await
+        .unwrap();
+    assert_eq!(store.healthy_storages().await.unwrap(), vec![healthy("vs", "g1")]);
+}
+
+async fn mark_healthy(store: &Datastore, storages: &[&str]) {
+    let observations: Vec<_> = ["g1", "g2", "g3"]
+        .iter()
+        .map(|s| observation("vs", s, storages.contains(s)))
+        .collect();
+    store.record_health("p1", &observations).await.unwrap();
+}
+
+async fn valid_primaries(store: &Datastore, id: i64) -> Vec<String> {
+    store
+        .valid_primaries(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.storage)
+        .collect()
+}
+
+#[tokio::test]
+async fn valid_primaries_are_up_to_date_healthy_assigned_and_not_being_deleted() {
+    let db = TestDb::new().await;
+    let store = db.datastore().await;
+    let mut raw = db.raw().await;
+    mark_healthy(&store, &["g1", "g2", "g3"]).await;
+
+    let id = store.reserve_repository_id("vs", "r.git").await.unwrap();
+    store
+        .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2", "g3"]))
+        .await
+        .unwrap();
+    assert_eq!(valid_primaries(&store, id).await, ["g1", "g2", "g3"]);
+
+    // Outdated: g3 missed a write.
+    store
+        .increment_generation(id, &["g1".to_string(), "g2".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(valid_primaries(&store, id).await, ["g1", "g2"]);
+    // A write to only outdated replicas is refused.
+    assert!(matches!(
+        store.increment_generation(id, &["g3".to_string()]).await,
+        Err(DatastoreError::WriteToOutdatedNodes)
+    ));
+    assert!(matches!(
+        store.increment_generation(9999, &["g1".to_string()]).await,
+        Err(DatastoreError::RepositoryNotFound)
+    ));
+
+    // Unhealthy: no quorum sees g2.
+    mark_healthy(&store, &["g1", "g3"]).await;
+    raw.execute("UPDATE node_status SET last_seen_active_at = now() - interval '1 minute' WHERE node_name = 'g2'")
+        .await
+        .unwrap();
+    assert_eq!(valid_primaries(&store, id).await, ["g1"]);
+    mark_healthy(&store, &["g1", "g2", "g3"]).await;
+    assert_eq!(valid_primaries(&store, id).await, ["g1", "g2"]);
+
+    // Unassigned: with explicit assignments only assigned replicas qualify...
+    raw.execute(format!(
+        "INSERT INTO repository_assignments (repository_id, virtual_storage, relative_path, storage)
+         VALUES ({id}, 'vs', 'r.git', 'g2'), ({id}, 'vs', 'r.git', 'g3')"
+    ).as_str())
+    .await
+    .unwrap();
+    assert_eq!(valid_primaries(&store, id).await, ["g2"]);
+    // ...unless no candidate is assigned: then any up-to-date healthy replica will do.
+    raw.execute(format!(
+        "DELETE FROM repository_assignments WHERE repository_id = {id} AND storage = 'g2'"
+    ).as_str())
+    .await
+    .unwrap();
+    assert_eq!(valid_primaries(&store, id).await, ["g1", "g2"]);
+
+    // Pending delete_replica: a replica about to be removed cannot become primary.
+    raw.execute(
+        "INSERT INTO replication_queue (state, lock_id, job) VALUES
+            ('ready', 'vs|g1|r.git', '{\"change\": \"delete_replica\", \"virtual_storage\": \"vs\",
+              \"relative_path\": \"r.git\", \"target_node_storage\": \"g1\", \"source_node_storage\": \"\"}')",
+    )
+    .await
+    .unwrap();
+    assert_eq!(valid_primaries(&store, id).await, ["g2"]);
+    // A finished one no longer counts, and a second active one is refused by the unique index.
+    raw.execute("UPDATE replication_queue SET state = 'dead'").await.unwrap();
+    assert_eq!(valid_primaries(&store, id).await, ["g1", "g2"]);
+}
+
+#[tokio::test]
+async fn only_one_active_delete_replica_job_per_repository() {
+    let db = TestDb::new().await;
+    let mut raw = db.raw().await;
+    let insert = "INSERT INTO replication_queue (job) VALUES
+        ('{\"change\": \"delete_replica\", \"virtual_storage\": \"vs\", \"relative_path\": \"r.git\", \"target_node_storage\": \"g1\"}')";
+    raw.execute(insert).await.unwrap();
+    let err = raw.execute(insert).await.unwrap_err();
+    assert!(err.to_string().contains("delete_replica_unique_index"), "{err}");
+}
+
+#[tokio::test]
+async fn connects_to_the_first_host_that_accepts_writes() {
+    let db = TestDb::new().await;
+    let live = db.connection();
+    // A dead host first, the live server second: libpq-style host and port lists.
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let multi = DatabaseConnection {
+        host: format!("127.0.0.1,{}", live.host),
+        port: format!("{dead_port},{}", live.port),
+        ..live.clone()
+    };
+    let store = Datastore::connect(&multi, PoolSettings::default()).await.unwrap();
+    assert!(store.check_server().await.unwrap() >= 110_000);
+
+    // A server that only allows reads is never used for writes.
+    let mut admin = db.server.admin().await;
+    admin
+        .execute(format!("ALTER DATABASE \"{}\" SET default_transaction_read_only = on", db.name).as_str())
+        .await
+        .unwrap();
+    let err = Datastore::connect(&live, PoolSettings::default()).await.err().unwrap();
+    assert!(matches!(err, DatastoreError::NoWritableHost(_)), "{err}");
+    assert!(err.to_string().contains("read-only"), "{err}");
+}
+
+#[tokio::test]
+async fn a_demoted_server_is_left_and_the_pool_recovers() {
+    let db = TestDb::new().await;
+    let store = db.datastore().await;
+    store.record_health("p1", &[observation("vs", "g1", true)]).await.unwrap();
+    let mut admin = db.server.admin().await;
+
+    // Simulate a switchover: the server turns read-only and drops every session (57P01).
+    admin
+        .execute(format!("ALTER DATABASE \"{}\" SET default_transaction_read_only = on", db.name).as_str())
+        .await
+        .unwrap();
+    admin
+        .execute(format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}' AND pid <> pg_backend_pid()",
+            db.name
+        ).as_str())
+        .await
+        .unwrap();
+    let err = store
+        .record_health("p1", &[observation("vs", "g1", true)])
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    // New connections to a read-only server are refused by the role check.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let err = store
+        .record_health("p1", &[observation("vs", "g1", true)])
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+
+    // The server accepts writes again (a new primary took over the address): the same
+    // Datastore recovers without a restart.
+    admin
+        .execute(format!("ALTER DATABASE \"{}\" SET default_transaction_read_only = off", db.name).as_str())
+        .await
+        .unwrap();
+    let mut recovered = false;
+    for _ in 0..50 {
+        if store.record_health("p1", &[observation("vs", "g1", true)]).await.is_ok() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(recovered, "the datastore did not recover after the server became writable");
+    assert_eq!(store.healthy_storages().await.unwrap(), vec![healthy("vs", "g1")]);
+}
