@@ -37,7 +37,10 @@ async fn migrations_apply_roll_back_and_reapply() {
     let store = db.datastore().await;
     let known = known_migrations();
     assert!(known.len() >= 6);
-    assert!(known.iter().all(|m| m.down.is_some()), "every migration has a down");
+    assert!(
+        known.iter().all(|m| m.down.is_some()),
+        "every migration has a down"
+    );
 
     assert_eq!(store.pending_migrations().await.unwrap(), known.len());
     assert!(matches!(
@@ -47,18 +50,28 @@ async fn migrations_apply_roll_back_and_reapply() {
     let mut events = 0;
     let applied = store.migrate_up(false, |_| events += 1).await.unwrap();
     assert_eq!(applied, known.len());
-    assert_eq!(events, 1 + 2 * known.len(), "planned + migrating/applied per migration");
+    assert_eq!(
+        events,
+        1 + 2 * known.len(),
+        "planned + migrating/applied per migration"
+    );
     store.check_migrations_up_to_date().await.unwrap();
     assert_eq!(store.migrate_up(false, |_| {}).await.unwrap(), 0);
 
     // Roll everything back, one by one, then forward again: every down undoes its up.
     let newest = known.last().unwrap().id.clone();
-    assert_eq!(store.migrations_to_roll_back(1).await.unwrap(), vec![newest.clone()]);
+    assert_eq!(
+        store.migrations_to_roll_back(1).await.unwrap(),
+        vec![newest.clone()]
+    );
     assert_eq!(store.migrate_down(1).await.unwrap(), 1);
     let status = store.migration_status().await.unwrap();
     let last = status.iter().find(|s| s.id == newest).unwrap();
     assert_eq!(last.state, MigrationState::NotApplied);
-    assert_eq!(store.migrate_down(known.len()).await.unwrap(), known.len() - 1);
+    assert_eq!(
+        store.migrate_down(known.len()).await.unwrap(),
+        known.len() - 1
+    );
     let mut raw = db.raw().await;
     let leftover: Vec<String> = sqlx::query_scalar(
         "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'schema_migrations'",
@@ -66,7 +79,10 @@ async fn migrations_apply_roll_back_and_reapply() {
     .fetch_all(&mut raw)
     .await
     .unwrap();
-    assert!(leftover.is_empty(), "down migrations left tables: {leftover:?}");
+    assert!(
+        leftover.is_empty(),
+        "down migrations left tables: {leftover:?}"
+    );
     assert_eq!(store.migrate_up(false, |_| {}).await.unwrap(), known.len());
     store.check_migrations_up_to_date().await.unwrap();
 }
@@ -81,7 +97,8 @@ async fn unknown_migrations_are_refused_unless_ignored() {
         .unwrap();
     let err = store.migrate_up(false, |_| {}).await.unwrap_err();
     assert!(
-        err.to_string().contains("unknown migration in database: 20990101000000_from_the_future"),
+        err.to_string()
+            .contains("unknown migration in database: 20990101000000_from_the_future"),
         "{err}"
     );
     assert_eq!(store.migrate_up(true, |_| {}).await.unwrap(), 0);
@@ -110,16 +127,31 @@ async fn the_runbook_queries_work() {
     ] {
         sqlx::query(query).fetch_all(&mut raw).await.unwrap_or_else(|e| panic!("{query}: {e}"));
     }
-    let states: Vec<String> = sqlx::query_scalar(
-        "SELECT unnest(enum_range(NULL::replication_job_state))::text",
-    )
-    .fetch_all(&mut raw)
-    .await
-    .unwrap();
-    assert_eq!(states, ["ready", "in_progress", "completed", "cancelled", "failed", "dead"]);
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT unnest(enum_range(NULL::replication_job_state))::text")
+            .fetch_all(&mut raw)
+            .await
+            .unwrap();
+    assert_eq!(
+        states,
+        [
+            "ready",
+            "in_progress",
+            "completed",
+            "cancelled",
+            "failed",
+            "dead"
+        ]
+    );
 }
 
-fn new_repository(id: i64, vs: &str, path: &str, primary: &str, secondaries: &[&str]) -> NewRepository {
+fn new_repository(
+    id: i64,
+    vs: &str,
+    path: &str,
+    primary: &str,
+    secondaries: &[&str],
+) -> NewRepository {
     NewRepository {
         repository_id: id,
         virtual_storage: vs.to_string(),
@@ -144,7 +176,11 @@ async fn next_payload(listener: &mut PgListener) -> (String, serde_json::Value) 
 
 async fn assert_silent(listener: &mut PgListener) {
     if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await {
-        panic!("unexpected notification on {}: {}", n.channel(), n.payload());
+        panic!(
+            "unexpected notification on {}: {}",
+            n.channel(),
+            n.payload()
+        );
     }
 }
 
@@ -165,23 +201,34 @@ async fn changes_notify_with_the_json_array_payload() {
         .unwrap();
     let (channel, payload) = next_payload(&mut listener).await;
     assert_eq!(channel, "storage_repositories_updates");
-    assert_eq!(payload, json!([{"virtual_storage": "vs", "relative_paths": ["a.git"]}]));
+    assert_eq!(
+        payload,
+        json!([{"virtual_storage": "vs", "relative_paths": ["a.git"]}])
+    );
 
     assert!(matches!(
         store.reserve_repository_id("vs", "a.git").await,
         Err(DatastoreError::RepositoryExists)
     ));
 
-    store.increment_generation(id, &["g1".to_string()]).await.unwrap();
+    store
+        .increment_generation(id, &["g1".to_string()])
+        .await
+        .unwrap();
     let (channel, payload) = next_payload(&mut listener).await;
     assert_eq!(channel, "storage_repositories_updates");
-    assert_eq!(payload, json!([{"virtual_storage": "vs", "relative_paths": ["a.git"]}]));
+    assert_eq!(
+        payload,
+        json!([{"virtual_storage": "vs", "relative_paths": ["a.git"]}])
+    );
 
     // Verification bookkeeping must not flush the routers' caches.
     let mut raw = db.raw().await;
-    raw.execute("UPDATE storage_repositories SET verified_at = now(), verification_leased_until = now()")
-        .await
-        .unwrap();
+    raw.execute(
+        "UPDATE storage_repositories SET verified_at = now(), verification_leased_until = now()",
+    )
+    .await
+    .unwrap();
     assert_silent(&mut listener).await;
 
     // One statement touching two virtual storages: one entry per virtual storage, distinct paths.
@@ -205,19 +252,29 @@ async fn changes_notify_with_the_json_array_payload() {
     );
 
     // Deleting a repository notifies on both channels (the replicas go by cascade).
-    raw.execute("DELETE FROM repositories WHERE repository_id = 100").await.unwrap();
-    let mut seen = vec![next_payload(&mut listener).await, next_payload(&mut listener).await];
+    raw.execute("DELETE FROM repositories WHERE repository_id = 100")
+        .await
+        .unwrap();
+    let mut seen = vec![
+        next_payload(&mut listener).await,
+        next_payload(&mut listener).await,
+    ];
     seen.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(seen[0].0, "repositories_updates");
     assert_eq!(seen[1].0, "storage_repositories_updates");
     for (_, payload) in seen {
-        assert_eq!(payload, json!([{"virtual_storage": "vs", "relative_paths": ["b.git"]}]));
+        assert_eq!(
+            payload,
+            json!([{"virtual_storage": "vs", "relative_paths": ["b.git"]}])
+        );
     }
 
     // An update that changes nothing relevant stays silent.
-    raw.execute("UPDATE storage_repositories SET generation = generation WHERE repository_id = 101")
-        .await
-        .unwrap();
+    raw.execute(
+        "UPDATE storage_repositories SET generation = generation WHERE repository_id = 101",
+    )
+    .await
+    .unwrap();
     assert_silent(&mut listener).await;
 }
 
@@ -225,7 +282,10 @@ async fn changes_notify_with_the_json_array_payload() {
 async fn routers_observe(store: &Datastore, routers: usize, healthy_count: usize) {
     for i in 0..routers {
         store
-            .record_health(&format!("praefect-{i}"), &[observation("vs", "g1", i < healthy_count)])
+            .record_health(
+                &format!("praefect-{i}"),
+                &[observation("vs", "g1", i < healthy_count)],
+            )
             .await
             .unwrap();
     }
@@ -247,7 +307,11 @@ async fn healthy_storages_needs_a_quorum_of_active_routers() {
         let db = TestDb::new().await;
         let store = db.datastore().await;
         routers_observe(&store, routers, healthy_count).await;
-        let expected = if expect_healthy { vec![healthy("vs", "g1")] } else { vec![] };
+        let expected = if expect_healthy {
+            vec![healthy("vs", "g1")]
+        } else {
+            vec![]
+        };
         assert_eq!(
             store.healthy_storages().await.unwrap(),
             expected,
@@ -263,9 +327,18 @@ async fn health_observations_expire() {
     let mut raw = db.raw().await;
 
     // An unhealthy observation keeps the previous last-seen time.
-    store.record_health("p1", &[observation("vs", "g1", true)]).await.unwrap();
-    store.record_health("p1", &[observation("vs", "g1", false)]).await.unwrap();
-    assert_eq!(store.healthy_storages().await.unwrap(), vec![healthy("vs", "g1")]);
+    store
+        .record_health("p1", &[observation("vs", "g1", true)])
+        .await
+        .unwrap();
+    store
+        .record_health("p1", &[observation("vs", "g1", false)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.healthy_storages().await.unwrap(),
+        vec![healthy("vs", "g1")]
+    );
 
     // Seen healthy more than 10 s ago no longer counts.
     raw.execute("UPDATE node_status SET last_seen_active_at = now() - interval '11 seconds'")
@@ -278,7 +351,10 @@ async fn health_observations_expire() {
     let store = db.datastore().await;
     let mut raw = db.raw().await;
     routers_observe(&store, 4, 1).await;
-    assert!(store.healthy_storages().await.unwrap().is_empty(), "1 of 4 is no quorum");
+    assert!(
+        store.healthy_storages().await.unwrap().is_empty(),
+        "1 of 4 is no quorum"
+    );
     // Two routers stop probing for over a minute: they leave the denominator; 1 of 2 is.
     raw.execute(
         "UPDATE node_status SET last_contact_attempt_at = now() - interval '61 seconds',
@@ -287,14 +363,20 @@ async fn health_observations_expire() {
     )
     .await
     .unwrap();
-    assert_eq!(store.healthy_storages().await.unwrap(), vec![healthy("vs", "g1")]);
+    assert_eq!(
+        store.healthy_storages().await.unwrap(),
+        vec![healthy("vs", "g1")]
+    );
 
     // Quorums are per virtual storage: routers active only elsewhere do not count.
     store
         .record_health("p-elsewhere", &[observation("other", "x", false)])
         .await
         .unwrap();
-    assert_eq!(store.healthy_storages().await.unwrap(), vec![healthy("vs", "g1")]);
+    assert_eq!(
+        store.healthy_storages().await.unwrap(),
+        vec![healthy("vs", "g1")]
+    );
 }
 
 async fn mark_healthy(store: &Datastore, storages: &[&str]) {
@@ -355,17 +437,21 @@ async fn valid_primaries_are_up_to_date_healthy_assigned_and_not_being_deleted()
     assert_eq!(valid_primaries(&store, id).await, ["g1", "g2"]);
 
     // Unassigned: with explicit assignments only assigned replicas qualify...
-    raw.execute(format!(
+    raw.execute(
+        format!(
         "INSERT INTO repository_assignments (repository_id, virtual_storage, relative_path, storage)
          VALUES ({id}, 'vs', 'r.git', 'g2'), ({id}, 'vs', 'r.git', 'g3')"
-    ).as_str())
+    )
+        .as_str(),
+    )
     .await
     .unwrap();
     assert_eq!(valid_primaries(&store, id).await, ["g2"]);
     // ...unless no candidate is assigned: then any up-to-date healthy replica will do.
-    raw.execute(format!(
-        "DELETE FROM repository_assignments WHERE repository_id = {id} AND storage = 'g2'"
-    ).as_str())
+    raw.execute(
+        format!("DELETE FROM repository_assignments WHERE repository_id = {id} AND storage = 'g2'")
+            .as_str(),
+    )
     .await
     .unwrap();
     assert_eq!(valid_primaries(&store, id).await, ["g1", "g2"]);
@@ -380,7 +466,9 @@ async fn valid_primaries_are_up_to_date_healthy_assigned_and_not_being_deleted()
     .unwrap();
     assert_eq!(valid_primaries(&store, id).await, ["g2"]);
     // A finished one no longer counts, and a second active one is refused by the unique index.
-    raw.execute("UPDATE replication_queue SET state = 'dead'").await.unwrap();
+    raw.execute("UPDATE replication_queue SET state = 'dead'")
+        .await
+        .unwrap();
     assert_eq!(valid_primaries(&store, id).await, ["g1", "g2"]);
 }
 
@@ -392,7 +480,10 @@ async fn only_one_active_delete_replica_job_per_repository() {
         ('{\"change\": \"delete_replica\", \"virtual_storage\": \"vs\", \"relative_path\": \"r.git\", \"target_node_storage\": \"g1\"}')";
     raw.execute(insert).await.unwrap();
     let err = raw.execute(insert).await.unwrap_err();
-    assert!(err.to_string().contains("delete_replica_unique_index"), "{err}");
+    assert!(
+        err.to_string().contains("delete_replica_unique_index"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -410,16 +501,27 @@ async fn connects_to_the_first_host_that_accepts_writes() {
         port: format!("{dead_port},{}", live.port),
         ..live.clone()
     };
-    let store = Datastore::connect(&multi, PoolSettings::default()).await.unwrap();
+    let store = Datastore::connect(&multi, PoolSettings::default())
+        .await
+        .unwrap();
     assert!(store.check_server().await.unwrap() >= 110_000);
 
     // A server that only allows reads is never used for writes.
     let mut admin = db.server.admin().await;
     admin
-        .execute(format!("ALTER DATABASE \"{}\" SET default_transaction_read_only = on", db.name).as_str())
+        .execute(
+            format!(
+                "ALTER DATABASE \"{}\" SET default_transaction_read_only = on",
+                db.name
+            )
+            .as_str(),
+        )
         .await
         .unwrap();
-    let err = Datastore::connect(&live, PoolSettings::default()).await.err().unwrap();
+    let err = Datastore::connect(&live, PoolSettings::default())
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(err, DatastoreError::NoWritableHost(_)), "{err}");
     assert!(err.to_string().contains("read-only"), "{err}");
 }
@@ -428,12 +530,21 @@ async fn connects_to_the_first_host_that_accepts_writes() {
 async fn a_demoted_server_is_left_and_the_pool_recovers() {
     let db = TestDb::new().await;
     let store = db.datastore().await;
-    store.record_health("p1", &[observation("vs", "g1", true)]).await.unwrap();
+    store
+        .record_health("p1", &[observation("vs", "g1", true)])
+        .await
+        .unwrap();
     let mut admin = db.server.admin().await;
 
     // Simulate a switchover: the server turns read-only and drops every session (57P01).
     admin
-        .execute(format!("ALTER DATABASE \"{}\" SET default_transaction_read_only = on", db.name).as_str())
+        .execute(
+            format!(
+                "ALTER DATABASE \"{}\" SET default_transaction_read_only = on",
+                db.name
+            )
+            .as_str(),
+        )
         .await
         .unwrap();
     admin
@@ -459,17 +570,33 @@ async fn a_demoted_server_is_left_and_the_pool_recovers() {
     // The server accepts writes again (a new primary took over the address): the same
     // Datastore recovers without a restart.
     admin
-        .execute(format!("ALTER DATABASE \"{}\" SET default_transaction_read_only = off", db.name).as_str())
+        .execute(
+            format!(
+                "ALTER DATABASE \"{}\" SET default_transaction_read_only = off",
+                db.name
+            )
+            .as_str(),
+        )
         .await
         .unwrap();
     let mut recovered = false;
     for _ in 0..50 {
-        if store.record_health("p1", &[observation("vs", "g1", true)]).await.is_ok() {
+        if store
+            .record_health("p1", &[observation("vs", "g1", true)])
+            .await
+            .is_ok()
+        {
             recovered = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(recovered, "the datastore did not recover after the server became writable");
-    assert_eq!(store.healthy_storages().await.unwrap(), vec![healthy("vs", "g1")]);
+    assert!(
+        recovered,
+        "the datastore did not recover after the server became writable"
+    );
+    assert_eq!(
+        store.healthy_storages().await.unwrap(),
+        vec![healthy("vs", "g1")]
+    );
 }

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use comfy_table::{presets::ASCII_FULL, Table};
+use comfy_table::{presets::ASCII_FULL_CONDENSED, Table};
 
 use crate::config::{Config, GoDuration};
 use crate::datastore::{Datastore, DatastoreError, MigrationEvent, MigrationState, PoolSettings};
@@ -97,7 +97,7 @@ pub async fn migrate_status(config: &Config) -> ExitCode {
         Err(err) => return fail("sql-migrate-status", err),
     };
     let mut table = Table::new();
-    table.load_preset(ASCII_FULL);
+    table.load_preset(ASCII_FULL_CONDENSED);
     table.set_header(["MIGRATION", "APPLIED"]);
     for row in rows {
         let applied = match row.state {

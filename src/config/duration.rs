@@ -168,7 +168,7 @@ impl fmt::Display for GoDuration {
         let hours = abs / 3_600_000_000_000;
         let minutes = (abs / 60_000_000_000) % 60;
         let secs = abs % 60_000_000_000;
-        let secs_text = if secs % 1_000_000_000 == 0 {
+        let secs_text = if secs.is_multiple_of(1_000_000_000) {
             format!("{}", secs / 1_000_000_000)
         } else {
             let text = format!("{:.9}", secs as f64 / 1e9);

@@ -386,3 +386,6 @@ pub struct Node {
     pub address: String,
     pub token: String,
 }
+
+#[cfg(test)]
+mod tests;

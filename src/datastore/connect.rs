@@ -162,6 +162,23 @@ pub async fn find_writable(
     targets: &[Target],
     timeout: Duration,
 ) -> Result<Target, DatastoreError> {
+    if let [only] = targets {
+        // One host: its own error says it best.
+        let mut conn = connect_one(only, timeout).await?;
+        let writable = is_writable(&mut conn).await;
+        let _ = conn.close().await;
+        return match writable {
+            Ok(true) => Ok(only.clone()),
+            Ok(false) => Err(DatastoreError::NoWritableHost(format!(
+                "{}: server is read-only",
+                only.describe()
+            ))),
+            Err(source) => Err(DatastoreError::Connect {
+                target: only.describe(),
+                source,
+            }),
+        };
+    }
     let mut failures = Vec::new();
     for target in targets {
         match connect_one(target, timeout).await {

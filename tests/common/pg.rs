@@ -191,7 +191,11 @@ fn server_identity() -> Option<(u32, u32)> {
                 .flatten()
         })
     };
-    Some(lookup("postgres").or_else(|| lookup("nobody")).unwrap_or((65534, 65534)))
+    Some(
+        lookup("postgres")
+            .or_else(|| lookup("nobody"))
+            .unwrap_or((65534, 65534)),
+    )
 }
 
 fn run_as(command: &mut Command, identity: Option<(u32, u32)>) -> &mut Command {
@@ -228,7 +232,10 @@ async fn start_private_server(state_dir: &Path) -> PgServer {
         data_dir: Some(data_dir.clone()),
         template: String::new(),
     };
-    if let Some(port) = fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse().ok()) {
+    if let Some(port) = fs::read_to_string(&port_file)
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+    {
         server.port = port;
         if is_up(&server.url("postgres")).await {
             return server;
@@ -246,7 +253,15 @@ async fn start_private_server(state_dir: &Path) -> PgServer {
             .current_dir(state_dir)
             .args(["-D"])
             .arg(&data_dir)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .stdin(Stdio::null())
             .output()
             .expect("running initdb");

@@ -1,0 +1,402 @@
+use super::*;
+
+const EXAMPLE: &str = include_str!("../../config/praefect.example.toml");
+
+const MINIMAL: &str = r#"
+listen_addr = "127.0.0.1:2305"
+[[virtual_storage]]
+name = "default"
+[[virtual_storage.node]]
+storage = "gitaly-1"
+address = "tcp://127.0.0.1:8075"
+"#;
+
+fn keys(errors: &[ValidationError]) -> Vec<String> {
+    errors.iter().map(|e| e.key.join(".")).collect()
+}
+
+fn invalid(text: &str) -> Vec<ValidationError> {
+    match load_str(text) {
+        Err(ConfigError::Invalid(errors)) => errors,
+        other => panic!("expected validation errors, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_example_parses_cleanly_and_shows_the_defaults() {
+    let config = load_str(EXAMPLE).expect("example config is valid");
+    let defaults = Config::default();
+    assert_eq!(config.graceful_stop_timeout, defaults.graceful_stop_timeout);
+    assert_eq!(config.tls, defaults.tls);
+    assert_eq!(config.logging, defaults.logging);
+    assert_eq!(config.prometheus, defaults.prometheus);
+    assert_eq!(config.failover, defaults.failover);
+    assert_eq!(config.replication, defaults.replication);
+    assert_eq!(config.reconciliation, defaults.reconciliation);
+    assert_eq!(
+        config.background_verification,
+        defaults.background_verification
+    );
+    assert_eq!(config.repositories_cleanup, defaults.repositories_cleanup);
+    assert_eq!(config.yamux, defaults.yamux);
+    assert_eq!(config.auth, defaults.auth);
+    assert_eq!(config.virtual_storage.len(), 1);
+    assert_eq!(config.virtual_storage[0].node.len(), 3);
+    assert_eq!(config.database.port, "5432");
+}
+
+#[test]
+fn defaults_match_praefect() {
+    let (config, unknown) = parse_str(MINIMAL).unwrap();
+    assert!(unknown.is_empty());
+    assert_eq!(config.graceful_stop_timeout, GoDuration::from_secs(60));
+    assert_eq!(config.replication.batch_size, 10);
+    assert_eq!(config.replication.parallel_storage_processing_workers, 1);
+    assert_eq!(
+        config.reconciliation.scheduling_interval,
+        GoDuration::from_secs(300)
+    );
+    assert_eq!(
+        config.background_verification.verification_interval,
+        GoDuration::from_secs(168 * 3600)
+    );
+    assert!(config.background_verification.delete_invalid_records);
+    assert_eq!(
+        config.repositories_cleanup.check_interval,
+        GoDuration::from_secs(1800)
+    );
+    assert_eq!(
+        config.repositories_cleanup.run_interval,
+        GoDuration::from_secs(86400)
+    );
+    assert_eq!(config.repositories_cleanup.repositories_in_batch, 16);
+    assert_eq!(config.yamux.maximum_stream_window_size_bytes, 262_144);
+    assert_eq!(config.yamux.accept_backlog, 256);
+    assert_eq!(config.prometheus.scrape_timeout, GoDuration::from_secs(10));
+    assert_eq!(config.prometheus.grpc_latency_buckets.len(), 11);
+    assert_eq!(config.tls.min_version, "TLS 1.2");
+    assert_eq!(config.logging.format, "text");
+    assert_eq!(config.logging.level, "info");
+    assert!(config.failover.enabled);
+    assert_eq!(config.failover.election_strategy, "per_repository");
+    assert_eq!(config.virtual_storage[0].default_replication_factor, 0);
+}
+
+#[test]
+fn every_key_is_read() {
+    let text = r#"
+listen_addr = "tcp://0.0.0.0:2305"
+tls_listen_addr = "0.0.0.0:3305"
+socket_path = "/run/praefect.sock"
+prometheus_listen_addr = "0.0.0.0:9652"
+memory_queue_enabled = true
+graceful_stop_timeout = "1h30m"
+i_understand_my_election_strategy_is_unsupported_and_will_be_removed_without_warning = true
+[auth]
+token = "secret"
+transitioning = true
+[tls]
+certificate_path = "/cert.pem"
+key_path = "/key.pem"
+min_version = "TLS 1.3"
+[logging]
+format = "json"
+level = "debug"
+[sentry]
+sentry_dsn = "https://sentry"
+sentry_environment = "prod"
+[prometheus]
+scrape_timeout = "5s"
+grpc_latency_buckets = [0.1, 1.0]
+[database]
+host = "db1,db2"
+port = "5432,5433"
+user = "u"
+password = "p"
+dbname = "d"
+sslmode = "verify-full"
+sslcert = "/c"
+sslkey = "/k"
+sslrootcert = "/r"
+host_no_proxy = "direct"
+port_no_proxy = 6432
+[database.session_pooled]
+host = "sp"
+port = 5434
+user = "spu"
+[failover]
+enabled = false
+election_strategy = "sql"
+error_threshold_window = "20s"
+write_error_threshold_count = 5
+read_error_threshold_count = 6
+bootstrap_interval = "2s"
+monitor_interval = "4s"
+[replication]
+batch_size = 7
+parallel_storage_processing_workers = 3
+[reconciliation]
+scheduling_interval = "0"
+histogram_buckets = [1.0, 2.0]
+[background_verification]
+verification_interval = "-1s"
+delete_invalid_records = false
+[repositories_cleanup]
+check_interval = "2m"
+run_interval = "0"
+repositories_in_batch = 4
+[yamux]
+maximum_stream_window_size_bytes = 524288
+accept_backlog = 8
+[[virtual_storage]]
+name = "vs1"
+default_replication_factor = 2
+[[virtual_storage.node]]
+storage = "a"
+address = "tls://a:1"
+token = "ta"
+[[virtual_storage.node]]
+storage = "b"
+address = "dns:b:2"
+"#;
+    let config = load_str(text).unwrap();
+    assert_eq!(config.listen_addr, "tcp://0.0.0.0:2305");
+    assert_eq!(config.tls_listen_addr, "0.0.0.0:3305");
+    assert_eq!(config.socket_path, "/run/praefect.sock");
+    assert_eq!(config.prometheus_listen_addr, "0.0.0.0:9652");
+    assert!(config.memory_queue_enabled);
+    assert_eq!(config.graceful_stop_timeout, GoDuration::from_secs(5400));
+    assert_eq!(config.effective_election_strategy(), "sql");
+    assert_eq!(config.auth.token, "secret");
+    assert!(config.auth.transitioning);
+    assert_eq!(config.tls.min_version, "TLS 1.3");
+    assert_eq!(config.logging.format, "json");
+    assert_eq!(config.sentry.sentry_environment, "prod");
+    assert_eq!(config.prometheus.grpc_latency_buckets, [0.1, 1.0]);
+    assert_eq!(config.database.host, "db1,db2");
+    assert_eq!(config.database.port, "5432,5433");
+    assert_eq!(config.database.sslrootcert, "/r");
+    assert_eq!(config.database.port_no_proxy, "6432");
+    let direct = config.direct_database();
+    assert_eq!(
+        (
+            direct.host.as_str(),
+            direct.port.as_str(),
+            direct.user.as_str(),
+            direct.dbname.as_str()
+        ),
+        ("sp", "5434", "spu", "d")
+    );
+    assert!(!config.failover.enabled);
+    assert_eq!(
+        config.failover.error_threshold_window,
+        Some(GoDuration::from_secs(20))
+    );
+    assert_eq!(config.failover.read_error_threshold_count, Some(6));
+    assert_eq!(config.replication.parallel_storage_processing_workers, 3);
+    assert_eq!(config.reconciliation.scheduling_interval, GoDuration::ZERO);
+    assert!(!config
+        .background_verification
+        .verification_interval
+        .is_positive());
+    assert_eq!(config.repositories_cleanup.repositories_in_batch, 4);
+    assert_eq!(config.yamux.accept_backlog, 8);
+    assert_eq!(config.virtual_storage[0].default_replication_factor, 2);
+    assert_eq!(config.virtual_storage[0].node[1].address, "dns:b:2");
+    assert_eq!(config.virtual_storage[0].node[0].token, "ta");
+}
+
+#[test]
+fn the_election_strategy_is_forced_to_per_repository() {
+    let text = format!("{MINIMAL}\n[failover]\nelection_strategy = \"sql\"\n");
+    let config = load_str(&text).unwrap();
+    assert_eq!(config.effective_election_strategy(), "per_repository");
+}
+
+#[test]
+fn direct_database_falls_back_to_no_proxy_then_main() {
+    let text = format!(
+        "{MINIMAL}\n[database]\nhost = \"pgbouncer\"\nport = 6432\nhost_no_proxy = \"pg\"\ndbname = \"x\"\n"
+    );
+    let direct = load_str(&text).unwrap().direct_database();
+    assert_eq!((direct.host.as_str(), direct.port.as_str()), ("pg", "6432"));
+    assert_eq!(direct.dbname, "x");
+}
+
+#[test]
+fn unknown_keys_are_all_reported_with_their_paths() {
+    let text = format!(
+        "{MINIMAL}\nlisten_adress = \"x\"\n[replication]\nbatchsize = 3\n[[virtual_storage]]\nname = \"b\"\n[[virtual_storage.node]]\nstorage = \"s\"\naddress = \"tcp://h:1\"\ntokn = \"t\"\n"
+    );
+    // `listen_adress` lands in the last [[virtual_storage.node]] because of TOML table scoping.
+    let errors = invalid(&text);
+    let found = keys(&errors);
+    assert!(
+        found.contains(&"virtual_storage.[0].node.[0].listen_adress".to_string()),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&"replication.batchsize".to_string()),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(&"virtual_storage.[1].node.[0].tokn".to_string()),
+        "{found:?}"
+    );
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(errors[0].message.contains("unknown configuration key"));
+}
+
+#[test]
+fn validation_collects_every_error() {
+    let text = r#"
+graceful_stop_timeout = "-1s"
+[logging]
+format = "xml"
+[replication]
+batch_size = 0
+[yamux]
+maximum_stream_window_size_bytes = 1024
+accept_backlog = 0
+[repositories_cleanup]
+check_interval = "10s"
+[failover]
+error_threshold_window = "10s"
+[[virtual_storage]]
+name = "vs"
+default_replication_factor = 3
+[[virtual_storage.node]]
+storage = "a"
+address = "tcp://a:1"
+[[virtual_storage.node]]
+storage = "a"
+address = "http://b"
+[[virtual_storage]]
+name = "vs"
+[[virtual_storage]]
+name = ""
+[[virtual_storage.node]]
+address = ""
+"#;
+    let found = keys(&invalid(text));
+    for expected in [
+        "",
+        "graceful_stop_timeout",
+        "logging.format",
+        "replication.batch_size",
+        "yamux.maximum_stream_window_size_bytes",
+        "yamux.accept_backlog",
+        "repositories_cleanup.check_interval",
+        "failover",
+        "virtual_storage.[0].default_replication_factor",
+        "virtual_storage.[0].node.[1].storage",
+        "virtual_storage.[0].node.[1].address",
+        "virtual_storage.[1].name",
+        "virtual_storage.[1].node",
+        "virtual_storage.[2].name",
+        "virtual_storage.[2].node.[0].storage",
+        "virtual_storage.[2].node.[0].address",
+    ] {
+        assert!(
+            found.contains(&expected.to_string()),
+            "missing {expected:?} in {found:?}"
+        );
+    }
+}
+
+#[test]
+fn no_virtual_storage_and_listener_conflicts() {
+    let found = keys(&invalid(
+        "listen_addr = \"127.0.0.1:1\"\nsocket_path = \"unix://127.0.0.1:1\"\n",
+    ));
+    assert!(found.contains(&"virtual_storage".to_string()), "{found:?}");
+    assert!(found.contains(&"socket_path".to_string()), "{found:?}");
+}
+
+#[test]
+fn syntax_and_type_errors_give_line_and_column() {
+    let err = load_str("listen_addr = \"x\"\n[replication\n").unwrap_err();
+    let ConfigError::Syntax(error) = err else {
+        panic!("{err:?}")
+    };
+    assert!(error.key.is_empty());
+    assert!(
+        error.message.starts_with("line 2 column"),
+        "{}",
+        error.message
+    );
+
+    let err = load_str("[replication]\nbatch_size = \"ten\"\n").unwrap_err();
+    let ConfigError::Syntax(error) = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(error.key, ["replication", "batch_size"]);
+    assert!(
+        error.message.starts_with("line 2 column 14"),
+        "{}",
+        error.message
+    );
+
+    let err = load_str("graceful_stop_timeout = \"5 minutes\"\n").unwrap_err();
+    let ConfigError::Syntax(error) = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(error.key, ["graceful_stop_timeout"]);
+    assert!(error.message.contains("duration"), "{}", error.message);
+}
+
+#[test]
+fn token_file_is_read_and_must_be_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, "  s3cret\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text = format!(
+        "{MINIMAL}\n[auth]\ntoken_file = {:?}\n",
+        path.display().to_string()
+    );
+    assert_eq!(load_str(&text).unwrap().auth.token, "s3cret");
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let errors = invalid(&text);
+    assert_eq!(keys(&errors), ["auth.token_file"]);
+    assert!(
+        errors[0].message.contains("0600 or 0400"),
+        "{}",
+        errors[0].message
+    );
+
+    let both = format!("{text}token = \"x\"\n");
+    assert!(keys(&invalid(&both)).contains(&"auth.token_file".to_string()));
+}
+
+#[test]
+fn config_command_output_is_merged_on_top() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("secrets.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho '{\"database\": {\"password\": \"from-command\"}, \"replication\": {\"batch_size\": 42}}'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = format!(
+        "config_command = {:?}\n{MINIMAL}",
+        script.display().to_string()
+    );
+    let config = load_str(&text).unwrap();
+    assert_eq!(config.database.password, "from-command");
+    assert_eq!(config.replication.batch_size, 42);
+    assert_eq!(config.virtual_storage[0].node[0].storage, "gitaly-1");
+
+    std::fs::write(&script, "#!/bin/sh\necho '{\"databse\": {}}'\n").unwrap();
+    assert_eq!(keys(&invalid(&text)), ["databse"]);
+
+    std::fs::write(&script, "#!/bin/sh\nexit 3\n").unwrap();
+    assert!(matches!(
+        load_str(&text),
+        Err(ConfigError::ConfigCommand(_))
+    ));
+}

@@ -1,0 +1,430 @@
+//! The `praefect` binary as an operator runs it: argument forms, the sql-* subcommands
+//! against a live and a stopped database, `configuration validate`, and `serve`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::pg::TestDb;
+use praefect::config::DatabaseConnection;
+use praefect::datastore::migrations::known_migrations;
+
+const BIN: &str = env!("CARGO_BIN_EXE_praefect");
+
+fn config_text(db: &DatabaseConnection, extra: &str) -> String {
+    format!(
+        r#"listen_addr = "127.0.0.1:0"
+{extra}
+[database]
+host = "{}"
+port = {}
+user = "{}"
+dbname = "{}"
+sslmode = "disable"
+
+[[virtual_storage]]
+name = "default"
+[[virtual_storage.node]]
+storage = "gitaly-1"
+address = "tcp://127.0.0.1:1"
+"#,
+        db.host, db.port, db.user, db.dbname
+    )
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+fn write_config(db: &DatabaseConnection, extra: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, config_text(db, extra)).unwrap();
+    Setup { _dir: dir, config }
+}
+
+fn praefect(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("running praefect")
+}
+
+fn praefect_with_config(config: &Path, before: &[&str], after: &[&str]) -> Output {
+    let mut args: Vec<&str> = before.to_vec();
+    args.push(config.to_str().unwrap());
+    args.extend_from_slice(after);
+    praefect(&args)
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn version_flag_in_both_spellings() {
+    for flag in ["--version", "-version"] {
+        let output = praefect(&[flag]);
+        assert!(output.status.success());
+        assert_eq!(
+            stdout(&output),
+            format!("Praefect, version {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}
+
+#[test]
+fn missing_config_is_a_usage_error() {
+    for args in [&["sql-ping"][..], &[][..], &["serve"][..]] {
+        let output = praefect(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr(&output).contains("-config flag is required"),
+            "{}",
+            stderr(&output)
+        );
+    }
+}
+
+#[test]
+fn unknown_subcommands_and_arguments_are_refused() {
+    let output = praefect(&["-config", "x.toml", "no-such-command"]);
+    assert_eq!(output.status.code(), Some(2));
+    let output = praefect(&["-config", "x.toml", "sql-ping", "extra"]);
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn sql_ping_against_a_live_database_in_both_argument_orders() {
+    let db = TestDb::new().await;
+    let setup = write_config(&db.connection(), "");
+    for (before, after) in [
+        (&["-config"][..], &["sql-ping"][..]),
+        (&["sql-ping", "-config"][..], &[][..]),
+        (&["sql-ping", "--config"][..], &[][..]),
+    ] {
+        let output = praefect_with_config(&setup.config, before, after);
+        assert!(output.status.success(), "{before:?}: {}", stderr(&output));
+        assert_eq!(stdout(&output), "praefect sql-ping: OK\n");
+    }
+}
+
+#[tokio::test]
+async fn sql_ping_against_a_stopped_database_fails_clearly() {
+    let db = TestDb::new().await;
+    // Nothing listens on this port any more: a stopped server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let stopped = DatabaseConnection {
+        port: port.to_string(),
+        ..db.connection()
+    };
+    let setup = write_config(&stopped, "");
+    let output = praefect_with_config(&setup.config, &["-config"], &["sql-ping"]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(err.starts_with("praefect sql-ping: fail: "), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("refused"), "{err}");
+    assert_eq!(stdout(&output), "");
+}
+
+fn is_timestamp(text: &str) -> bool {
+    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S").is_ok()
+}
+
+#[tokio::test]
+async fn sql_migrate_applies_everything_then_reports_up_to_date() {
+    let db = TestDb::empty().await;
+    let setup = write_config(&db.connection(), "");
+    let known = known_migrations();
+
+    let output = praefect_with_config(&setup.config, &["-config"], &["sql-migrate"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("praefect sql-migrate: migrations to apply: {}", known.len())
+    );
+    for (i, migration) in known.iter().enumerate() {
+        let migrating = lines[1 + 2 * i];
+        let applied = lines[2 + 2 * i];
+        let rest = migrating.strip_prefix("=  ").expect(migrating);
+        assert!(is_timestamp(&rest[..19]), "{migrating}");
+        assert_eq!(&rest[19..], format!(" {}: migrating", migration.id));
+        let rest = applied.strip_prefix("== ").expect(applied);
+        assert!(is_timestamp(&rest[..19]), "{applied}");
+        let tail = format!(" {}: applied (", migration.id);
+        assert!(
+            rest[19..].starts_with(&tail) && rest.ends_with(')'),
+            "{applied}"
+        );
+    }
+    assert_eq!(
+        *lines.last().unwrap(),
+        format!(
+            "praefect sql-migrate: OK (applied {} migrations)",
+            known.len()
+        )
+    );
+
+    let output = praefect_with_config(&setup.config, &["sql-migrate", "-config"], &[]);
+    assert!(output.status.success());
+    assert_eq!(
+        stdout(&output),
+        "praefect sql-migrate: all migrations are up\n"
+    );
+}
+
+#[tokio::test]
+async fn sql_migrate_verbose_prints_the_migration_text() {
+    let db = TestDb::empty().await;
+    let setup = write_config(&db.connection(), "");
+    let output = praefect_with_config(&setup.config, &["-config"], &["sql-migrate", "-verbose"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("CREATE TABLE replication_queue"));
+}
+
+#[tokio::test]
+async fn sql_migrate_status_and_down() {
+    let db = TestDb::new().await;
+    let setup = write_config(&db.connection(), "");
+    let known = known_migrations();
+    let newest = &known.last().unwrap().id;
+
+    let status = |setup: &Setup| {
+        let output = praefect_with_config(&setup.config, &["-config"], &["sql-migrate-status"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        stdout(&output)
+    };
+    let row = |table: &str, id: &str| -> String {
+        table
+            .lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("{id} missing from\n{table}"))
+            .to_string()
+    };
+    let table = status(&setup);
+    assert!(
+        table.contains("MIGRATION") && table.contains("APPLIED"),
+        "{table}"
+    );
+    for m in &known {
+        let line = row(&table, &m.id);
+        assert!(
+            line.contains(&chrono::Utc::now().format("%Y-").to_string()),
+            "{line}"
+        );
+    }
+
+    // Dry run: lists, changes nothing.
+    let output = praefect_with_config(&setup.config, &["-config"], &["sql-migrate-down", "1"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(
+        text.starts_with("praefect sql-migrate-down: DRY RUN -- would roll back:\n"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("\n- {newest}\n")), "{text}");
+    assert!(
+        !row(&status(&setup), newest).contains("| no"),
+        "dry run rolled back"
+    );
+
+    let output = praefect_with_config(
+        &setup.config,
+        &["-config"],
+        &["sql-migrate-down", "-f", "1"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "praefect sql-migrate-down: OK (applied 1 \"down\" migrations)\n"
+    );
+    assert!(
+        row(&status(&setup), newest).contains("| no "),
+        "{}",
+        status(&setup)
+    );
+
+    // A migration the binary does not know shows as such.
+    let mut raw = db.raw().await;
+    sqlx::query("INSERT INTO schema_migrations VALUES ('20990101000000_from_the_future', now())")
+        .execute(&mut raw)
+        .await
+        .unwrap();
+    assert!(row(&status(&setup), "20990101000000_from_the_future").contains("unknown migration"));
+
+    // serve refuses an outdated schema.
+    let output = praefect_with_config(&setup.config, &["-config"], &["serve"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("1 pending migration"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+fn validate(input: &str) -> Output {
+    let mut child = Command::new(BIN)
+        .args(["configuration", "validate"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn configuration_validate_reports_every_mistake_with_its_key() {
+    let three_mistakes = r#"
+listen_addr = "127.0.0.1:2305"
+[replication]
+batch_size = 0
+[[virtual_storage]]
+name = "default"
+default_replication_factor = 2
+[[virtual_storage.node]]
+storage = "gitaly-1"
+address = "tcp://127.0.0.1:8075"
+tokn = "secret"
+"#;
+    let output = validate(three_mistakes);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let mut keys: Vec<String> = report["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+            e["key"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k.as_str().unwrap())
+                .collect::<Vec<_>>()
+                .join("/")
+        })
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "replication/batch_size",
+            "virtual_storage/[0]/default_replication_factor",
+            "virtual_storage/[0]/node/[0]/tokn",
+        ],
+        "{report:#}"
+    );
+    // Two-space indented JSON.
+    assert!(
+        stdout(&output).starts_with("{\n  \"errors\": [\n"),
+        "{}",
+        stdout(&output)
+    );
+}
+
+#[test]
+fn configuration_validate_syntax_errors_and_success() {
+    let output = validate("listen_addr = \n");
+    assert_eq!(output.status.code(), Some(2));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let error = &report["errors"][0];
+    assert!(error.get("key").is_none(), "{report}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 1 column"),
+        "{report}"
+    );
+
+    let example = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/praefect.example.toml"),
+    )
+    .unwrap();
+    let output = validate(&example);
+    assert!(output.status.success(), "{}", stdout(&output));
+    assert_eq!(stdout(&output), "");
+}
+
+#[test]
+fn an_invalid_config_file_stops_every_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "listen_addr = \"x:1\"\n[replication]\nbatch_size = -1\n",
+    )
+    .unwrap();
+    let output = praefect_with_config(&config, &["-config"], &["sql-ping"]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(err.contains("replication.batch_size"), "{err}");
+    assert!(err.contains("virtual_storage"), "{err}");
+}
+
+#[tokio::test]
+async fn serve_starts_logs_and_stops_on_sigterm() {
+    let db = TestDb::new().await;
+    let setup = write_config(&db.connection(), "[logging]\nformat = \"json\"\n");
+    let mut child = Command::new(BIN)
+        .args(["-config", setup.config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let started = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            let value: serde_json::Value = serde_json::from_str(&line).ok()?;
+            (value["msg"] == "praefect started").then_some(value)
+        })
+        .expect("a 'praefect started' log line");
+    assert_eq!(started["level"], "info");
+    assert_eq!(started["election_strategy"], "per_repository");
+    assert!(started["pid"].as_u64().is_some());
+    assert!(started["time"].as_str().is_some());
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l.contains("praefect stopped")),
+        "{rest:?}"
+    );
+}
