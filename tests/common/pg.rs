@@ -76,7 +76,7 @@ pub fn server() -> &'static PgServer {
 }
 
 async fn setup() -> PgServer {
-    let state_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("praefect-test-pg");
+    let state_dir = state_dir();
     fs::create_dir_all(&state_dir).expect("creating the test server directory");
     let lock = OpenOptions::new()
         .create(true)
@@ -100,6 +100,18 @@ async fn setup() -> PgServer {
     server.template = ensure_template(&server).await;
     drop(lock);
     server
+}
+
+/// Where the private server keeps its data. Normally under `target/tmp`; when the server runs
+/// as another user (we are root), under the system temp dir instead, because that user may not
+/// be able to enter our checkout (a clone in a 0700 temp dir, say).
+fn state_dir() -> PathBuf {
+    let in_target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("praefect-test-pg");
+    if server_identity().is_none() {
+        return in_target;
+    }
+    let tag = hex::encode(&Sha256::digest(in_target.to_string_lossy().as_bytes())[..6]);
+    std::env::temp_dir().join(format!("praefect-test-pg-{tag}"))
 }
 
 fn migrations_fingerprint() -> String {
