@@ -9,3 +9,4 @@ pub mod datastore;
 pub mod logging;
 pub mod metrics;
 pub mod routing;
+pub mod wire;

@@ -1,0 +1,8 @@
+//! What both binaries speak: the generated Gitaly protocol, v2 auth tokens, the backchannel
+//! and the sidechannel.
+
+/// The Gitaly protocol, generated from `proto/gitaly/*.proto`.
+#[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
+pub mod proto {
+    tonic::include_proto!("gitaly");
+}
