@@ -16,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Services we only partly implement answer Unimplemented for the rest, as Gitaly would
+        // for an RPC it does not know.
+        .generate_default_stubs(true)
         .compile_fds(descriptors)?;
     Ok(())
 }

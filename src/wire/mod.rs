@@ -1,6 +1,11 @@
 //! What both binaries speak: the generated Gitaly protocol, v2 auth tokens, the backchannel
 //! and the sidechannel.
 
+pub mod auth;
+pub mod backchannel;
+pub mod pktline;
+pub mod sidechannel;
+
 /// The Gitaly protocol, generated from `proto/gitaly/*.proto`.
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
 pub mod proto {

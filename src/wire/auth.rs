@@ -1,0 +1,304 @@
+//! Gitaly's v2 authentication tokens.
+//!
+//! A token is `v2.<hex HMAC-SHA256(secret, timestamp)>.<unix seconds>`, sent as gRPC metadata
+//! `authorization: Bearer <token>` on every call and valid for 30 seconds either side of the
+//! server's clock. Callers sign a fresh token per call ([`TokenInterceptor`]); servers check it
+//! in a tower layer ([`AuthLayer`]) with Praefect's exact codes and messages.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Status};
+use tower::{Layer, Service};
+
+/// How far a token's timestamp may be from the server's clock, either way.
+pub const TOKEN_VALIDITY: Duration = Duration::from_secs(30);
+
+/// Calls to these services need no token (load balancers probe them).
+const EXEMPT_PREFIXES: &[&str] = &["/grpc.health.v1.Health/"];
+
+/// Why a token was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("authentication required")]
+    Missing,
+    #[error("permission denied: invalid token version")]
+    InvalidVersion,
+    #[error("permission denied: wrong hmac signature")]
+    WrongSignature,
+    #[error("permission denied: cannot parse timestamp: {0}")]
+    BadTimestamp(String),
+    #[error("permission denied: token has expired")]
+    Expired,
+    #[error("permission denied: token's validity window is in future")]
+    InFuture,
+}
+
+impl AuthError {
+    /// Unauthenticated when there is no usable token, PermissionDenied when it is wrong.
+    pub fn code(&self) -> Code {
+        match self {
+            AuthError::Missing => Code::Unauthenticated,
+            _ => Code::PermissionDenied,
+        }
+    }
+
+    pub fn to_status(&self) -> Status {
+        Status::new(self.code(), self.to_string())
+    }
+}
+
+fn mac(secret: &[u8], message: &[u8]) -> Vec<u8> {
+    // HMAC accepts keys of any length; new_from_slice cannot fail for it.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(message);
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn unix_seconds(now: SystemTime) -> i64 {
+    match now.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+/// A v2 token for `secret`, stamped `now`.
+pub fn sign_v2(secret: &[u8], now: SystemTime) -> String {
+    let timestamp = unix_seconds(now).to_string();
+    format!("v2.{}.{timestamp}", hex::encode(mac(secret, timestamp.as_bytes())))
+}
+
+/// The `authorization` metadata value for `secret`, stamped now.
+pub fn bearer(secret: &[u8]) -> String {
+    format!("Bearer {}", sign_v2(secret, SystemTime::now()))
+}
+
+/// Checks an `authorization` metadata value against `secret` at time `now`.
+pub fn check_v2(secret: &[u8], header: Option<&str>, now: SystemTime) -> Result<(), AuthError> {
+    let token = header
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .ok_or(AuthError::Missing)?;
+    let parts: Vec<&str> = token.split('.').collect();
+    let [version, signature, timestamp] = parts[..] else {
+        return Err(AuthError::Missing);
+    };
+    if version != "v2" {
+        return Err(AuthError::InvalidVersion);
+    }
+    let expected = hex::encode(mac(secret, timestamp.as_bytes()));
+    if !bool::from(expected.as_bytes().ct_eq(signature.as_bytes())) {
+        return Err(AuthError::WrongSignature);
+    }
+    let issued: i64 = timestamp
+        .parse()
+        .map_err(|e: std::num::ParseIntError| AuthError::BadTimestamp(e.to_string()))?;
+    let now = unix_seconds(now);
+    let window = TOKEN_VALIDITY.as_secs() as i64;
+    if issued < now - window {
+        return Err(AuthError::Expired);
+    }
+    if issued > now + window {
+        return Err(AuthError::InFuture);
+    }
+    Ok(())
+}
+
+/// How a server checks tokens. No secret means authentication is disabled.
+#[derive(Clone, Debug, Default)]
+pub struct AuthConfig {
+    pub secret: Option<Arc<[u8]>>,
+    /// Check and log, but never refuse (for rolling a token out).
+    pub transitioning: bool,
+}
+
+impl AuthConfig {
+    pub fn new(token: &str, transitioning: bool) -> Self {
+        AuthConfig {
+            secret: (!token.is_empty()).then(|| Arc::from(token.as_bytes())),
+            transitioning,
+        }
+    }
+
+    /// The verdict for one call: Ok to serve it, or the status to answer with.
+    pub fn authorize(&self, path: &str, header: Option<&str>) -> Result<(), Status> {
+        let Some(secret) = &self.secret else {
+            return Ok(());
+        };
+        if EXEMPT_PREFIXES.iter().any(|p| path.starts_with(p)) {
+            return Ok(());
+        }
+        match check_v2(secret, header, SystemTime::now()) {
+            Ok(()) => Ok(()),
+            Err(err) if self.transitioning => {
+                tracing::warn!(grpc.method = path, error = %err, "authentication would have failed");
+                Ok(())
+            }
+            Err(err) => Err(err.to_status()),
+        }
+    }
+}
+
+/// Tower layer that checks v2 tokens before a call reaches its service.
+#[derive(Clone, Debug, Default)]
+pub struct AuthLayer {
+    config: AuthConfig,
+}
+
+impl AuthLayer {
+    pub fn new(config: AuthConfig) -> Self {
+        AuthLayer { config }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AuthService<S> {
+    inner: S,
+    config: AuthConfig,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> Service<http::Request<B>> for AuthService<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let header = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        match self.config.authorize(request.uri().path(), header) {
+            Ok(()) => Box::pin(self.inner.call(request)),
+            Err(status) => {
+                let response = status.into_http();
+                Box::pin(async move { Ok(response) })
+            }
+        }
+    }
+}
+
+/// Client-side interceptor that signs a fresh token for every call.
+#[derive(Clone)]
+pub struct TokenInterceptor {
+    secret: Option<Arc<[u8]>>,
+}
+
+impl TokenInterceptor {
+    /// An empty token sends no `authorization` metadata.
+    pub fn new(token: &str) -> Self {
+        TokenInterceptor {
+            secret: (!token.is_empty()).then(|| Arc::from(token.as_bytes())),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(secret) = &self.secret {
+            let value = MetadataValue::try_from(bearer(secret))
+                .map_err(|_| Status::internal("token is not valid metadata"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"secret";
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn header(token: &str) -> String {
+        format!("Bearer {token}")
+    }
+
+    #[test]
+    fn tokens_have_the_v2_shape() {
+        let token = sign_v2(SECRET, at(1_700_000_000));
+        let parts: Vec<&str> = token.split('.').collect();
+        assert_eq!(parts[0], "v2");
+        assert_eq!(parts[1].len(), 64);
+        assert!(parts[1].chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_eq!(parts[2], "1700000000");
+        // HMAC-SHA256("secret", "1700000000"), computed with Python's hmac module.
+        assert_eq!(parts[1], "4b227f8831b3763d066901751ad4c583ed08832bf1924a4ec50c2e871b1e8586");
+    }
+
+    #[test]
+    fn a_fresh_token_passes_within_the_window() {
+        let token = sign_v2(SECRET, at(1_000_000));
+        for now in [1_000_000 - 30, 1_000_000, 1_000_000 + 30] {
+            assert_eq!(check_v2(SECRET, Some(&header(&token)), at(now)), Ok(()));
+        }
+    }
+
+    #[test]
+    fn each_failure_has_its_code_and_message() {
+        let now = at(1_000_000);
+        let good = sign_v2(SECRET, now);
+        let cases: Vec<(Option<String>, AuthError)> = vec![
+            (None, AuthError::Missing),
+            (Some("Basic abc".into()), AuthError::Missing),
+            (Some(header("v2.abc")), AuthError::Missing),
+            (Some(header(&good.replacen("v2", "v1", 1))), AuthError::InvalidVersion),
+            (Some(header(&sign_v2(b"other", now))), AuthError::WrongSignature),
+            (Some(header(&sign_v2(SECRET, at(1_000_000 - 31)))), AuthError::Expired),
+            (Some(header(&sign_v2(SECRET, at(1_000_000 + 31)))), AuthError::InFuture),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(check_v2(SECRET, value.as_deref(), now), Err(expected.clone()), "{value:?}");
+        }
+        let bad_ts = format!("v2.{}.soon", hex::encode(mac(SECRET, b"soon")));
+        assert!(matches!(
+            check_v2(SECRET, Some(&header(&bad_ts)), now),
+            Err(AuthError::BadTimestamp(_))
+        ));
+        assert_eq!(AuthError::Missing.to_status().code(), Code::Unauthenticated);
+        assert_eq!(AuthError::Missing.to_status().message(), "authentication required");
+        assert_eq!(AuthError::Expired.to_status().code(), Code::PermissionDenied);
+        assert_eq!(
+            AuthError::WrongSignature.to_status().message(),
+            "permission denied: wrong hmac signature"
+        );
+    }
+
+    #[test]
+    fn health_is_exempt_and_transitioning_never_refuses() {
+        let strict = AuthConfig::new("secret", false);
+        assert!(strict.authorize("/grpc.health.v1.Health/Check", None).is_ok());
+        assert!(strict.authorize("/gitaly.RefService/RefExists", None).is_err());
+        let lenient = AuthConfig::new("secret", true);
+        assert!(lenient.authorize("/gitaly.RefService/RefExists", None).is_ok());
+        let disabled = AuthConfig::new("", false);
+        assert!(disabled.authorize("/gitaly.RefService/RefExists", None).is_ok());
+    }
+}
