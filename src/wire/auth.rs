@@ -70,7 +70,10 @@ fn unix_seconds(now: SystemTime) -> i64 {
 /// A v2 token for `secret`, stamped `now`.
 pub fn sign_v2(secret: &[u8], now: SystemTime) -> String {
     let timestamp = unix_seconds(now).to_string();
-    format!("v2.{}.{timestamp}", hex::encode(mac(secret, timestamp.as_bytes())))
+    format!(
+        "v2.{}.{timestamp}",
+        hex::encode(mac(secret, timestamp.as_bytes()))
+    )
 }
 
 /// The `authorization` metadata value for `secret`, stamped now.
@@ -247,10 +250,15 @@ mod tests {
         let parts: Vec<&str> = token.split('.').collect();
         assert_eq!(parts[0], "v2");
         assert_eq!(parts[1].len(), 64);
-        assert!(parts[1].chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(parts[1]
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_eq!(parts[2], "1700000000");
         // HMAC-SHA256("secret", "1700000000"), computed with Python's hmac module.
-        assert_eq!(parts[1], "4b227f8831b3763d066901751ad4c583ed08832bf1924a4ec50c2e871b1e8586");
+        assert_eq!(
+            parts[1],
+            "4b227f8831b3763d066901751ad4c583ed08832bf1924a4ec50c2e871b1e8586"
+        );
     }
 
     #[test]
@@ -269,13 +277,29 @@ mod tests {
             (None, AuthError::Missing),
             (Some("Basic abc".into()), AuthError::Missing),
             (Some(header("v2.abc")), AuthError::Missing),
-            (Some(header(&good.replacen("v2", "v1", 1))), AuthError::InvalidVersion),
-            (Some(header(&sign_v2(b"other", now))), AuthError::WrongSignature),
-            (Some(header(&sign_v2(SECRET, at(1_000_000 - 31)))), AuthError::Expired),
-            (Some(header(&sign_v2(SECRET, at(1_000_000 + 31)))), AuthError::InFuture),
+            (
+                Some(header(&good.replacen("v2", "v1", 1))),
+                AuthError::InvalidVersion,
+            ),
+            (
+                Some(header(&sign_v2(b"other", now))),
+                AuthError::WrongSignature,
+            ),
+            (
+                Some(header(&sign_v2(SECRET, at(1_000_000 - 31)))),
+                AuthError::Expired,
+            ),
+            (
+                Some(header(&sign_v2(SECRET, at(1_000_000 + 31)))),
+                AuthError::InFuture,
+            ),
         ];
         for (value, expected) in cases {
-            assert_eq!(check_v2(SECRET, value.as_deref(), now), Err(expected.clone()), "{value:?}");
+            assert_eq!(
+                check_v2(SECRET, value.as_deref(), now),
+                Err(expected.clone()),
+                "{value:?}"
+            );
         }
         let bad_ts = format!("v2.{}.soon", hex::encode(mac(SECRET, b"soon")));
         assert!(matches!(
@@ -283,8 +307,14 @@ mod tests {
             Err(AuthError::BadTimestamp(_))
         ));
         assert_eq!(AuthError::Missing.to_status().code(), Code::Unauthenticated);
-        assert_eq!(AuthError::Missing.to_status().message(), "authentication required");
-        assert_eq!(AuthError::Expired.to_status().code(), Code::PermissionDenied);
+        assert_eq!(
+            AuthError::Missing.to_status().message(),
+            "authentication required"
+        );
+        assert_eq!(
+            AuthError::Expired.to_status().code(),
+            Code::PermissionDenied
+        );
         assert_eq!(
             AuthError::WrongSignature.to_status().message(),
             "permission denied: wrong hmac signature"
@@ -294,11 +324,19 @@ mod tests {
     #[test]
     fn health_is_exempt_and_transitioning_never_refuses() {
         let strict = AuthConfig::new("secret", false);
-        assert!(strict.authorize("/grpc.health.v1.Health/Check", None).is_ok());
-        assert!(strict.authorize("/gitaly.RefService/RefExists", None).is_err());
+        assert!(strict
+            .authorize("/grpc.health.v1.Health/Check", None)
+            .is_ok());
+        assert!(strict
+            .authorize("/gitaly.RefService/RefExists", None)
+            .is_err());
         let lenient = AuthConfig::new("secret", true);
-        assert!(lenient.authorize("/gitaly.RefService/RefExists", None).is_ok());
+        assert!(lenient
+            .authorize("/gitaly.RefService/RefExists", None)
+            .is_ok());
         let disabled = AuthConfig::new("", false);
-        assert!(disabled.authorize("/gitaly.RefService/RefExists", None).is_ok());
+        assert!(disabled
+            .authorize("/gitaly.RefService/RefExists", None)
+            .is_ok());
     }
 }

@@ -161,15 +161,12 @@ impl SessionRegistry {
 
     /// Opens a new stream to the client of backchannel `id`.
     pub async fn open_stream(&self, id: u64) -> io::Result<StreamHandle> {
-        let mut control = self
-            .lock()
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "backchannel session is gone"))?;
-        control
-            .open_stream()
-            .await
-            .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, format!("opening stream: {e:?}")))
+        let mut control = self.lock().get(&id).cloned().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "backchannel session is gone")
+        })?;
+        control.open_stream().await.map_err(|e| {
+            io::Error::new(io::ErrorKind::BrokenPipe, format!("opening stream: {e:?}"))
+        })
     }
 
     /// How many clients are connected with a backchannel.
@@ -327,7 +324,11 @@ async fn handle_connection(
     }
     let mut session = Session::new_server(io, yamux);
     let id = registry.insert(session.control());
-    tracing::debug!(remote_addr, backchannel_id = id, "backchannel session started");
+    tracing::debug!(
+        remote_addr,
+        backchannel_id = id,
+        "backchannel session started"
+    );
     while let Some(stream) = session.next().await {
         match stream {
             Ok(stream) => {
@@ -362,7 +363,10 @@ pub struct ClientHandler {
 
 /// Opens the raw connection for an address: `tcp://host:port`, `host:port` or `unix:/path`.
 pub async fn connect_raw(address: &str) -> io::Result<BoxIo> {
-    if let Some(path) = address.strip_prefix("unix://").or_else(|| address.strip_prefix("unix:")) {
+    if let Some(path) = address
+        .strip_prefix("unix://")
+        .or_else(|| address.strip_prefix("unix:"))
+    {
         Ok(Box::new(UnixStream::connect(path).await?))
     } else {
         let target = address.strip_prefix("tcp://").unwrap_or(address);

@@ -28,7 +28,8 @@ pub enum PktError {
 /// Writes `data` as one or more data packets (no flush).
 pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> std::io::Result<()> {
     for chunk in data.chunks(MAX_PAYLOAD) {
-        w.write_all(format!("{:04x}", chunk.len() + 4).as_bytes()).await?;
+        w.write_all(format!("{:04x}", chunk.len() + 4).as_bytes())
+            .await?;
         w.write_all(chunk).await?;
     }
     Ok(())
@@ -44,13 +45,15 @@ pub async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Packe
             return if filled == 0 {
                 Ok(None)
             } else {
-                Err(PktError::BadHeader(String::from_utf8_lossy(&header[..filled]).into()))
+                Err(PktError::BadHeader(
+                    String::from_utf8_lossy(&header[..filled]).into(),
+                ))
             };
         }
         filled += n;
     }
-    let text = std::str::from_utf8(&header)
-        .map_err(|_| PktError::BadHeader(format!("{header:?}")))?;
+    let text =
+        std::str::from_utf8(&header).map_err(|_| PktError::BadHeader(format!("{header:?}")))?;
     let len = usize::from_str_radix(text, 16).map_err(|_| PktError::BadHeader(text.into()))?;
     match len {
         0 => Ok(Some(Packet::Flush)),
@@ -133,7 +136,9 @@ mod tests {
             assert!(read_packet(&mut &bad[..]).await.is_err(), "{bad:?}");
         }
         let mut out = Vec::new();
-        assert!(copy_unframed(&mut &b"0009hello"[..], &mut out).await.is_err());
+        assert!(copy_unframed(&mut &b"0009hello"[..], &mut out)
+            .await
+            .is_err());
         assert_eq!(read_packet(&mut &b""[..]).await.unwrap(), None);
     }
 }

@@ -97,7 +97,10 @@ impl SidechannelWaiter {
 
     /// Waits until the server connects the sidechannel.
     pub async fn connected(&mut self) -> Result<BoxIo, SidechannelError> {
-        let rx = self.rx.take().ok_or(SidechannelError::Handshake("already waited".into()))?;
+        let rx = self
+            .rx
+            .take()
+            .ok_or(SidechannelError::Handshake("already waited".into()))?;
         rx.await
             .map_err(|_| SidechannelError::Handshake("registry dropped the waiter".into()))
     }
@@ -160,12 +163,18 @@ mod tests {
     #[test]
     fn the_last_metadata_value_wins() {
         let mut md = tonic::metadata::MetadataMap::new();
-        assert!(matches!(id_from_metadata(&md), Err(SidechannelError::MissingId)));
+        assert!(matches!(
+            id_from_metadata(&md),
+            Err(SidechannelError::MissingId)
+        ));
         md.append(METADATA_KEY, "5".parse().unwrap());
         md.append(METADATA_KEY, "17".parse().unwrap());
         assert_eq!(id_from_metadata(&md).unwrap(), 17);
         md.append(METADATA_KEY, "x".parse().unwrap());
-        assert!(matches!(id_from_metadata(&md), Err(SidechannelError::InvalidId(_))));
+        assert!(matches!(
+            id_from_metadata(&md),
+            Err(SidechannelError::InvalidId(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,31 @@
+//! gitnode: a small Gitaly-protocol server over real git repositories on disk, for developing
+//! and testing praefect-rs (real Gitaly cannot be built here). It speaks the same wire
+//! protocol as Gitaly: v2 tokens, backchannel and sidechannel, and the RPCs the router's tests
+//! and benchmarks need.
+
+pub mod commit;
+pub mod config;
+pub mod git;
+pub mod refs;
+pub mod server;
+pub mod services;
+pub mod storage;
+
+use std::path::PathBuf;
+
+use praefect::wire::backchannel::SessionRegistry;
+
+/// What every service shares.
+#[derive(Clone)]
+pub struct Node {
+    pub storages: storage::Storages,
+    pub git: git::Git,
+    /// Backchannel sessions of connected callers, to open sidechannels to them.
+    pub sessions: SessionRegistry,
+    pub git_version: String,
+    /// The `gitnode-ssh` helper, used as GIT_SSH_COMMAND to fetch from other nodes.
+    pub ssh_helper: PathBuf,
+}
+
+/// The version ServerInfo reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,100 @@
+//! Assembles gitnode's gRPC server: auth layer, health, services, listeners (TCP and Unix),
+//! each accepting backchannel and plain clients alike.
+
+use std::sync::Arc;
+
+use praefect::wire::auth::{AuthConfig, AuthLayer};
+use praefect::wire::backchannel::{incoming, yamux_config, Listener, SessionRegistry};
+use praefect::wire::proto::commit_service_server::CommitServiceServer;
+use praefect::wire::proto::ref_service_server::RefServiceServer;
+use praefect::wire::proto::repository_service_server::RepositoryServiceServer;
+use praefect::wire::proto::server_service_server::ServerServiceServer;
+use praefect::wire::proto::smart_http_service_server::SmartHttpServiceServer;
+use praefect::wire::proto::ssh_service_server::SshServiceServer;
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::config::Config;
+use crate::git::Git;
+use crate::services::Services;
+use crate::storage::Storages;
+use crate::Node;
+
+/// Builds the node state from the configuration.
+pub async fn node(config: &Config) -> anyhow::Result<Node> {
+    let git = Git::new(&config.git.bin_path);
+    let git_version = git.version().await;
+    if git_version.is_empty() {
+        anyhow::bail!("cannot run git ({:?})", config.git.bin_path);
+    }
+    let ssh_helper = std::env::current_exe()?
+        .parent()
+        .map(|dir| dir.join("gitnode-ssh"))
+        .ok_or_else(|| anyhow::anyhow!("cannot locate gitnode-ssh"))?;
+    Ok(Node {
+        storages: Storages::new(&config.storage)?,
+        git,
+        sessions: SessionRegistry::default(),
+        git_version,
+        ssh_helper,
+    })
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let node = Arc::new(node(&config).await?);
+    let services = Services(node.clone());
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let auth = AuthLayer::new(AuthConfig::new(
+        &config.auth.token,
+        config.auth.transitioning,
+    ));
+
+    let mut listeners = Vec::new();
+    if !config.listen_addr.is_empty() {
+        let addr = config.listen_addr.trim_start_matches("tcp://");
+        let listener = TcpListener::bind(addr).await?;
+        tracing::info!(address = %listener.local_addr()?, "gitnode listening");
+        listeners.push(Listener::Tcp(listener));
+    }
+    if !config.socket_path.is_empty() {
+        let _ = std::fs::remove_file(&config.socket_path);
+        listeners.push(Listener::Unix(UnixListener::bind(&config.socket_path)?));
+        tracing::info!(socket = %config.socket_path, "gitnode listening");
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut servers = Vec::new();
+    for listener in listeners {
+        let router = tonic::transport::Server::builder()
+            .layer(auth.clone())
+            .add_service(health_service.clone())
+            .add_service(ServerServiceServer::new(services.clone()))
+            .add_service(RepositoryServiceServer::new(services.clone()))
+            .add_service(RefServiceServer::new(services.clone()))
+            .add_service(CommitServiceServer::new(services.clone()))
+            .add_service(SshServiceServer::new(services.clone()))
+            .add_service(SmartHttpServiceServer::new(services.clone()));
+        let stream = incoming(listener, node.sessions.clone(), yamux_config(0, 256));
+        let mut stop = stop_rx.clone();
+        servers.push(tokio::spawn(router.serve_with_incoming_shutdown(
+            stream,
+            async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            },
+        )));
+    }
+    for server in servers {
+        server.await??;
+    }
+    Ok(())
+}

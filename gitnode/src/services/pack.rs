@@ -1,0 +1,144 @@
+//! Running `git upload-pack` and `git receive-pack` for the SSH and smart HTTP services.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use praefect::wire::backchannel::PeerInfo;
+use praefect::wire::{pktline, sidechannel};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+use super::Services;
+
+/// Which git service to run, and how.
+#[derive(Clone, Copy, Debug)]
+pub enum Pack {
+    UploadPack,
+    ReceivePack,
+}
+
+impl Pack {
+    fn name(self) -> &'static str {
+        match self {
+            Pack::UploadPack => "upload-pack",
+            Pack::ReceivePack => "receive-pack",
+        }
+    }
+}
+
+/// Options common to the pack RPCs.
+pub struct PackOptions<'a> {
+    pub stateless: bool,
+    pub advertise_refs: bool,
+    pub git_protocol: &'a str,
+    pub config: &'a [String],
+}
+
+impl Services {
+    /// Builds the git command for a pack service on repository `path`.
+    pub fn pack_command(
+        &self,
+        pack: Pack,
+        path: &Path,
+        options: &PackOptions<'_>,
+    ) -> Result<Command, Status> {
+        let mut command = self.0.git.bare_command();
+        for entry in options.config {
+            if entry.starts_with('-') || !entry.contains('=') {
+                return Err(Status::invalid_argument(format!(
+                    "invalid git config option {entry:?}"
+                )));
+            }
+            command.arg("-c").arg(entry);
+        }
+        command.arg(pack.name());
+        if options.stateless {
+            command.arg("--stateless-rpc");
+        }
+        if options.advertise_refs {
+            command.arg("--advertise-refs");
+        }
+        command.arg(path);
+        if options.git_protocol == "version=2" {
+            command.env("GIT_PROTOCOL", "version=2");
+        }
+        Ok(command)
+    }
+
+    /// Runs upload-pack with its input and output on the caller's sidechannel.
+    pub async fn upload_pack_over_sidechannel(
+        &self,
+        metadata: &MetadataMap,
+        peer: Option<&PeerInfo>,
+        path: &Path,
+        options: &PackOptions<'_>,
+    ) -> Result<(), Status> {
+        let id = sidechannel::id_from_metadata(metadata)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let peer = peer.cloned().unwrap_or_default();
+        let channel = sidechannel::open(&self.0.sessions, &peer, id)
+            .await
+            .map_err(|e| Status::unavailable(format!("opening sidechannel: {e}")))?;
+        let (mut from_client, mut to_client) = tokio::io::split(channel);
+        let mut child = spawn(self.pack_command(Pack::UploadPack, path, options)?, true)?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut stdout = child.stdout.take().expect("piped");
+        let stderr = collect_stderr(&mut child);
+        let input = tokio::spawn(async move {
+            let copied = pktline::copy_unframed(&mut from_client, &mut stdin).await;
+            drop(stdin);
+            copied
+        });
+        let output = tokio::io::copy(&mut stdout, &mut to_client).await;
+        let _ = to_client.shutdown().await;
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| Status::internal(format!("waiting for upload-pack: {e}")))?;
+        let input = if input.is_finished() {
+            input.await.ok()
+        } else {
+            input.abort();
+            None
+        };
+        let stderr = stderr.await.unwrap_or_default();
+        if let Some(Err(err)) = input {
+            return Err(Status::cancelled(format!(
+                "reading from the sidechannel: {err}"
+            )));
+        }
+        output.map_err(|e| Status::unavailable(format!("writing to the sidechannel: {e}")))?;
+        if !status.success() {
+            return Err(Status::internal(format!(
+                "upload-pack: {} {}",
+                status,
+                String::from_utf8_lossy(&stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Spawns `command` with piped stdout and stderr (and stdin when asked).
+pub fn spawn(mut command: Command, with_stdin: bool) -> Result<Child, Status> {
+    if with_stdin {
+        command.stdin(Stdio::piped());
+    }
+    command
+        .spawn()
+        .map_err(|e| Status::internal(format!("starting git: {e}")))
+}
+
+/// Collects a child's stderr in the background (bounded to 64 KiB).
+pub fn collect_stderr(child: &mut Child) -> tokio::task::JoinHandle<Vec<u8>> {
+    let stderr = child.stderr.take();
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        if let Some(stderr) = stderr {
+            let _ = stderr.take(64 * 1024).read_to_end(&mut out).await;
+        }
+        out
+    })
+}

@@ -1,0 +1,409 @@
+//! RepositoryService: existence, creation, removal, replication, checksums, refs and size.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use praefect::wire::auth::TokenInterceptor;
+use praefect::wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
+use praefect::wire::proto::ref_service_client::RefServiceClient;
+use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
+use praefect::wire::proto::repository_service_server::RepositoryService;
+use praefect::wire::proto::*;
+use serde::Deserialize;
+use sha1::{Digest, Sha1};
+use tonic::{Request, Response, Status};
+
+use super::Services;
+use crate::storage::is_repository;
+
+/// Metadata that tells a replication target how to reach the source.
+pub const GITALY_SERVERS_KEY: &str = "gitaly-servers";
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ServerInfo {
+    pub address: String,
+    #[serde(default)]
+    pub token: String,
+}
+
+/// Decodes `gitaly-servers`: base64 of JSON `{"storage": {"address": ..., "token": ...}}`.
+pub fn gitaly_servers(
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<HashMap<String, ServerInfo>, Status> {
+    let value = metadata
+        .get(GITALY_SERVERS_KEY)
+        .ok_or_else(|| Status::invalid_argument("empty gitaly-servers metadata"))?;
+    let text = value
+        .to_str()
+        .map_err(|_| Status::invalid_argument("gitaly-servers is not ASCII"))?;
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| Status::invalid_argument(format!("gitaly-servers: {e}")))?;
+    serde_json::from_slice(&json)
+        .map_err(|e| Status::invalid_argument(format!("gitaly-servers: {e}")))
+}
+
+/// Moves a directory into its final place, creating parents. Fails if the target exists.
+fn move_into_place(from: &Path, to: &Path) -> std::io::Result<()> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if to.exists() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "target exists",
+        ));
+    }
+    std::fs::rename(from, to)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+impl Services {
+    /// `git init --bare` into a temporary directory of the target's storage.
+    async fn init_temp(
+        &self,
+        storage: &str,
+        default_branch: &[u8],
+        object_format: i32,
+    ) -> Result<PathBuf, Status> {
+        let temp = self.0.storages.temp_path(storage, "create")?;
+        let mut command = self.0.git.bare_command();
+        command.arg("init").arg("--bare").arg("--quiet");
+        if !default_branch.is_empty() {
+            let branch = String::from_utf8_lossy(default_branch);
+            let branch = branch
+                .strip_prefix("refs/heads/")
+                .unwrap_or(&branch)
+                .to_string();
+            if branch.starts_with('-') || branch.contains(char::is_whitespace) {
+                return Err(Status::invalid_argument("invalid default branch"));
+            }
+            command.arg(format!("--initial-branch={branch}"));
+        }
+        if object_format == ObjectFormat::Sha256 as i32 {
+            command.arg("--object-format=sha256");
+        }
+        let output = command
+            .arg(&temp)
+            .output()
+            .await
+            .map_err(|e| Status::internal(format!("git init: {e}")))?;
+        if !output.status.success() {
+            return Err(Status::internal(format!(
+                "git init: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(temp)
+    }
+
+    /// Fetches every ref of `source` (on the node at `server`) into `target`, pruning refs
+    /// the source no longer has, through upload-pack over the sidechannel.
+    async fn fetch_from(
+        &self,
+        target: &Path,
+        source: &Repository,
+        server: &ServerInfo,
+    ) -> Result<(), Status> {
+        let output = self
+            .0
+            .git
+            .command(target)
+            .env("GIT_SSH_COMMAND", &self.0.ssh_helper)
+            .env("GIT_SSH_VARIANT", "ssh")
+            .env("GITALY_ADDRESS", &server.address)
+            .env("GITALY_TOKEN", &server.token)
+            .env("GITALY_STORAGE", &source.storage_name)
+            .env("GITALY_RELATIVE_PATH", &source.relative_path)
+            .args([
+                "-c",
+                "protocol.version=2",
+                "fetch",
+                "--quiet",
+                "--prune",
+                "--force",
+                "--no-write-fetch-head",
+                "ssh://gitnode/source",
+                "+refs/*:refs/*",
+            ])
+            .output()
+            .await
+            .map_err(|e| Status::internal(format!("git fetch: {e}")))?;
+        if !output.status.success() {
+            return Err(Status::internal(format!(
+                "fetching from {}: {}",
+                source.storage_name,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl RepositoryService for Services {
+    async fn repository_exists(
+        &self,
+        request: Request<RepositoryExistsRequest>,
+    ) -> Result<Response<RepositoryExistsResponse>, Status> {
+        let path = self
+            .0
+            .storages
+            .repo_path(request.get_ref().repository.as_ref())?;
+        Ok(Response::new(RepositoryExistsResponse {
+            exists: is_repository(&path),
+        }))
+    }
+
+    async fn create_repository(
+        &self,
+        request: Request<CreateRepositoryRequest>,
+    ) -> Result<Response<CreateRepositoryResponse>, Status> {
+        let req = request.into_inner();
+        let repo = req.repository.as_ref();
+        let path = self.0.storages.repo_path(repo)?;
+        if path.exists() {
+            return Err(Status::already_exists(
+                "creating repository: repository exists already",
+            ));
+        }
+        let storage = &repo.expect("checked").storage_name;
+        let temp = self
+            .init_temp(storage, &req.default_branch, req.object_format)
+            .await?;
+        let moved = {
+            let (temp, path) = (temp.clone(), path.clone());
+            tokio::task::spawn_blocking(move || move_into_place(&temp, &path))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+        };
+        if let Err(err) = moved {
+            let _ = tokio::fs::remove_dir_all(&temp).await;
+            return Err(if err.kind() == std::io::ErrorKind::AlreadyExists {
+                Status::already_exists("creating repository: repository exists already")
+            } else {
+                Status::internal(format!("moving repository into place: {err}"))
+            });
+        }
+        Ok(Response::new(CreateRepositoryResponse {}))
+    }
+
+    async fn remove_repository(
+        &self,
+        request: Request<RemoveRepositoryRequest>,
+    ) -> Result<Response<RemoveRepositoryResponse>, Status> {
+        let repo = request.get_ref().repository.as_ref();
+        let path = self.0.storages.repo_path(repo)?;
+        if !is_repository(&path) {
+            return Err(Status::not_found("repository does not exist"));
+        }
+        let trash = self
+            .0
+            .storages
+            .temp_path(&repo.expect("checked").storage_name, "delete")?;
+        // Renaming first makes the removal atomic for readers; the copy in trash goes after.
+        blocking(move || {
+            std::fs::rename(&path, &trash)?;
+            std::fs::remove_dir_all(&trash)
+        })
+        .await?;
+        Ok(Response::new(RemoveRepositoryResponse {}))
+    }
+
+    async fn replicate_repository(
+        &self,
+        request: Request<ReplicateRepositoryRequest>,
+    ) -> Result<Response<ReplicateRepositoryResponse>, Status> {
+        let servers = gitaly_servers(request.metadata())?;
+        let req = request.into_inner();
+        let target = self.0.storages.repo_path(req.repository.as_ref())?;
+        let source = req
+            .source
+            .ok_or_else(|| Status::invalid_argument("empty source repository"))?;
+        let server = servers.get(&source.storage_name).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "gitaly-servers has no entry for storage {:?}",
+                source.storage_name
+            ))
+        })?;
+
+        let channel = dial_lazy(
+            &server.address,
+            yamux_config(0, 256),
+            ClientHandler::default(),
+        )
+        .map_err(|e| Status::internal(format!("dialing source: {e}")))?;
+        let interceptor = TokenInterceptor::new(&server.token);
+        let mut repos =
+            RepositoryServiceClient::with_interceptor(channel.clone(), interceptor.clone());
+        let exists = repos
+            .repository_exists(RepositoryExistsRequest {
+                repository: Some(source.clone()),
+            })
+            .await?
+            .into_inner()
+            .exists;
+        if !exists {
+            return Err(Status::not_found("invalid source repository"));
+        }
+        let default_branch = RefServiceClient::with_interceptor(channel, interceptor)
+            .find_default_branch_name(FindDefaultBranchNameRequest {
+                repository: Some(source.clone()),
+                head_only: true,
+            })
+            .await?
+            .into_inner()
+            .name;
+
+        let storage = &req.repository.as_ref().expect("checked").storage_name;
+        let created = if is_repository(&target) {
+            None
+        } else {
+            Some(
+                self.init_temp(storage, b"", ObjectFormat::Unspecified as i32)
+                    .await?,
+            )
+        };
+        let work = created.as_deref().unwrap_or(&target);
+        self.fetch_from(work, &source, server).await?;
+        if !default_branch.is_empty() {
+            let name = String::from_utf8_lossy(&default_branch).to_string();
+            crate::refs::check_ref_name(name.as_bytes())?;
+            self.0
+                .git
+                .run(work, &["symbolic-ref", "HEAD", &name])
+                .await?;
+        }
+        if let Some(temp) = created {
+            let (from, to) = (temp.clone(), target.clone());
+            let moved = tokio::task::spawn_blocking(move || move_into_place(&from, &to))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            if moved.is_err() {
+                // Someone created it meanwhile: replicate into that one instead.
+                let _ = tokio::fs::remove_dir_all(&temp).await;
+                self.fetch_from(&target, &source, server).await?;
+            }
+        }
+        Ok(Response::new(ReplicateRepositoryResponse {}))
+    }
+
+    /// The checksum is the XOR of SHA-1("<object id> <ref name>") over every ref under
+    /// `refs/`, as 40 hex digits; all zeros for a repository without refs. Two replicas have
+    /// the same checksum exactly when they have the same refs pointing at the same objects.
+    async fn calculate_checksum(
+        &self,
+        request: Request<CalculateChecksumRequest>,
+    ) -> Result<Response<CalculateChecksumResponse>, Status> {
+        let path = self
+            .0
+            .storages
+            .existing_repo(request.get_ref().repository.as_ref())?;
+        let listing = self
+            .0
+            .git
+            .run(
+                &path,
+                &["for-each-ref", "--format=%(objectname) %(refname)", "refs/"],
+            )
+            .await?;
+        let mut checksum = [0u8; 20];
+        for line in listing.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let digest = Sha1::digest(line);
+            for (acc, byte) in checksum.iter_mut().zip(digest.iter()) {
+                *acc ^= byte;
+            }
+        }
+        Ok(Response::new(CalculateChecksumResponse {
+            checksum: hex::encode(checksum),
+        }))
+    }
+
+    async fn write_ref(
+        &self,
+        request: Request<WriteRefRequest>,
+    ) -> Result<Response<WriteRefResponse>, Status> {
+        let req = request.into_inner();
+        let path = self.0.storages.existing_repo(req.repository.as_ref())?;
+        let revision = crate::git::check_revision(&req.revision)?;
+        if req.r#ref == b"HEAD" {
+            crate::refs::check_ref_name(revision.as_bytes())?;
+            self.0
+                .git
+                .run(&path, &["symbolic-ref", "HEAD", &revision])
+                .await?;
+        } else {
+            let name = crate::refs::check_ref_name(&req.r#ref)?;
+            let mut args = vec!["update-ref", "--", name, revision.as_str()];
+            let old;
+            if !req.old_revision.is_empty() {
+                old = crate::git::check_revision(&req.old_revision)?;
+                args.push(&old);
+            }
+            self.0.git.run(&path, &args).await?;
+        }
+        Ok(Response::new(WriteRefResponse {}))
+    }
+
+    async fn repository_size(
+        &self,
+        request: Request<RepositorySizeRequest>,
+    ) -> Result<Response<RepositorySizeResponse>, Status> {
+        let path = self
+            .0
+            .storages
+            .existing_repo(request.get_ref().repository.as_ref())?;
+        let bytes = blocking(move || dir_size(&path)).await?;
+        Ok(Response::new(RepositorySizeResponse {
+            size: (bytes / 1024) as i64,
+        }))
+    }
+
+    async fn object_format(
+        &self,
+        request: Request<ObjectFormatRequest>,
+    ) -> Result<Response<ObjectFormatResponse>, Status> {
+        let path = self
+            .0
+            .storages
+            .existing_repo(request.get_ref().repository.as_ref())?;
+        let out = self
+            .0
+            .git
+            .run(&path, &["rev-parse", "--show-object-format"])
+            .await?;
+        let format = match String::from_utf8_lossy(&out).trim() {
+            "sha256" => ObjectFormat::Sha256,
+            _ => ObjectFormat::Sha1,
+        };
+        Ok(Response::new(ObjectFormatResponse {
+            format: format as i32,
+        }))
+    }
+}
+
+fn dir_size(path: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    Ok(total)
+}

@@ -1,0 +1,160 @@
+//! SmartHTTPService: ref advertisements, fetch over the sidechannel, push over the stream.
+
+use praefect::wire::backchannel::PeerInfo;
+use praefect::wire::pktline;
+use praefect::wire::proto::smart_http_service_server::SmartHttpService;
+use praefect::wire::proto::*;
+use tokio::io::AsyncWriteExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::pack::{collect_stderr, spawn, Pack, PackOptions};
+use super::stream::{channel, forward, ResponseStream};
+use super::Services;
+
+impl Services {
+    async fn info_refs(
+        &self,
+        request: Request<InfoRefsRequest>,
+        pack: Pack,
+        service: &'static str,
+    ) -> Result<Response<ResponseStream<InfoRefsResponse>>, Status> {
+        let req = request.into_inner();
+        let path = self.0.storages.existing_repo(req.repository.as_ref())?;
+        let options = PackOptions {
+            stateless: true,
+            advertise_refs: true,
+            git_protocol: &req.git_protocol,
+            config: &req.git_config_options,
+        };
+        let mut child = spawn(self.pack_command(pack, &path, &options)?, false)?;
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = collect_stderr(&mut child);
+        let (tx, stream) = channel();
+        tokio::spawn(async move {
+            let mut header = Vec::new();
+            let _ =
+                pktline::write_data(&mut header, format!("# service={service}\n").as_bytes()).await;
+            header.extend_from_slice(pktline::FLUSH);
+            if tx
+                .send(Ok(InfoRefsResponse { data: header }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if !forward(stdout, &tx, |data| InfoRefsResponse { data }).await {
+                return;
+            }
+            match child.wait().await {
+                Ok(status) if status.success() => {}
+                other => {
+                    let stderr = stderr.await.unwrap_or_default();
+                    let _ = tx
+                        .send(Err(Status::internal(format!(
+                            "{service}: {other:?} {}",
+                            String::from_utf8_lossy(&stderr).trim()
+                        ))))
+                        .await;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+#[tonic::async_trait]
+impl SmartHttpService for Services {
+    async fn info_refs_upload_pack(
+        &self,
+        request: Request<InfoRefsRequest>,
+    ) -> Result<Response<ResponseStream<InfoRefsResponse>>, Status> {
+        self.info_refs(request, Pack::UploadPack, "git-upload-pack")
+            .await
+    }
+
+    async fn info_refs_receive_pack(
+        &self,
+        request: Request<InfoRefsRequest>,
+    ) -> Result<Response<ResponseStream<InfoRefsResponse>>, Status> {
+        self.info_refs(request, Pack::ReceivePack, "git-receive-pack")
+            .await
+    }
+
+    async fn post_upload_pack_with_sidechannel(
+        &self,
+        request: Request<PostUploadPackWithSidechannelRequest>,
+    ) -> Result<Response<PostUploadPackWithSidechannelResponse>, Status> {
+        let path = self
+            .0
+            .storages
+            .existing_repo(request.get_ref().repository.as_ref())?;
+        let req = request.get_ref();
+        let options = PackOptions {
+            stateless: true,
+            advertise_refs: false,
+            git_protocol: &req.git_protocol,
+            config: &req.git_config_options,
+        };
+        self.upload_pack_over_sidechannel(
+            request.metadata(),
+            request.extensions().get::<PeerInfo>(),
+            &path,
+            &options,
+        )
+        .await?;
+        Ok(Response::new(PostUploadPackWithSidechannelResponse {
+            packfile_negotiation_statistics: None,
+        }))
+    }
+
+    async fn post_receive_pack(
+        &self,
+        request: Request<Streaming<PostReceivePackRequest>>,
+    ) -> Result<Response<ResponseStream<PostReceivePackResponse>>, Status> {
+        let mut requests = request.into_inner();
+        let first = requests
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty request stream"))?;
+        let path = self.0.storages.existing_repo(first.repository.as_ref())?;
+        let options = PackOptions {
+            stateless: true,
+            advertise_refs: false,
+            git_protocol: &first.git_protocol,
+            config: &first.git_config_options,
+        };
+        let mut child = spawn(self.pack_command(Pack::ReceivePack, &path, &options)?, true)?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = collect_stderr(&mut child);
+        tokio::spawn(async move {
+            if stdin.write_all(&first.data).await.is_err() {
+                return;
+            }
+            while let Ok(Some(message)) = requests.message().await {
+                if stdin.write_all(&message.data).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (tx, stream) = channel();
+        tokio::spawn(async move {
+            if !forward(stdout, &tx, |data| PostReceivePackResponse { data }).await {
+                return;
+            }
+            match child.wait().await {
+                Ok(status) if status.success() => {}
+                other => {
+                    let stderr = stderr.await.unwrap_or_default();
+                    let _ = tx
+                        .send(Err(Status::internal(format!(
+                            "receive-pack: {other:?} {}",
+                            String::from_utf8_lossy(&stderr).trim()
+                        ))))
+                        .await;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}

@@ -1,0 +1,201 @@
+//! Storages and the repositories in them. Every path a request names is checked here: the
+//! storage must exist, and the relative path must stay inside it. Nothing outside a storage
+//! root is ever read or written.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+
+use praefect::wire::proto::Repository;
+use tonic::Status;
+
+/// Directory inside every storage for gitnode's own temporary files; clients cannot name it.
+pub const INTERNAL_DIR: &str = "+gitnode";
+
+#[derive(Clone, Debug)]
+pub struct Storages {
+    roots: HashMap<String, PathBuf>,
+}
+
+impl Storages {
+    pub fn new(storages: &[crate::config::Storage]) -> std::io::Result<Self> {
+        let mut roots = HashMap::new();
+        for storage in storages {
+            std::fs::create_dir_all(&storage.path)?;
+            std::fs::create_dir_all(storage.path.join(INTERNAL_DIR).join("tmp"))?;
+            roots.insert(storage.name.clone(), storage.path.canonicalize()?);
+        }
+        Ok(Storages { roots })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.roots.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The root directory of a storage.
+    pub fn root(&self, storage: &str) -> Result<&Path, Status> {
+        if storage.is_empty() {
+            return Err(Status::invalid_argument("empty StorageName"));
+        }
+        self.roots
+            .get(storage)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| Status::invalid_argument(format!("storage not found: {storage:?}")))
+    }
+
+    /// A fresh temporary directory path inside a storage (same filesystem, so a rename into
+    /// place is atomic).
+    pub fn temp_path(&self, storage: &str, purpose: &str) -> Result<PathBuf, Status> {
+        Ok(self
+            .root(storage)?
+            .join(INTERNAL_DIR)
+            .join("tmp")
+            .join(format!("{purpose}-{}", uuid::Uuid::new_v4().simple())))
+    }
+
+    /// The on-disk path of the repository a request names, whether or not it exists.
+    pub fn repo_path(&self, repo: Option<&Repository>) -> Result<PathBuf, Status> {
+        let repo = repo.ok_or_else(|| Status::invalid_argument("empty Repository"))?;
+        let root = self.root(&repo.storage_name)?;
+        let relative = check_relative_path(&repo.relative_path)?;
+        let path = root.join(relative);
+        // A symlink inside the storage must not lead out of it either.
+        if let Ok(real) = path.canonicalize() {
+            if !real.starts_with(root) {
+                return Err(Status::invalid_argument(
+                    "relative path escapes root directory",
+                ));
+            }
+        }
+        Ok(path)
+    }
+
+    /// The path of a repository that must exist.
+    pub fn existing_repo(&self, repo: Option<&Repository>) -> Result<PathBuf, Status> {
+        let path = self.repo_path(repo)?;
+        if !is_repository(&path) {
+            let repo = repo.expect("repo_path checked it is set");
+            return Err(Status::not_found(format!(
+                "repository not found: {}/{}",
+                repo.storage_name, repo.relative_path
+            )));
+        }
+        Ok(path)
+    }
+}
+
+/// Refuses relative paths that are empty, absolute, contain NUL or `..`, or name gitnode's
+/// internal directory.
+pub fn check_relative_path(relative: &str) -> Result<&Path, Status> {
+    if relative.is_empty() {
+        return Err(Status::invalid_argument("empty RelativePath"));
+    }
+    if relative.contains('\0') {
+        return Err(Status::invalid_argument("relative path contains NUL"));
+    }
+    let path = Path::new(relative);
+    let mut depth = 0;
+    for component in path.components() {
+        match component {
+            Component::Normal(name) => {
+                if depth == 0 && name == INTERNAL_DIR {
+                    return Err(Status::invalid_argument(
+                        "relative path names a reserved directory",
+                    ));
+                }
+                depth += 1;
+            }
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                return Err(Status::invalid_argument(
+                    "relative path escapes root directory",
+                ))
+            }
+        }
+    }
+    if depth == 0 {
+        return Err(Status::invalid_argument("empty RelativePath"));
+    }
+    Ok(path)
+}
+
+/// Whether `path` holds a git repository (a bare one, as gitnode creates them).
+pub fn is_repository(path: &Path) -> bool {
+    path.join("HEAD").is_file() && path.join("objects").is_dir() && path.join("refs").is_dir()
+}
+
+/// The filesystem id of a storage, created once and kept in the storage.
+pub fn filesystem_id(root: &Path) -> std::io::Result<String> {
+    let file = root.join(".gitaly-metadata");
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) {
+            if let Some(id) = value["gitaly_filesystem_id"].as_str() {
+                return Ok(id.to_string());
+            }
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let temp = root.join(INTERNAL_DIR).join("tmp").join("metadata");
+    std::fs::write(
+        &temp,
+        serde_json::json!({ "gitaly_filesystem_id": id }).to_string(),
+    )?;
+    std::fs::rename(&temp, &file)?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_cannot_escape() {
+        for bad in [
+            "",
+            "..",
+            "../x",
+            "a/../../b",
+            "/etc",
+            "a/\0b",
+            "+gitnode/tmp",
+            ".",
+        ] {
+            assert!(check_relative_path(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in [
+            "a.git",
+            "@hashed/ab/cd/abcd.git",
+            "./a/b.git",
+            "@cluster/repositories/6b/86/1",
+        ] {
+            assert!(check_relative_path(good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn symlinks_out_of_the_storage_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let storages = Storages::new(&[crate::config::Storage {
+            name: "s".into(),
+            path: dir.path().to_path_buf(),
+        }])
+        .unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        let repo = Repository {
+            storage_name: "s".into(),
+            relative_path: "link".into(),
+            ..Default::default()
+        };
+        assert!(storages.repo_path(Some(&repo)).is_err());
+        let unknown = Repository {
+            storage_name: "nope".into(),
+            relative_path: "a".into(),
+            ..Default::default()
+        };
+        let err = storages.repo_path(Some(&unknown)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("storage not found"));
+    }
+}
