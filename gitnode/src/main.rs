@@ -30,6 +30,7 @@ async fn main() -> ExitCode {
         &config.logging.level
     };
     let _ = tracing_subscriber::fmt()
+        .with_ansi(false)
         .with_env_filter(tracing_subscriber::EnvFilter::new(format!(
             "{level},h2=warn,hyper=warn"
         )))

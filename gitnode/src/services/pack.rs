@@ -86,10 +86,15 @@ impl Services {
         let mut stdin = child.stdin.take().expect("piped");
         let mut stdout = child.stdout.take().expect("piped");
         let stderr = collect_stderr(&mut child);
+        let (input_done, mut input_result) = tokio::sync::oneshot::channel();
         let input = tokio::spawn(async move {
             let copied = pktline::copy_unframed(&mut from_client, &mut stdin).await;
             drop(stdin);
-            copied
+            let _ = input_done.send(copied);
+            // Keep reading after the caller's flush: the yamux stream only learns that the
+            // caller opened its receive window on its read path, so a stream nobody reads
+            // stalls its writer once a window's worth of pack data is in flight.
+            let _ = tokio::io::copy(&mut from_client, &mut tokio::io::sink()).await;
         });
         let output = tokio::io::copy(&mut stdout, &mut to_client).await;
         let _ = to_client.shutdown().await;
@@ -97,14 +102,12 @@ impl Services {
             .wait()
             .await
             .map_err(|e| Status::internal(format!("waiting for upload-pack: {e}")))?;
-        let input = if input.is_finished() {
-            input.await.ok()
-        } else {
-            input.abort();
-            None
-        };
+        // The input task drains until the caller closes the stream; stop it. Its copy result
+        // exists if the caller's data ended (an interactive SSH fetch may never send the
+        // flush, and that is fine once upload-pack is done).
+        input.abort();
         let stderr = stderr.await.unwrap_or_default();
-        if let Some(Err(err)) = input {
+        if let Ok(Err(err)) = input_result.try_recv() {
             return Err(Status::cancelled(format!(
                 "reading from the sidechannel: {err}"
             )));
