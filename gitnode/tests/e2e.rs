@@ -490,3 +490,96 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(out))
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smart_http_advertises_refs_and_serves_packs_over_the_sidechannel() {
+    use praefect::wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
+    use praefect::wire::proto::smart_http_service_client::SmartHttpServiceClient;
+    use praefect::wire::{pktline, sidechannel};
+    use tokio::io::AsyncReadExt;
+
+    let node = GitNode::start("gitaly-http");
+    let path = "http.git";
+    RepositoryServiceClient::new(node.channel())
+        .create_repository(CreateRepositoryRequest {
+            repository: Some(node.repository(path)),
+            default_branch: b"main".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    build_history(work.path());
+    let env = ssh_env(&node.address, &node.storage, path);
+    git(
+        work.path(),
+        &["push", "--quiet", "ssh://gitaly/x", "main"],
+        &as_refs(&env),
+    );
+    let head = git(work.path(), &["rev-parse", "main"], &[])
+        .trim()
+        .to_string();
+
+    let handler = ClientHandler::default();
+    let sidechannels = handler.sidechannels.clone();
+    let channel = dial_lazy(&node.address, yamux_config(0, 256), handler).unwrap();
+    let mut client = SmartHttpServiceClient::with_interceptor(
+        channel,
+        praefect::wire::auth::TokenInterceptor::new(TOKEN),
+    );
+
+    let mut advertisement = Vec::new();
+    let mut stream = client
+        .info_refs_upload_pack(InfoRefsRequest {
+            repository: Some(node.repository(path)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(message) = stream.message().await.unwrap() {
+        advertisement.extend_from_slice(&message.data);
+    }
+    let text = String::from_utf8_lossy(&advertisement);
+    assert!(
+        text.starts_with("001e# service=git-upload-pack\n0000"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("{head} refs/heads/main")), "{text}");
+
+    // A stateless (HTTP-style) fetch of main: wants, done, then the pack comes back raw.
+    let mut waiter = sidechannels.register();
+    let mut request = tonic::Request::new(PostUploadPackWithSidechannelRequest {
+        repository: Some(node.repository(path)),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        sidechannel::METADATA_KEY,
+        waiter.id().to_string().parse().unwrap(),
+    );
+    let call = tokio::spawn(async move { client.post_upload_pack_with_sidechannel(request).await });
+    let channel = waiter.connected().await.unwrap();
+    let (mut from_node, mut to_node) = tokio::io::split(channel);
+    let mut body = Vec::new();
+    pktline::write_data(&mut body, format!("want {head}\n").as_bytes())
+        .await
+        .unwrap();
+    body.extend_from_slice(b"0000");
+    pktline::write_data(&mut body, b"done\n").await.unwrap();
+    pktline::copy_framed(&mut &body[..], &mut to_node)
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    from_node.read_to_end(&mut response).await.unwrap();
+    call.await.unwrap().unwrap();
+    assert!(
+        response.windows(4).any(|w| w == b"PACK"),
+        "no pack in {} bytes",
+        response.len()
+    );
+    assert!(
+        response.len() > 3_000_000,
+        "the pack holds the history ({} bytes)",
+        response.len()
+    );
+}
