@@ -13,6 +13,11 @@ pub struct Config {
     /// Unix socket to serve on.
     #[serde(default)]
     pub socket_path: String,
+    /// TLS address to serve on; needs [tls].
+    #[serde(default)]
+    pub tls_listen_addr: String,
+    #[serde(default)]
+    pub tls: Tls,
     #[serde(default)]
     pub auth: Auth,
     #[serde(default)]
@@ -31,6 +36,15 @@ pub struct Auth {
     pub token: String,
     #[serde(default)]
     pub transitioning: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    #[serde(default)]
+    pub certificate_path: String,
+    #[serde(default)]
+    pub key_path: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -67,8 +81,16 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if self.listen_addr.is_empty() && self.socket_path.is_empty() {
-            anyhow::bail!("set listen_addr or socket_path");
+        if self.listen_addr.is_empty()
+            && self.socket_path.is_empty()
+            && self.tls_listen_addr.is_empty()
+        {
+            anyhow::bail!("set listen_addr, tls_listen_addr or socket_path");
+        }
+        if !self.tls_listen_addr.is_empty()
+            && (self.tls.certificate_path.is_empty() || self.tls.key_path.is_empty())
+        {
+            anyhow::bail!("tls_listen_addr needs [tls] certificate_path and key_path");
         }
         if self.storage.is_empty() {
             anyhow::bail!("configure at least one [[storage]]");

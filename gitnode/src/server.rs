@@ -62,6 +62,17 @@ pub async fn serve(
         tracing::info!(address = %listener.local_addr()?, "gitnode listening");
         listeners.push(Listener::Tcp(listener));
     }
+    if !config.tls_listen_addr.is_empty() {
+        let acceptor = praefect::wire::tls::acceptor(
+            std::path::Path::new(&config.tls.certificate_path),
+            praefect::wire::tls::KeySource::File(std::path::Path::new(&config.tls.key_path)),
+            false,
+        )?;
+        let addr = config.tls_listen_addr.trim_start_matches("tls://");
+        let listener = TcpListener::bind(addr).await?;
+        tracing::info!(tls_address = %listener.local_addr()?, "gitnode listening");
+        listeners.push(Listener::Tls(listener, acceptor));
+    }
     if !config.socket_path.is_empty() {
         let _ = std::fs::remove_file(&config.socket_path);
         listeners.push(Listener::Unix(UnixListener::bind(&config.socket_path)?));

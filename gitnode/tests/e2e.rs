@@ -583,3 +583,57 @@ async fn smart_http_advertises_refs_and_serves_packs_over_the_sidechannel() {
         response.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_and_clone_over_tls_with_the_backchannel_inside() {
+    let certs_dir = tempfile::tempdir().unwrap();
+    let certs = TestCerts::generate(certs_dir.path());
+    let node = GitNode::start_with("gitaly-tls", Some(&certs));
+    let tls_address = node.tls_address.clone().expect("TLS listener");
+    let path = "tls.git";
+    RepositoryServiceClient::new(node.channel())
+        .create_repository(CreateRepositoryRequest {
+            repository: Some(node.repository(path)),
+            default_branch: b"main".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    build_history(work.path());
+    let mut env = ssh_env(&tls_address, &node.storage, path);
+    env.push(("SSL_CERT_FILE".into(), certs.ca.display().to_string()));
+    git(
+        work.path(),
+        &["push", "--quiet", "ssh://gitaly/x", "main", "feature-a"],
+        &as_refs(&env),
+    );
+    let clone = tempfile::tempdir().unwrap();
+    git(
+        clone.path(),
+        &["clone", "--quiet", "--mirror", "ssh://gitaly/x", "."],
+        &as_refs(&env),
+    );
+    let refs = refs_of(clone.path());
+    assert!(
+        refs.contains("refs/heads/main") && refs.contains("refs/heads/feature-a"),
+        "{refs}"
+    );
+
+    // Trusting another CA only, the node's certificate is refused.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = TestCerts::generate(other_dir.path());
+    let output = std::process::Command::new("git")
+        .current_dir(clone.path())
+        .args(["fetch", "--quiet", "ssh://gitaly/x"])
+        .envs(as_refs(&ssh_env(&tls_address, &node.storage, path)))
+        .env("SSL_CERT_FILE", &other.ca)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("certificate") || stderr.contains("Unknown"),
+        "{stderr}"
+    );
+}

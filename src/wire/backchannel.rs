@@ -236,23 +236,45 @@ impl AsyncWrite for ServerConn {
     }
 }
 
-/// A listening socket.
+/// A listening socket. TLS listeners do the handshake per connection, before the backchannel
+/// magic is looked for (the backchannel runs inside TLS).
 pub enum Listener {
     Tcp(TcpListener),
+    Tls(TcpListener, tokio_rustls::TlsAcceptor),
     Unix(UnixListener),
 }
 
+/// An accepted connection, before any handshake.
+enum Accepted {
+    Ready(BoxIo),
+    NeedsTls(TcpStream, tokio_rustls::TlsAcceptor),
+}
+
+impl Accepted {
+    async fn into_io(self) -> io::Result<BoxIo> {
+        match self {
+            Accepted::Ready(io) => Ok(io),
+            Accepted::NeedsTls(tcp, acceptor) => Ok(Box::new(acceptor.accept(tcp).await?)),
+        }
+    }
+}
+
 impl Listener {
-    async fn accept(&self) -> io::Result<(BoxIo, String)> {
+    async fn accept(&self) -> io::Result<(Accepted, String)> {
         match self {
             Listener::Tcp(l) => {
                 let (s, addr) = l.accept().await?;
                 let _ = s.set_nodelay(true);
-                Ok((Box::new(s), addr.to_string()))
+                Ok((Accepted::Ready(Box::new(s)), addr.to_string()))
+            }
+            Listener::Tls(l, acceptor) => {
+                let (s, addr) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Accepted::NeedsTls(s, acceptor.clone()), addr.to_string()))
             }
             Listener::Unix(l) => {
                 let (s, _) = l.accept().await?;
-                Ok((Box::new(s), "unix".to_string()))
+                Ok((Accepted::Ready(Box::new(s)), "unix".to_string()))
             }
         }
     }
@@ -269,7 +291,7 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let (io, remote_addr) = match listener.accept().await {
+            let (accepted, remote_addr) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     tracing::warn!(error = %err, "accepting a connection failed");
@@ -281,7 +303,7 @@ pub fn incoming(
                 return;
             }
             tokio::spawn(handle_connection(
-                io,
+                accepted,
                 remote_addr,
                 tx.clone(),
                 registry.clone(),
@@ -293,13 +315,17 @@ pub fn incoming(
 }
 
 async fn handle_connection(
-    io: BoxIo,
+    accepted: Accepted,
     remote_addr: String,
     tx: mpsc::Sender<io::Result<ServerConn>>,
     registry: SessionRegistry,
     yamux: YamuxConfig,
 ) {
-    let sniffed = tokio::time::timeout(SNIFF_TIMEOUT, sniff(io, BACKCHANNEL_MAGIC)).await;
+    let handshake = async {
+        let io = accepted.into_io().await?;
+        sniff(io, BACKCHANNEL_MAGIC).await
+    };
+    let sniffed = tokio::time::timeout(SNIFF_TIMEOUT, handshake).await;
     let (is_backchannel, io) = match sniffed {
         Ok(Ok(result)) => result,
         Ok(Err(err)) => {
@@ -361,13 +387,16 @@ pub struct ClientHandler {
     pub routes: Option<tonic::service::Routes>,
 }
 
-/// Opens the raw connection for an address: `tcp://host:port`, `host:port` or `unix:/path`.
+/// Opens the raw connection for an address: `tcp://host:port`, `host:port`, `tls://host:port`
+/// or `unix:/path`.
 pub async fn connect_raw(address: &str) -> io::Result<BoxIo> {
     if let Some(path) = address
         .strip_prefix("unix://")
         .or_else(|| address.strip_prefix("unix:"))
     {
         Ok(Box::new(UnixStream::connect(path).await?))
+    } else if let Some(target) = address.strip_prefix("tls://") {
+        Ok(Box::new(super::tls::connect(target).await?))
     } else {
         let target = address.strip_prefix("tcp://").unwrap_or(address);
         let stream = TcpStream::connect(target).await?;

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod backchannel;
 pub mod pktline;
 pub mod sidechannel;
+pub mod tls;
 
 /// The Gitaly protocol, generated from `proto/gitaly/*.proto`.
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]

@@ -19,20 +19,66 @@ pub type Authed = InterceptedService<Channel, TokenInterceptor>;
 pub struct GitNode {
     pub storage: String,
     pub address: String,
+    pub tls_address: Option<String>,
     pub root: PathBuf,
     child: Child,
     _dir: tempfile::TempDir,
 }
 
+/// A CA and a certificate for "localhost" signed by it, as PEM files in a directory.
+pub struct TestCerts {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCerts {
+    pub fn generate(dir: &Path) -> TestCerts {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let certs = TestCerts {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        };
+        std::fs::write(&certs.ca, ca_cert.pem()).unwrap();
+        std::fs::write(&certs.cert, cert.pem()).unwrap();
+        std::fs::write(&certs.key, key.serialize_pem()).unwrap();
+        certs
+    }
+}
+
 impl GitNode {
     pub fn start(storage: &str) -> GitNode {
+        Self::start_with(storage, None)
+    }
+
+    /// Also listens on TLS with `certs`; `tls_address` is then "tls://localhost:PORT".
+    pub fn start_with(storage: &str, certs: Option<&TestCerts>) -> GitNode {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("storage");
         let config = dir.path().join("gitnode.toml");
+        let tls = match certs {
+            Some(c) => format!(
+                "tls_listen_addr = \"127.0.0.1:0\"\n[tls]\ncertificate_path = \"{}\"\nkey_path = \"{}\"\n",
+                c.cert.display(),
+                c.key.display()
+            ),
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
-                "listen_addr = \"127.0.0.1:0\"\n[auth]\ntoken = \"{TOKEN}\"\n[[storage]]\nname = \"{storage}\"\npath = \"{}\"\n",
+                "listen_addr = \"127.0.0.1:0\"\n{tls}[auth]\ntoken = \"{TOKEN}\"\n[[storage]]\nname = \"{storage}\"\npath = \"{}\"\n",
                 root.display()
             ),
         )
@@ -46,18 +92,35 @@ impl GitNode {
         // The node logs the address it bound; port 0 avoids racing for free ports.
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let address = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|line| {
-                let at = line.find("address=")?;
-                Some(line[at + 8..].split_whitespace().next()?.to_string())
-            })
-            .expect("gitnode did not report its address");
+        let field = |line: &str, name: &str| {
+            let at = line.find(name)?;
+            Some(
+                line[at + name.len()..]
+                    .split_whitespace()
+                    .next()?
+                    .to_string(),
+            )
+        };
+        let mut address = None;
+        let mut tls_address = None;
+        for line in lines.by_ref().map_while(Result::ok) {
+            if let Some(found) = field(&line, " address=") {
+                address = Some(found);
+            }
+            if let Some(found) = field(&line, "tls_address=") {
+                let port = found.rsplit(':').next().unwrap().to_string();
+                tls_address = Some(format!("tls://localhost:{port}"));
+            }
+            if address.is_some() && (certs.is_none() || tls_address.is_some()) {
+                break;
+            }
+        }
+        let address = address.expect("gitnode did not report its address");
         std::thread::spawn(move || for _ in lines {});
         GitNode {
             storage: storage.to_string(),
             address: format!("tcp://{address}"),
+            tls_address,
             root: root.canonicalize().unwrap(),
             child,
             _dir: dir,
