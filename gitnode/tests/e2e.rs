@@ -90,14 +90,7 @@ async fn push_clone_replicate_and_converge() {
     let b = GitNode::start("gitaly-b");
     let path = "@hashed/aa/bb/project.git";
 
-    RepositoryServiceClient::new(a.channel())
-        .create_repository(CreateRepositoryRequest {
-            repository: Some(a.repository(path)),
-            default_branch: b"main".to_vec(),
-            object_format: 0,
-        })
-        .await
-        .unwrap();
+    a.create_repository(path).await;
     let again = RepositoryServiceClient::new(a.channel())
         .create_repository(CreateRepositoryRequest {
             repository: Some(a.repository(path)),
@@ -500,14 +493,7 @@ async fn smart_http_advertises_refs_and_serves_packs_over_the_sidechannel() {
 
     let node = GitNode::start("gitaly-http");
     let path = "http.git";
-    RepositoryServiceClient::new(node.channel())
-        .create_repository(CreateRepositoryRequest {
-            repository: Some(node.repository(path)),
-            default_branch: b"main".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    node.create_repository(path).await;
     let work = tempfile::tempdir().unwrap();
     build_history(work.path());
     let env = ssh_env(&node.address, &node.storage, path);
@@ -591,14 +577,7 @@ async fn push_and_clone_over_tls_with_the_backchannel_inside() {
     let node = GitNode::start_with("gitaly-tls", Some(&certs));
     let tls_address = node.tls_address.clone().expect("TLS listener");
     let path = "tls.git";
-    RepositoryServiceClient::new(node.channel())
-        .create_repository(CreateRepositoryRequest {
-            repository: Some(node.repository(path)),
-            default_branch: b"main".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    node.create_repository(path).await;
     let work = tempfile::tempdir().unwrap();
     build_history(work.path());
     let mut env = ssh_env(&tls_address, &node.storage, path);

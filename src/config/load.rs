@@ -30,9 +30,6 @@ pub enum ConfigError {
     Invalid(Vec<ValidationError>),
 }
 
-/// Kept as a separate name so callers can say what they expect.
-pub type LoadError = ConfigError;
-
 impl ConfigError {
     /// The errors in the machine-readable form of `configuration validate`, or None when the
     /// failure is not about the content of the configuration (exit code 1 then).

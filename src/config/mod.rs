@@ -10,7 +10,7 @@ mod load;
 mod validate;
 
 pub use duration::{DurationError, GoDuration};
-pub use load::{load_file, load_str, parse_str, ConfigError, LoadError};
+pub use load::{load_file, load_str, parse_str, ConfigError};
 pub use validate::{validate, ValidationError};
 
 use serde::{Deserialize, Serialize};

@@ -124,6 +124,54 @@ impl Services {
     }
 }
 
+impl Services {
+    /// Starts receive-pack on `path` and feeds it `first` and then the data of every further
+    /// request message, closing its input when the client half-closes or goes away.
+    pub fn start_receive_pack<M: Send + 'static>(
+        &self,
+        path: &Path,
+        options: &PackOptions<'_>,
+        first: Vec<u8>,
+        mut rest: tonic::Streaming<M>,
+        data: fn(M) -> Vec<u8>,
+    ) -> Result<Child, Status> {
+        let mut child = spawn(self.pack_command(Pack::ReceivePack, path, options)?, true)?;
+        let mut stdin = child.stdin.take().expect("piped");
+        tokio::spawn(async move {
+            if stdin.write_all(&first).await.is_err() {
+                return;
+            }
+            while let Ok(Some(message)) = rest.message().await {
+                if stdin.write_all(&data(message)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(child)
+    }
+}
+
+/// Waits for `child` and, if it failed, sends an error with its stderr on `tx`.
+pub async fn report_failure<T>(
+    mut child: Child,
+    stderr: tokio::task::JoinHandle<Vec<u8>>,
+    tx: &tokio::sync::mpsc::Sender<Result<T, Status>>,
+    what: &str,
+) {
+    match child.wait().await {
+        Ok(status) if status.success() => {}
+        other => {
+            let stderr = stderr.await.unwrap_or_default();
+            let _ = tx
+                .send(Err(Status::internal(format!(
+                    "{what}: {other:?} {}",
+                    String::from_utf8_lossy(&stderr).trim()
+                ))))
+                .await;
+        }
+    }
+}
+
 /// Spawns `command` with piped stdout and stderr (and stdin when asked).
 pub fn spawn(mut command: Command, with_stdin: bool) -> Result<Child, Status> {
     if with_stdin {

@@ -4,10 +4,9 @@ use praefect::wire::backchannel::PeerInfo;
 use praefect::wire::pktline;
 use praefect::wire::proto::smart_http_service_server::SmartHttpService;
 use praefect::wire::proto::*;
-use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::pack::{collect_stderr, spawn, Pack, PackOptions};
+use super::pack::{collect_stderr, report_failure, spawn, Pack, PackOptions};
 use super::stream::{channel, forward, ResponseStream};
 use super::Services;
 
@@ -45,18 +44,7 @@ impl Services {
             if !forward(stdout, &tx, |data| InfoRefsResponse { data }).await {
                 return;
             }
-            match child.wait().await {
-                Ok(status) if status.success() => {}
-                other => {
-                    let stderr = stderr.await.unwrap_or_default();
-                    let _ = tx
-                        .send(Err(Status::internal(format!(
-                            "{service}: {other:?} {}",
-                            String::from_utf8_lossy(&stderr).trim()
-                        ))))
-                        .await;
-                }
-            }
+            report_failure(child, stderr, &tx, service).await;
         });
         Ok(Response::new(stream))
     }
@@ -123,37 +111,16 @@ impl SmartHttpService for Services {
             git_protocol: &first.git_protocol,
             config: &first.git_config_options,
         };
-        let mut child = spawn(self.pack_command(Pack::ReceivePack, &path, &options)?, true)?;
-        let mut stdin = child.stdin.take().expect("piped");
+        let mut child =
+            self.start_receive_pack(&path, &options, first.data.clone(), requests, |m| m.data)?;
         let stdout = child.stdout.take().expect("piped");
         let stderr = collect_stderr(&mut child);
-        tokio::spawn(async move {
-            if stdin.write_all(&first.data).await.is_err() {
-                return;
-            }
-            while let Ok(Some(message)) = requests.message().await {
-                if stdin.write_all(&message.data).await.is_err() {
-                    return;
-                }
-            }
-        });
         let (tx, stream) = channel();
         tokio::spawn(async move {
             if !forward(stdout, &tx, |data| PostReceivePackResponse { data }).await {
                 return;
             }
-            match child.wait().await {
-                Ok(status) if status.success() => {}
-                other => {
-                    let stderr = stderr.await.unwrap_or_default();
-                    let _ = tx
-                        .send(Err(Status::internal(format!(
-                            "receive-pack: {other:?} {}",
-                            String::from_utf8_lossy(&stderr).trim()
-                        ))))
-                        .await;
-                }
-            }
+            report_failure(child, stderr, &tx, "receive-pack").await;
         });
         Ok(Response::new(stream))
     }

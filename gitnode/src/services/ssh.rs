@@ -3,10 +3,9 @@
 use praefect::wire::backchannel::PeerInfo;
 use praefect::wire::proto::ssh_service_server::SshService;
 use praefect::wire::proto::*;
-use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::pack::{spawn, Pack, PackOptions};
+use super::pack::PackOptions;
 use super::stream::{channel, forward, ResponseStream};
 use super::Services;
 
@@ -55,21 +54,10 @@ impl SshService for Services {
             git_protocol: &first.git_protocol,
             config: &first.git_config_options,
         };
-        let mut child = spawn(self.pack_command(Pack::ReceivePack, &path, &options)?, true)?;
-        let mut stdin = child.stdin.take().expect("piped");
+        let mut child =
+            self.start_receive_pack(&path, &options, first.stdin.clone(), requests, |m| m.stdin)?;
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
-        tokio::spawn(async move {
-            if stdin.write_all(&first.stdin).await.is_err() {
-                return;
-            }
-            while let Ok(Some(message)) = requests.message().await {
-                if stdin.write_all(&message.stdin).await.is_err() {
-                    return;
-                }
-            }
-            // The client half-closed (or went away): git sees the end of its input.
-        });
         let (tx, stream) = channel();
         tokio::spawn(async move {
             let wrap_out = |data| SshReceivePackResponse {

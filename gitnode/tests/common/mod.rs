@@ -156,6 +156,20 @@ impl GitNode {
         }
     }
 
+    /// CreateRepository with `main` as the default branch.
+    pub async fn create_repository(&self, relative_path: &str) {
+        praefect::wire::proto::repository_service_client::RepositoryServiceClient::new(
+            self.channel(),
+        )
+        .create_repository(praefect::wire::proto::CreateRepositoryRequest {
+            repository: Some(self.repository(relative_path)),
+            default_branch: b"main".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateRepository");
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
