@@ -8,5 +8,6 @@ pub mod config;
 pub mod datastore;
 pub mod logging;
 pub mod metrics;
+pub mod proxy;
 pub mod routing;
 pub mod wire;
