@@ -8,6 +8,7 @@ pub mod config;
 pub mod datastore;
 pub mod logging;
 pub mod metrics;
+pub mod nodes;
 pub mod proxy;
 pub mod routing;
 pub mod wire;

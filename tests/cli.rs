@@ -428,3 +428,85 @@ async fn serve_starts_logs_and_stops_on_sigterm() {
         "{rest:?}"
     );
 }
+
+fn dial_nodes_config(nodes: &[(&str, String)]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from(
+        "listen_addr = \"127.0.0.1:0\"\n[database]\nhost = \"127.0.0.1\"\nport = 1\n[[virtual_storage]]\nname = \"default\"\n",
+    );
+    for (storage, address) in nodes {
+        text.push_str(&format!(
+            "[[virtual_storage.node]]\nstorage = \"{storage}\"\naddress = \"{address}\"\ntoken = \"{}\"\n",
+            common::gitnode::TOKEN
+        ));
+    }
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn dial_nodes_confirms_healthy_consistent_nodes_and_names_the_others() {
+    use common::gitnode::GitNode;
+    let a = GitNode::start("gitaly-1");
+    let b = GitNode::start("gitaly-2");
+    let (_dir, config) = dial_nodes_config(&[
+        ("gitaly-1", a.address.clone()),
+        ("gitaly-2", b.address.clone()),
+    ]);
+    let output = praefect_with_config(&config, &["-config"], &["dial-nodes", "-timeout", "5s"]);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let text = stdout(&output);
+    for (node, storage) in [(&a, "gitaly-1"), (&b, "gitaly-2")] {
+        for line in [
+            "dialing...".to_string(),
+            "dialed successfully!".to_string(),
+            "checking health...".to_string(),
+            "SUCCESS: node is healthy!".to_string(),
+            "checking consistency...".to_string(),
+            format!("SUCCESS: confirmed Gitaly storage \"{storage}\" in virtual storages [default] is served"),
+            "SUCCESS: node configuration is consistent!".to_string(),
+        ] {
+            let expected = format!("[{}]: {line}\n", node.address);
+            assert!(text.contains(&expected), "missing {expected:?} in\n{text}");
+        }
+    }
+
+    // A node that is down, and one that does not serve the storage configured for it.
+    let dead = format!(
+        "tcp://127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    );
+    let (_dir2, config) = dial_nodes_config(&[
+        ("gitaly-1", a.address.clone()),
+        ("gitaly-3", dead.clone()),
+        ("gitaly-9", b.address.clone()),
+    ]);
+    let output = praefect_with_config(&config, &["-config"], &["dial-nodes", "--timeout=2s"]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    assert!(
+        text.contains(&format!("[{dead}]: ERROR: dialing failed")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("[{}]: ERROR: storage \"gitaly-9\"", b.address)),
+        "{text}"
+    );
+    let err = stderr(&output);
+    assert!(
+        err.contains("the following nodes are not healthy:"),
+        "{err}"
+    );
+    assert!(err.contains(&dead) && err.contains(&b.address), "{err}");
+    assert!(!err.contains(&a.address), "{err}");
+}

@@ -104,6 +104,13 @@ pub enum Command {
         #[arg(value_name = "N")]
         max: usize,
     },
+    /// Check that every node can be reached, is healthy and serves its configured storages.
+    #[command(name = "dial-nodes")]
+    DialNodes {
+        /// How long each step may take per node (Go duration).
+        #[arg(long, default_value = "10s", value_name = "DURATION")]
+        timeout: crate::config::GoDuration,
+    },
     /// Work with configuration files.
     Configuration {
         #[command(subcommand)]

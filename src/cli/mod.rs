@@ -2,6 +2,7 @@
 
 mod args;
 mod configuration;
+mod dial_nodes;
 mod serve;
 mod sql;
 
@@ -81,6 +82,9 @@ async fn dispatch(command: Option<Command>, config: Config) -> ExitCode {
         Some(Command::SqlMigrateStatus) => interruptible(sql::migrate_status(&config)).await,
         Some(Command::SqlMigrateDown { force, max }) => {
             interruptible(sql::migrate_down(&config, force, max)).await
+        }
+        Some(Command::DialNodes { timeout }) => {
+            interruptible(dial_nodes::run(&config, timeout.to_std())).await
         }
         Some(Command::Configuration { .. }) => unreachable!("handled before loading the config"),
     }

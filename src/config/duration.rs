@@ -184,6 +184,13 @@ impl fmt::Display for GoDuration {
     }
 }
 
+impl std::str::FromStr for GoDuration {
+    type Err = DurationError;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        GoDuration::parse(text)
+    }
+}
+
 impl<'de> Deserialize<'de> for GoDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;

@@ -410,9 +410,51 @@ pub async fn connect_raw(address: &str) -> io::Result<BoxIo> {
 /// server opens are handed to `handler`. The channel connects lazily, so a server that is
 /// down now does not fail the caller.
 pub fn dial_lazy(address: &str, yamux: YamuxConfig, handler: ClientHandler) -> io::Result<Channel> {
+    let (endpoint, connector) =
+        endpoint_and_connector(address, yamux, handler, Duration::from_secs(10))?;
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+/// Like [`dial_lazy`], but connects now, within `timeout`.
+pub async fn dial(
+    address: &str,
+    yamux: YamuxConfig,
+    handler: ClientHandler,
+    timeout: Duration,
+) -> io::Result<Channel> {
+    let (endpoint, connector) = endpoint_and_connector(address, yamux, handler, timeout)?;
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|err| io::Error::other(error_chain(&err)))
+}
+
+/// An error with all its causes, "a: b: c" (tonic's transport errors say little on their own).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+type Connector = tower::util::BoxCloneSyncService<http::Uri, TokioIo<StreamHandle>, io::Error>;
+
+fn endpoint_and_connector(
+    address: &str,
+    yamux: YamuxConfig,
+    handler: ClientHandler,
+    timeout: Duration,
+) -> io::Result<(Endpoint, Connector)> {
     let endpoint = Endpoint::from_shared("http://backchannel.invalid".to_string())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
-        .connect_timeout(Duration::from_secs(10))
+        .connect_timeout(timeout)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_while_idle(true);
     let address = address.to_string();
@@ -424,7 +466,7 @@ pub fn dial_lazy(address: &str, yamux: YamuxConfig, handler: ClientHandler) -> i
             Ok::<_, io::Error>(TokioIo::new(stream))
         }
     });
-    Ok(endpoint.connect_with_connector_lazy(connector))
+    Ok((endpoint, tower::util::BoxCloneSyncService::new(connector)))
 }
 
 async fn open_session(

@@ -9,4 +9,5 @@
 //! template that has all migrations applied, and dropped when the test ends.
 #![allow(dead_code)]
 
+pub mod gitnode;
 pub mod pg;

@@ -1,0 +1,157 @@
+//! The Gitaly nodes behind the virtual storages: their addresses as configured, and the
+//! connections the router keeps to them (one long-lived backchannel connection per node,
+//! with that node's v2 token on every call).
+
+use std::time::Duration;
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::config::{Config, Node as NodeConfig};
+use crate::wire::auth::TokenInterceptor;
+use crate::wire::backchannel::{self, yamux_config, ClientHandler};
+
+/// A channel to a node that signs every call with the node's token.
+pub type NodeChannel = InterceptedService<Channel, TokenInterceptor>;
+
+/// Why a node address cannot be dialed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AddressError {
+    #[error("unsupported address {0:?}: use tcp://, tls://, unix:, dns: or dns+tls:")]
+    Unsupported(String),
+}
+
+/// Turns a configured node address into what the dialer takes (`tcp://host:port`,
+/// `tls://host:port` or `unix:/path`). `dns:` names are resolved by the system resolver at each
+/// (re)connection.
+pub fn dial_target(address: &str) -> Result<String, AddressError> {
+    let unsupported = || AddressError::Unsupported(address.to_string());
+    // gRPC's dns scheme allows an authority: dns://[authority]/host:port.
+    let strip_dns = |rest: &str| -> String {
+        match rest.strip_prefix("//") {
+            Some(with_authority) => with_authority
+                .split_once('/')
+                .map_or(with_authority, |(_, target)| target)
+                .to_string(),
+            None => rest.to_string(),
+        }
+    };
+    if let Some(rest) = address.strip_prefix("dns+tls:") {
+        return Ok(format!("tls://{}", strip_dns(rest)));
+    }
+    if let Some(rest) = address.strip_prefix("dns:") {
+        return Ok(format!("tcp://{}", strip_dns(rest)));
+    }
+    if let Some(path) = address
+        .strip_prefix("unix://")
+        .or_else(|| address.strip_prefix("unix:"))
+    {
+        return if path.is_empty() {
+            Err(unsupported())
+        } else {
+            Ok(format!("unix:{path}"))
+        };
+    }
+    for scheme in ["tcp://", "tls://"] {
+        if let Some(rest) = address.strip_prefix(scheme) {
+            return if rest.is_empty() {
+                Err(unsupported())
+            } else {
+                Ok(address.to_string())
+            };
+        }
+    }
+    Err(unsupported())
+}
+
+/// One configured node of one virtual storage.
+#[derive(Clone, Debug)]
+pub struct NodeRef {
+    pub virtual_storage: String,
+    pub storage: String,
+    pub address: String,
+    pub token: String,
+}
+
+/// Every node of every virtual storage, in configuration order.
+pub fn configured_nodes(config: &Config) -> Vec<NodeRef> {
+    config
+        .virtual_storage
+        .iter()
+        .flat_map(|vs| {
+            vs.node.iter().map(move |node: &NodeConfig| NodeRef {
+                virtual_storage: vs.name.clone(),
+                storage: node.storage.clone(),
+                address: node.address.clone(),
+                token: node.token.clone(),
+            })
+        })
+        .collect()
+}
+
+fn yamux(config: &Config) -> tokio_yamux::Config {
+    yamux_config(
+        u32::try_from(config.yamux.maximum_stream_window_size_bytes).unwrap_or(u32::MAX),
+        usize::try_from(config.yamux.accept_backlog).unwrap_or(256),
+    )
+}
+
+/// Connects to a node now, within `timeout`.
+pub async fn dial(
+    config: &Config,
+    address: &str,
+    token: &str,
+    timeout: Duration,
+) -> std::io::Result<NodeChannel> {
+    let target = dial_target(address)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let channel =
+        backchannel::dial(&target, yamux(config), ClientHandler::default(), timeout).await?;
+    Ok(InterceptedService::new(
+        channel,
+        TokenInterceptor::new(token),
+    ))
+}
+
+/// A channel that connects on first use and reconnects as needed: a node that is down at
+/// startup does not keep the router from starting.
+pub fn dial_lazy(config: &Config, address: &str, token: &str) -> std::io::Result<NodeChannel> {
+    let target = dial_target(address)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let channel = backchannel::dial_lazy(&target, yamux(config), ClientHandler::default())?;
+    Ok(InterceptedService::new(
+        channel,
+        TokenInterceptor::new(token),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_map_to_dial_targets() {
+        let cases = [
+            ("tcp://127.0.0.1:8075", "tcp://127.0.0.1:8075"),
+            (
+                "tls://gitaly.example.com:9999",
+                "tls://gitaly.example.com:9999",
+            ),
+            ("unix:/var/run/gitaly.sock", "unix:/var/run/gitaly.sock"),
+            ("unix:///var/run/gitaly.sock", "unix:/var/run/gitaly.sock"),
+            ("dns:gitaly.internal:8075", "tcp://gitaly.internal:8075"),
+            ("dns:///gitaly.internal:8075", "tcp://gitaly.internal:8075"),
+            (
+                "dns://8.8.8.8/gitaly.internal:8075",
+                "tcp://gitaly.internal:8075",
+            ),
+            ("dns+tls:gitaly.internal:9999", "tls://gitaly.internal:9999"),
+        ];
+        for (address, target) in cases {
+            assert_eq!(dial_target(address).unwrap(), target, "{address}");
+        }
+        for bad in ["http://x:1", "127.0.0.1:8075", "tcp://", "unix:"] {
+            assert!(dial_target(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Real gitnode processes on loopback ports and real git, for the end-to-end tests of both
+//! gitnode and the router. The binaries come from the workspace's target directory, so run
+//! the tests with `cargo test --workspace` (which builds them first).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use praefect::wire::auth::TokenInterceptor;
+use praefect::wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const TOKEN: &str = "gitnode-test-secret";
+
+/// A binary of the workspace, next to the running test's `deps/` directory.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: build the workspace first (cargo test --workspace)",
+        path.display()
+    );
+    path
+}
+
+pub type Authed = InterceptedService<Channel, TokenInterceptor>;
+
+/// A running gitnode with one storage; killed when dropped.
+pub struct GitNode {
+    pub storage: String,
+    pub address: String,
+    pub tls_address: Option<String>,
+    pub root: PathBuf,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+/// A CA and a certificate for "localhost" signed by it, as PEM files in a directory.
+pub struct TestCerts {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCerts {
+    pub fn generate(dir: &Path) -> TestCerts {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let certs = TestCerts {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        };
+        std::fs::write(&certs.ca, ca_cert.pem()).unwrap();
+        std::fs::write(&certs.cert, cert.pem()).unwrap();
+        std::fs::write(&certs.key, key.serialize_pem()).unwrap();
+        certs
+    }
+}
+
+impl GitNode {
+    pub fn start(storage: &str) -> GitNode {
+        Self::start_with(storage, None)
+    }
+
+    /// Also listens on TLS with `certs`; `tls_address` is then "tls://localhost:PORT".
+    pub fn start_with(storage: &str, certs: Option<&TestCerts>) -> GitNode {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("storage");
+        let config = dir.path().join("gitnode.toml");
+        let tls = match certs {
+            Some(c) => format!(
+                "tls_listen_addr = \"127.0.0.1:0\"\n[tls]\ncertificate_path = \"{}\"\nkey_path = \"{}\"\n",
+                c.cert.display(),
+                c.key.display()
+            ),
+            None => String::new(),
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "listen_addr = \"127.0.0.1:0\"\n{tls}[auth]\ntoken = \"{TOKEN}\"\n[[storage]]\nname = \"{storage}\"\npath = \"{}\"\n",
+                root.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(binary("gitnode"))
+            .args(["-config", config.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting gitnode");
+        // The node logs the address it bound; port 0 avoids racing for free ports.
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let field = |line: &str, name: &str| {
+            let at = line.find(name)?;
+            Some(
+                line[at + name.len()..]
+                    .split_whitespace()
+                    .next()?
+                    .to_string(),
+            )
+        };
+        let mut address = None;
+        let mut tls_address = None;
+        for line in lines.by_ref().map_while(Result::ok) {
+            if let Some(found) = field(&line, " address=") {
+                address = Some(found);
+            }
+            if let Some(found) = field(&line, "tls_address=") {
+                let port = found.rsplit(':').next().unwrap().to_string();
+                tls_address = Some(format!("tls://localhost:{port}"));
+            }
+            if address.is_some() && (certs.is_none() || tls_address.is_some()) {
+                break;
+            }
+        }
+        let address = address.expect("gitnode did not report its address");
+        std::thread::spawn(move || for _ in lines {});
+        GitNode {
+            storage: storage.to_string(),
+            address: format!("tcp://{address}"),
+            tls_address,
+            root: root.canonicalize().unwrap(),
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// A client channel with the backchannel handshake and the node's token.
+    pub fn channel(&self) -> Authed {
+        let channel = dial_lazy(
+            &self.address,
+            yamux_config(0, 256),
+            ClientHandler::default(),
+        )
+        .unwrap();
+        InterceptedService::new(channel, TokenInterceptor::new(TOKEN))
+    }
+
+    /// A plain gRPC channel (no backchannel) without a token.
+    pub async fn plain_channel(&self) -> Channel {
+        let uri = self.address.replace("tcp://", "http://");
+        tonic::transport::Endpoint::from_shared(uri)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub fn repository(&self, relative_path: &str) -> praefect::wire::proto::Repository {
+        praefect::wire::proto::Repository {
+            storage_name: self.storage.clone(),
+            relative_path: relative_path.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// CreateRepository with `main` as the default branch.
+    pub async fn create_repository(&self, relative_path: &str) {
+        praefect::wire::proto::repository_service_client::RepositoryServiceClient::new(
+            self.channel(),
+        )
+        .create_repository(praefect::wire::proto::CreateRepositoryRequest {
+            repository: Some(self.repository(relative_path)),
+            default_branch: b"main".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateRepository");
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GitNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs git in `dir`, panicking with its stderr on failure; returns stdout.
+pub fn git(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let output = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "Test Author")
+        .env("GIT_AUTHOR_EMAIL", "author@example.com")
+        .env("GIT_COMMITTER_NAME", "Test Committer")
+        .env("GIT_COMMITTER_EMAIL", "committer@example.com")
+        .output()
+        .expect("running git");
+    assert!(
+        output.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Environment that makes git reach `repository` on `address` through gitnode-ssh.
+pub fn ssh_env(address: &str, storage: &str, relative_path: &str) -> Vec<(String, String)> {
+    vec![
+        (
+            "GIT_SSH_COMMAND".into(),
+            binary("gitnode-ssh").display().to_string(),
+        ),
+        ("GIT_SSH_VARIANT".into(), "ssh".into()),
+        ("GITALY_ADDRESS".into(), address.into()),
+        ("GITALY_TOKEN".into(), TOKEN.into()),
+        ("GITALY_STORAGE".into(), storage.into()),
+        ("GITALY_RELATIVE_PATH".into(), relative_path.into()),
+    ]
+}
+
+pub fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// Incompressible but reproducible bytes.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+pub const WAIT: Duration = Duration::from_secs(30);
