@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod datastore;
+pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod nodes;

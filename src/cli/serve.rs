@@ -1,8 +1,9 @@
 //! `praefect serve` (also the default without a subcommand).
 //!
 //! In this version serving means: configuration loaded and valid, database reachable,
-//! PostgreSQL 11 or later, migrations up to date; then the process stays up until SIGTERM or
-//! SIGINT. The gRPC listeners arrive with the router core.
+//! PostgreSQL 11 or later, migrations up to date, node health probed every second and recorded
+//! in `node_status` (startup waits for the first recorded round); then the process stays up
+//! until SIGTERM or SIGINT. The gRPC listeners arrive with the router core.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 use crate::datastore::{Datastore, PoolSettings};
+use crate::health::HealthManager;
 use crate::logging;
 
 /// How long startup waits for the database before giving up.
@@ -49,6 +51,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("checking the database schema")?;
 
+    let health =
+        HealthManager::new(&config, store.clone()).context("setting up node connections")?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let health_task = tokio::spawn(health.clone().run(stop_rx.clone()));
+    tracing::info!(
+        praefect_name = health.praefect_name(),
+        "waiting for the first health round to be recorded"
+    );
+    health.first_write().await;
+
     let virtual_storages: Vec<&str> = config
         .virtual_storage
         .iter()
@@ -62,6 +74,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         virtual_storages = ?virtual_storages,
         election_strategy = config.effective_election_strategy(),
         postgresql_version_num = version,
+        praefect_name = health.praefect_name(),
         "praefect started"
     );
 
@@ -69,6 +82,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
         _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
     }
+    let _ = stop_tx.send(true);
+    let _ = health_task.await;
     store.close().await;
     tracing::info!("praefect stopped");
     Ok(())

@@ -39,6 +39,7 @@ pub struct GitNode {
     pub address: String,
     pub tls_address: Option<String>,
     pub root: PathBuf,
+    config: PathBuf,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -101,48 +102,32 @@ impl GitNode {
             ),
         )
         .unwrap();
-        let mut child = Command::new(binary("gitnode"))
-            .args(["-config", config.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting gitnode");
-        // The node logs the address it bound; port 0 avoids racing for free ports.
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let field = |line: &str, name: &str| {
-            let at = line.find(name)?;
-            Some(
-                line[at + name.len()..]
-                    .split_whitespace()
-                    .next()?
-                    .to_string(),
-            )
-        };
-        let mut address = None;
-        let mut tls_address = None;
-        for line in lines.by_ref().map_while(Result::ok) {
-            if let Some(found) = field(&line, " address=") {
-                address = Some(found);
-            }
-            if let Some(found) = field(&line, "tls_address=") {
-                let port = found.rsplit(':').next().unwrap().to_string();
-                tls_address = Some(format!("tls://localhost:{port}"));
-            }
-            if address.is_some() && (certs.is_none() || tls_address.is_some()) {
-                break;
-            }
-        }
-        let address = address.expect("gitnode did not report its address");
-        std::thread::spawn(move || for _ in lines {});
+        let (child, address, tls_address) = spawn_node(&config, certs.is_some());
         GitNode {
             storage: storage.to_string(),
-            address: format!("tcp://{address}"),
+            address,
             tls_address,
             root: root.canonicalize().unwrap(),
+            config,
             child,
             _dir: dir,
         }
+    }
+
+    /// Starts the node again after [`GitNode::kill`], on the same port and storage.
+    pub fn restart(&mut self) {
+        self.kill();
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let fixed = self.address.trim_start_matches("tcp://");
+        let text = text.replacen(
+            "listen_addr = \"127.0.0.1:0\"",
+            &format!("listen_addr = \"{fixed}\""),
+            1,
+        );
+        std::fs::write(&self.config, text).unwrap();
+        let (child, address, _) = spawn_node(&self.config, false);
+        assert_eq!(address, self.address);
+        self.child = child;
     }
 
     /// A client channel with the backchannel handshake and the node's token.
@@ -198,6 +183,45 @@ impl Drop for GitNode {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Starts gitnode with `config`; returns the child and the tcp:// (and tls://) addresses it
+/// logged. Port 0 in the config avoids racing for free ports.
+fn spawn_node(config: &Path, with_tls: bool) -> (Child, String, Option<String>) {
+    let mut child = Command::new(binary("gitnode"))
+        .args(["-config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting gitnode");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let field = |line: &str, name: &str| {
+        let at = line.find(name)?;
+        Some(
+            line[at + name.len()..]
+                .split_whitespace()
+                .next()?
+                .to_string(),
+        )
+    };
+    let mut address = None;
+    let mut tls_address = None;
+    for line in lines.by_ref().map_while(Result::ok) {
+        if let Some(found) = field(&line, " address=") {
+            address = Some(format!("tcp://{found}"));
+        }
+        if let Some(found) = field(&line, "tls_address=") {
+            let port = found.rsplit(':').next().unwrap().to_string();
+            tls_address = Some(format!("tls://localhost:{port}"));
+        }
+        if address.is_some() && (!with_tls || tls_address.is_some()) {
+            break;
+        }
+    }
+    let address = address.expect("gitnode did not report its address");
+    std::thread::spawn(move || for _ in lines {});
+    (child, address, tls_address)
 }
 
 /// Runs git in `dir`, panicking with its stderr on failure; returns stdout.

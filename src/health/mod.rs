@@ -1,0 +1,147 @@
+//! The health manager: every second it asks every node `grpc.health.v1.Health/Check` (one
+//! second for the whole round), keeps the result as this router's local view of which nodes
+//! are healthy, and writes the round to `node_status` in one statement, so that the routers
+//! together can decide by quorum (the `healthy_storages` view) which replicas may be primary.
+//!
+//! The local view is what routing uses; it keeps working when the database does not (writes
+//! that fail are only logged).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::config::Config;
+use crate::datastore::{Datastore, HealthObservation};
+use crate::nodes::{configured_nodes, dial_lazy, NodeChannel, NodeRef};
+
+/// Time between the end of one round and the start of the next.
+pub const ROUND_INTERVAL: Duration = Duration::from_secs(1);
+/// Bound on one whole round of probes.
+pub const ROUND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Healthy storages per virtual storage, as this router saw them in its latest round.
+pub type HealthySet = BTreeMap<String, BTreeSet<String>>;
+
+/// This router's name in `node_status`: `<hostname>:<listen_addr>` (or the socket path), so
+/// that it is the same after a restart.
+pub fn praefect_name(config: &Config) -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let listener = if config.listen_addr.is_empty() {
+        &config.socket_path
+    } else {
+        &config.listen_addr
+    };
+    format!("{host}:{listener}")
+}
+
+/// Probes the nodes and publishes the local healthy set.
+#[derive(Clone)]
+pub struct HealthManager {
+    name: String,
+    nodes: Arc<Vec<(NodeRef, NodeChannel)>>,
+    store: Datastore,
+    healthy: Arc<RwLock<Arc<HealthySet>>>,
+    written: watch::Sender<bool>,
+}
+
+impl HealthManager {
+    pub fn new(config: &Config, store: Datastore) -> std::io::Result<Self> {
+        let nodes = configured_nodes(config)
+            .into_iter()
+            .map(|node| {
+                let channel = dial_lazy(config, &node.address, &node.token)?;
+                Ok((node, channel))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(HealthManager {
+            name: praefect_name(config),
+            nodes: Arc::new(nodes),
+            store,
+            healthy: Arc::new(RwLock::new(Arc::new(HealthySet::new()))),
+            written: watch::channel(false).0,
+        })
+    }
+
+    pub fn praefect_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The latest local view (cheap: a shared snapshot).
+    pub fn healthy(&self) -> Arc<HealthySet> {
+        self.healthy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits until a round has been written to the database once (startup gate).
+    pub async fn first_write(&self) {
+        let mut rx = self.written.subscribe();
+        let _ = rx.wait_for(|written| *written).await;
+    }
+
+    /// One round: probe every node, publish, write.
+    pub async fn round(&self) {
+        let probes = self.nodes.iter().map(|(node, channel)| async move {
+            let mut client = HealthClient::new(channel.clone());
+            let check = client.check(HealthCheckRequest {
+                service: String::new(),
+            });
+            let healthy = match tokio::time::timeout(ROUND_TIMEOUT, check).await {
+                Ok(Ok(response)) => response.get_ref().status == ServingStatus::Serving as i32,
+                Ok(Err(status)) => {
+                    tracing::debug!(storage = %node.storage, error = %status.message(), "health check failed");
+                    false
+                }
+                Err(_) => {
+                    tracing::debug!(storage = %node.storage, "health check timed out");
+                    false
+                }
+            };
+            HealthObservation {
+                virtual_storage: node.virtual_storage.clone(),
+                storage: node.storage.clone(),
+                healthy,
+            }
+        });
+        let observations = futures::future::join_all(probes).await;
+        let mut set = HealthySet::new();
+        for o in &observations {
+            let entry = set.entry(o.virtual_storage.clone()).or_default();
+            if o.healthy {
+                entry.insert(o.storage.clone());
+            }
+        }
+        let changed = *self.healthy() != set;
+        *self.healthy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        if changed {
+            tracing::info!(healthy = ?*self.healthy(), "local node health changed");
+        }
+        match self.store.record_health(&self.name, &observations).await {
+            Ok(()) => {
+                self.written.send_replace(true);
+            }
+            Err(err) => tracing::warn!(error = %err, "recording health checks failed"),
+        }
+    }
+
+    /// Runs rounds until `shutdown` turns true.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            self.round().await;
+            tokio::select! {
+                _ = tokio::time::sleep(ROUND_INTERVAL) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+}
