@@ -600,3 +600,157 @@ async fn a_demoted_server_is_left_and_the_pool_recovers() {
         vec![healthy("vs", "g1")]
     );
 }
+
+mod cache {
+    use super::*;
+    use praefect::datastore::{ListenerSettings, StorageCache};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+        for _ in 0..100 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    fn listen(cache: &Arc<StorageCache>, db: &TestDb) -> tokio::sync::watch::Sender<bool> {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(cache.clone().listen(
+            ListenerSettings {
+                connection: db.connection(),
+                retry: Duration::from_millis(200),
+            },
+            stop_rx,
+        ));
+        stop
+    }
+
+    /// Reads until a read is served by a fresh query (the entry was evicted).
+    async fn until_miss(cache: &StorageCache, path: &str) -> Vec<String> {
+        for _ in 0..100 {
+            let before = cache.stats.misses.load(Ordering::Relaxed);
+            let found = cache.get("vs", path).await.unwrap().unwrap();
+            if cache.stats.misses.load(Ordering::Relaxed) > before {
+                return found.storages.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the entry of {path} was never evicted");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn reads_hit_the_cache_and_notifications_evict() {
+        let db = TestDb::new().await;
+        let store = db.datastore().await;
+        let id = store.reserve_repository_id("vs", "r.git").await.unwrap();
+        store
+            .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2", "g3"]))
+            .await
+            .unwrap();
+        let cache = StorageCache::new(store.clone(), &["vs".to_string()]);
+        // Disabled until the listener runs: every read is a query.
+        cache.get("vs", "r.git").await.unwrap().unwrap();
+        assert_eq!(cache.stats.bypassed.load(Ordering::Relaxed), 1);
+        let _stop = listen(&cache, &db);
+        wait_for("the listener connects", || cache.is_enabled()).await;
+
+        let first = cache.get("vs", "r.git").await.unwrap().unwrap();
+        assert_eq!(first.storages, ["g1", "g2", "g3"]);
+        assert_eq!(first.replica_path, praefect::routing::replica_path(id));
+        for _ in 0..100 {
+            cache.get("vs", "r.git").await.unwrap().unwrap();
+        }
+        assert_eq!(
+            cache.stats.misses.load(Ordering::Relaxed),
+            1,
+            "one query, then hits"
+        );
+        assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 100);
+        assert!(cache.get("vs", "missing.git").await.unwrap().is_none());
+        assert!(
+            cache.get("vs", "missing.git").await.unwrap().is_none(),
+            "misses are not cached"
+        );
+
+        // A write makes g3 outdated: the NOTIFY evicts the entry and the next read sees it.
+        store
+            .increment_generation(id, &["g1".to_string(), "g2".to_string()])
+            .await
+            .unwrap();
+        assert_eq!(until_miss(&cache, "r.git").await, ["g1", "g2"]);
+
+        // Deleting the repository evicts it as well.
+        let mut raw = db.raw().await;
+        raw.execute("DELETE FROM repositories").await.unwrap();
+        wait_for("the deletion is seen", || {
+            cache.stats.evictions.load(Ordering::Relaxed) >= 2
+        })
+        .await;
+        assert!(cache.get("vs", "r.git").await.unwrap().is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_lost_listener_disables_the_cache_until_it_is_back() {
+        let db = TestDb::new().await;
+        let store = db.datastore().await;
+        let id = store.reserve_repository_id("vs", "r.git").await.unwrap();
+        store
+            .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2"]))
+            .await
+            .unwrap();
+        let cache = StorageCache::new(store.clone(), &["vs".to_string()]);
+        let _stop = listen(&cache, &db);
+        wait_for("the listener connects", || cache.is_enabled()).await;
+        cache.get("vs", "r.git").await.unwrap();
+        cache.get("vs", "r.git").await.unwrap();
+        assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 1);
+
+        // Kill the listener's session: the cache must not serve entries it can no longer
+        // keep fresh.
+        let mut admin = db.server.admin().await;
+        admin
+            .execute(
+                format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = '{}' AND application_name = 'praefect-listener'",
+                    db.name
+                )
+                .as_str(),
+            )
+            .await
+            .unwrap();
+        wait_for("the cache is disabled", || !cache.is_enabled()).await;
+        // A change made while nobody listens...
+        store
+            .increment_generation(id, &["g1".to_string()])
+            .await
+            .unwrap();
+        // ...is seen: after the reconnect the cache starts empty.
+        wait_for("the listener reconnects", || cache.is_enabled()).await;
+        let found = cache.get("vs", "r.git").await.unwrap().unwrap();
+        assert_eq!(found.storages, ["g1"]);
+    }
+
+    #[tokio::test]
+    async fn an_undecodable_payload_purges_everything() {
+        let db = TestDb::new().await;
+        let store = db.datastore().await;
+        let id = store.reserve_repository_id("vs", "r.git").await.unwrap();
+        store
+            .create_repository(&new_repository(id, "vs", "r.git", "g1", &[]))
+            .await
+            .unwrap();
+        let cache = StorageCache::new(store.clone(), &["vs".to_string()]);
+        let _stop = listen(&cache, &db);
+        wait_for("the listener connects", || cache.is_enabled()).await;
+        cache.get("vs", "r.git").await.unwrap();
+        cache.on_notification("not json").await;
+        let before = cache.stats.misses.load(Ordering::Relaxed);
+        cache.get("vs", "r.git").await.unwrap();
+        assert_eq!(cache.stats.misses.load(Ordering::Relaxed), before + 1);
+    }
+}

@@ -17,11 +17,13 @@
 //! pool when the server turned out to be read-only or gone, which is how we survive a
 //! Patroni failover without a restart (gitlab#328493).
 
+mod cache;
 mod connect;
 mod health;
 pub mod migrations;
 mod repositories;
 
+pub use cache::{CacheStats, ListenerSettings, StorageCache};
 pub use connect::{
     find_writable, is_connection_error, is_read_only_error, targets, PoolSettings, Target,
     READ_ONLY_SQLSTATES,
@@ -30,7 +32,7 @@ pub use health::{HealthObservation, HealthyStorage};
 pub use migrations::{
     Migration, MigrationEvent, MigrationState, MigrationStatus, MIGRATIONS_TABLE,
 };
-pub use repositories::{NewRepository, ValidPrimary};
+pub use repositories::{ConsistentStorages, NewRepository, ValidPrimary};
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -77,6 +79,9 @@ pub enum DatastoreError {
     RepositoryNotFound,
     #[error("write to outdated nodes")]
     WriteToOutdatedNodes,
+    /// An error shared by the callers of one coalesced lookup.
+    #[error("{0}")]
+    Shared(Arc<DatastoreError>),
     #[error("the database has {0} pending migration(s): run `praefect -config FILE sql-migrate`")]
     PendingMigrations(usize),
 }
@@ -91,6 +96,7 @@ impl DatastoreError {
             | DatastoreError::ConnectTimeout { .. }
             | DatastoreError::NoWritableHost(_)
             | DatastoreError::Timeout { .. } => true,
+            DatastoreError::Shared(inner) => inner.is_unavailable(),
             _ => false,
         }
     }

@@ -189,3 +189,49 @@ impl Datastore {
             .collect())
     }
 }
+
+/// Where a repository lives and which storages hold its latest generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsistentStorages {
+    pub repository_id: i64,
+    pub replica_path: String,
+    /// Storages whose replica is at the repository's generation, sorted.
+    pub storages: Vec<String>,
+}
+
+impl Datastore {
+    /// The replica path and up-to-date storages of a repository; None if it is not tracked.
+    pub async fn consistent_storages(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+    ) -> Result<Option<ConsistentStorages>, DatastoreError> {
+        let row: Option<(i64, Option<String>, Vec<String>)> = self
+            .run("consistent_storages", |pool| async move {
+                sqlx::query_as(
+                    "SELECT repo.repository_id, repo.replica_path,
+                            COALESCE(array_agg(replica.storage ORDER BY replica.storage)
+                                     FILTER (WHERE replica.storage IS NOT NULL), '{}')
+                     FROM repositories AS repo
+                     LEFT JOIN storage_repositories AS replica
+                            ON replica.repository_id = repo.repository_id
+                           AND replica.generation = repo.generation
+                     WHERE repo.virtual_storage = $1 AND repo.relative_path = $2
+                     GROUP BY repo.repository_id, repo.replica_path",
+                )
+                .bind(virtual_storage)
+                .bind(relative_path)
+                .fetch_optional(&pool)
+                .await
+            })
+            .await?;
+        Ok(row.map(
+            |(repository_id, replica_path, storages)| ConsistentStorages {
+                repository_id,
+                // Repositories from before replica paths existed live at their relative path.
+                replica_path: replica_path.unwrap_or_else(|| relative_path.to_string()),
+                storages,
+            },
+        ))
+    }
+}

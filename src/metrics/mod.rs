@@ -4,7 +4,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 /// The registry served on `/metrics`.
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
@@ -26,6 +26,31 @@ static DB_QUERY_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     let _ = REGISTRY.register(Box::new(histogram.clone()));
     histogram
 });
+
+/// `gitaly_praefect_uptodate_storages_cache_access_total{virtual_storage,type}`.
+pub static CACHE_ACCESS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "gitaly_praefect_uptodate_storages_cache_access_total",
+        "Accesses to the up-to-date storages cache by type (hit, miss, populate, evict)",
+        &["virtual_storage", "type"],
+    )
+});
+
+/// `gitaly_praefect_notifications_reconnects_total{state}`.
+pub static NOTIFICATION_RECONNECTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "gitaly_praefect_notifications_reconnects_total",
+        "Connections and disconnections of the change-notification listener",
+        &["state"],
+    )
+});
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let counter = IntCounterVec::new(Opts::new(name, help), labels)
+        .expect("static metric definition is valid");
+    let _ = REGISTRY.register(Box::new(counter.clone()));
+    counter
+}
 
 /// Records one datastore operation.
 pub fn observe_db_query(operation: &str, ok: bool, elapsed: Duration) {
