@@ -13,9 +13,11 @@ use praefect::config::DatabaseConnection;
 
 const BIN: &str = env!("CARGO_BIN_EXE_praefect");
 
+const ROUTER_TOKEN: &str = "router-secret";
+
 fn write_config(dir: &Path, db: &DatabaseConnection, nodes: &[&GitNode]) -> PathBuf {
     let mut text = format!(
-        "listen_addr = \"127.0.0.1:0\"\n[logging]\nformat = \"json\"\n[database]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndbname = \"{}\"\nsslmode = \"disable\"\n[[virtual_storage]]\nname = \"default\"\n",
+        "listen_addr = \"127.0.0.1:0\"\n[auth]\ntoken = \"{ROUTER_TOKEN}\"\n[logging]\nformat = \"json\"\n[database]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndbname = \"{}\"\nsslmode = \"disable\"\n[[virtual_storage]]\nname = \"default\"\n",
         db.host, db.port, db.user, db.dbname
     );
     for node in nodes {
@@ -33,6 +35,8 @@ fn write_config(dir: &Path, db: &DatabaseConnection, nodes: &[&GitNode]) -> Path
 struct Router {
     child: Child,
     stopped: bool,
+    /// tcp://host:port of the router's listen_addr.
+    address: String,
 }
 
 impl Router {
@@ -44,15 +48,26 @@ impl Router {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let started = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .any(|line| line.contains("\"msg\":\"praefect started\""));
+        let mut address = None;
+        let mut started = false;
+        for line in lines.by_ref().map_while(Result::ok) {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if entry["msg"] == "praefect listening" && entry["scheme"] == "tcp" {
+                address = entry["address"].as_str().map(|a| format!("tcp://{a}"));
+            }
+            if entry["msg"] == "praefect started" {
+                started = true;
+                break;
+            }
+        }
         assert!(started, "praefect did not start");
         std::thread::spawn(move || for _ in lines {});
         Router {
             child,
             stopped: false,
+            address: address.expect("praefect logged its address"),
         }
     }
 
@@ -171,4 +186,224 @@ async fn health_rounds_are_recorded_and_follow_nodes_down_and_up() {
     let rows = node_status(&db).await;
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert!(rows.iter().all(|r| r.praefect_name == name));
+}
+
+/// A client of the router, with the router's token and the backchannel.
+fn router_channel(router: &Router) -> common::gitnode::Authed {
+    use praefect::wire::auth::TokenInterceptor;
+    use praefect::wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
+    let channel = dial_lazy(
+        &router.address,
+        yamux_config(0, 256),
+        ClientHandler::default(),
+    )
+    .unwrap();
+    tonic::service::interceptor::InterceptedService::new(
+        channel,
+        TokenInterceptor::new(ROUTER_TOKEN),
+    )
+}
+
+fn virtual_repo(path: &str) -> praefect::wire::proto::Repository {
+    praefect::wire::proto::Repository {
+        storage_name: "default".into(),
+        relative_path: path.into(),
+        gl_repository: "project-1".into(),
+        ..Default::default()
+    }
+}
+
+/// Creates a repository on both nodes at its replica path with one pushed commit, and records
+/// it in the database (mutator routing comes later; this builds the same end state).
+async fn seed_repository(db: &TestDb, a: &GitNode, b: &GitNode, relative_path: &str) -> i64 {
+    use common::gitnode::{as_refs, git, ssh_env};
+    let store = db.datastore().await;
+    let id = store
+        .reserve_repository_id("default", relative_path)
+        .await
+        .unwrap();
+    let replica_path = praefect::routing::replica_path(id);
+    let work = tempfile::tempdir().unwrap();
+    git(
+        work.path(),
+        &["init", "--quiet", "--initial-branch=main", "."],
+        &[],
+    );
+    std::fs::write(work.path().join("README"), "hello").unwrap();
+    git(work.path(), &["add", "."], &[]);
+    git(work.path(), &["commit", "--quiet", "-m", "first"], &[]);
+    for node in [a, b] {
+        node.create_repository(&replica_path).await;
+        let env = ssh_env(&node.address, &node.storage, &replica_path);
+        git(
+            work.path(),
+            &["push", "--quiet", "ssh://gitaly/x", "main"],
+            &as_refs(&env),
+        );
+    }
+    store
+        .create_repository(&praefect::datastore::NewRepository {
+            repository_id: id,
+            virtual_storage: "default".into(),
+            relative_path: relative_path.into(),
+            replica_path,
+            primary: a.storage.clone(),
+            updated_secondaries: vec![b.storage.clone()],
+            outdated_secondaries: vec![],
+            store_assignments: false,
+        })
+        .await
+        .unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accessors_are_proxied_to_healthy_up_to_date_replicas() {
+    use praefect::wire::proto::ref_service_client::RefServiceClient;
+    use praefect::wire::proto::{FindDefaultBranchNameRequest, RefExistsRequest};
+    use tonic::Code;
+
+    let db = TestDb::new().await;
+    let a = GitNode::start("gitaly-1");
+    let mut b = GitNode::start("gitaly-2");
+    let id = seed_repository(&db, &a, &b, "group/project.git").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = write_config(dir.path(), &db.connection(), &[&a, &b]);
+    let router = Router::start(&config_path);
+    let mut refs = RefServiceClient::new(router_channel(&router));
+
+    for _ in 0..20 {
+        let name = refs
+            .find_default_branch_name(FindDefaultBranchNameRequest {
+                repository: Some(virtual_repo("group/project.git")),
+                head_only: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .name;
+        assert_eq!(name, b"refs/heads/main");
+    }
+    let exists = refs
+        .ref_exists(RefExistsRequest {
+            repository: Some(virtual_repo("group/project.git")),
+            r#ref: b"refs/heads/main".to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .value;
+    assert!(exists);
+
+    // Errors of the node come back unchanged (its code and message).
+    let err = refs
+        .ref_exists(RefExistsRequest {
+            repository: Some(virtual_repo("group/project.git")),
+            r#ref: b"not-a-ref".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "invalid refname")
+    );
+
+    // The router's own errors use Praefect's codes and messages.
+    let request = |storage: &str, path: &str| FindDefaultBranchNameRequest {
+        repository: Some(praefect::wire::proto::Repository {
+            storage_name: storage.into(),
+            relative_path: path.into(),
+            ..Default::default()
+        }),
+        head_only: false,
+    };
+    for (storage, path, code, message) in [
+        (
+            "default",
+            "untracked.git",
+            Code::NotFound,
+            "repository not found",
+        ),
+        (
+            "nope",
+            "group/project.git",
+            Code::InvalidArgument,
+            "storage name not found",
+        ),
+        (
+            "",
+            "group/project.git",
+            Code::InvalidArgument,
+            "storage name not set",
+        ),
+        (
+            "default",
+            "",
+            Code::InvalidArgument,
+            "repository path not set",
+        ),
+    ] {
+        let err = refs
+            .find_default_branch_name(request(storage, path))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (code, message),
+            "{storage:?} {path:?}"
+        );
+    }
+    let err = refs
+        .find_default_branch_name(FindDefaultBranchNameRequest {
+            repository: None,
+            head_only: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "repository not set")
+    );
+
+    // A client without the router's token is refused by the router itself.
+    let plain = praefect::wire::backchannel::dial_lazy(
+        &router.address,
+        praefect::wire::backchannel::yamux_config(0, 256),
+        Default::default(),
+    )
+    .unwrap();
+    let err = RefServiceClient::new(plain)
+        .find_default_branch_name(request("default", "group/project.git"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // One node down: reads keep working on the other once the health round saw it.
+    let read = || FindDefaultBranchNameRequest {
+        repository: Some(virtual_repo("group/project.git")),
+        head_only: false,
+    };
+    b.kill();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for _ in 0..10 {
+        refs.find_default_branch_name(read()).await.unwrap();
+    }
+
+    // Reads never reach an outdated replica: gitaly-2 misses a write, gitaly-1 goes down,
+    // and the repository is unavailable rather than served stale.
+    b.restart();
+    let store = db.datastore().await;
+    store
+        .increment_generation(id, std::slice::from_ref(&a.storage))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut a = a;
+    a.kill();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let err = refs.find_default_branch_name(read()).await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::Internal, "no suitable node to serve the request")
+    );
 }

@@ -1,37 +1,90 @@
 //! `praefect serve` (also the default without a subcommand).
 //!
-//! In this version serving means: configuration loaded and valid, database reachable,
-//! PostgreSQL 11 or later, migrations up to date, node health probed every second and recorded
-//! in `node_status` (startup waits for the first recorded round); then the process stays up
-//! until SIGTERM or SIGINT. The gRPC listeners arrive with the router core.
+//! Startup: configuration loaded and valid; database reachable (bounded wait), PostgreSQL 11
+//! or later, migrations up to date; node connections (lazy: a node that is down does not stop
+//! the start); the health manager, whose first recorded round startup waits for; the read
+//! cache's change listener; then the listeners. SIGTERM or SIGINT stops accepting, lets
+//! in-flight calls finish for up to `graceful_stop_timeout`, then exits.
 
+use std::convert::Infallible;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::datastore::{Datastore, PoolSettings};
+use crate::datastore::{Datastore, ListenerSettings, PoolSettings, StorageCache};
 use crate::health::HealthManager;
 use crate::logging;
+use crate::nodes::NodePool;
+use crate::proxy::registry::Registry;
+use crate::proxy::Proxy;
+use crate::wire::auth::{AuthConfig, AuthLayer};
+use crate::wire::backchannel::{incoming, yamux_config, Listener, SessionRegistry};
 
 /// How long startup waits for the database before giving up.
 const DATABASE_STARTUP_WAIT: Duration = Duration::from_secs(30);
+/// How often the change listener retries after losing its connection.
+const LISTENER_RETRY: Duration = Duration::from_secs(5);
 
 pub async fn run(config: Config) -> ExitCode {
     logging::init(&config.logging);
     match serve(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!(error = %format!("{err:#}"), "praefect failed to start");
+            tracing::error!(error = %format!("{err:#}"), "praefect failed");
             eprintln!("praefect: {err:#}");
             ExitCode::FAILURE
         }
     }
 }
 
+/// Binds the configured listeners, logging each bound address.
+async fn bind(config: &Config) -> anyhow::Result<Vec<Listener>> {
+    let mut listeners = Vec::new();
+    if !config.listen_addr.is_empty() {
+        let addr = config.listen_addr.trim_start_matches("tcp://");
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        tracing::info!(address = %listener.local_addr()?, scheme = "tcp", "praefect listening");
+        listeners.push(Listener::Tcp(listener));
+    }
+    if !config.tls_listen_addr.is_empty() {
+        let tls = &config.tls;
+        let key = if tls.key.is_empty() {
+            crate::wire::tls::KeySource::File(std::path::Path::new(&tls.key_path))
+        } else {
+            crate::wire::tls::KeySource::Pem(&tls.key)
+        };
+        let acceptor = crate::wire::tls::acceptor(
+            std::path::Path::new(&tls.certificate_path),
+            key,
+            tls.min_version == "TLS 1.3",
+        )
+        .context("loading the TLS certificate")?;
+        let addr = config.tls_listen_addr.trim_start_matches("tls://");
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        tracing::info!(address = %listener.local_addr()?, scheme = "tls", "praefect listening");
+        listeners.push(Listener::Tls(listener, acceptor));
+    }
+    if !config.socket_path.is_empty() {
+        let path = config.socket_path.trim_start_matches("unix://");
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).with_context(|| format!("listening on {path}"))?;
+        tracing::info!(address = %path, scheme = "unix", "praefect listening");
+        listeners.push(Listener::Unix(listener));
+    }
+    Ok(listeners)
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
-    use anyhow::Context;
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
 
@@ -51,9 +104,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("checking the database schema")?;
 
-    let health =
-        HealthManager::new(&config, store.clone()).context("setting up node connections")?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let config = Arc::new(config);
+    let nodes = Arc::new(NodePool::connect(&config).context("setting up node connections")?);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let health = HealthManager::new(&config, nodes.clone(), store.clone());
     let health_task = tokio::spawn(health.clone().run(stop_rx.clone()));
     tracing::info!(
         praefect_name = health.praefect_name(),
@@ -61,11 +115,63 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     );
     health.first_write().await;
 
-    let virtual_storages: Vec<&str> = config
+    let virtual_storages: Vec<String> = config
         .virtual_storage
         .iter()
-        .map(|vs| vs.name.as_str())
+        .map(|vs| vs.name.clone())
         .collect();
+    let cache = StorageCache::new(store.clone(), &virtual_storages);
+    let listener_task = tokio::spawn(cache.clone().listen(
+        ListenerSettings {
+            connection: config.direct_database(),
+            retry: LISTENER_RETRY,
+        },
+        stop_rx.clone(),
+    ));
+
+    let proxy = Arc::new(Proxy {
+        registry: Registry::global(),
+        config: config.clone(),
+        nodes: nodes.clone(),
+        health: health.clone(),
+        cache,
+    });
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let fallback = tower::service_fn(move |request: http::Request<axum::body::Body>| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(request).await) }
+    });
+    let mut routes = tonic::service::Routes::new(health_service);
+    let router = std::mem::take(routes.axum_router_mut()).fallback_service(fallback);
+    *routes.axum_router_mut() = router;
+
+    let auth = AuthLayer::new(AuthConfig::new(
+        &config.auth.token,
+        config.auth.transitioning,
+    ));
+    let sessions = SessionRegistry::default();
+    let yamux = yamux_config(
+        u32::try_from(config.yamux.maximum_stream_window_size_bytes).unwrap_or(u32::MAX),
+        usize::try_from(config.yamux.accept_backlog).unwrap_or(256),
+    );
+    let mut servers = Vec::new();
+    for listener in bind(&config).await? {
+        let server = tonic::transport::Server::builder()
+            .layer(auth.clone())
+            .add_routes(routes.clone());
+        let stream = incoming(listener, sessions.clone(), yamux);
+        let mut stop = stop_rx.clone();
+        servers.push(tokio::spawn(server.serve_with_incoming_shutdown(
+            stream,
+            async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            },
+        )));
+    }
+
     tracing::info!(
         version = super::VERSION,
         listen_addr = %config.listen_addr,
@@ -83,7 +189,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
     }
     let _ = stop_tx.send(true);
+    let grace = config.graceful_stop_timeout.to_std();
+    let drained = tokio::time::timeout(grace, futures::future::join_all(servers)).await;
+    if drained.is_err() {
+        tracing::warn!(timeout = %config.graceful_stop_timeout, "calls still running after the graceful stop timeout; cutting them");
+    }
     let _ = health_task.await;
+    let _ = listener_task.await;
     store.close().await;
     tracing::info!("praefect stopped");
     Ok(())

@@ -17,7 +17,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::config::Config;
 use crate::datastore::{Datastore, HealthObservation};
-use crate::nodes::{configured_nodes, dial_lazy, NodeChannel, NodeRef};
+use crate::nodes::NodePool;
 
 /// Time between the end of one round and the start of the next.
 pub const ROUND_INTERVAL: Duration = Duration::from_secs(1);
@@ -47,28 +47,21 @@ pub fn praefect_name(config: &Config) -> String {
 #[derive(Clone)]
 pub struct HealthManager {
     name: String,
-    nodes: Arc<Vec<(NodeRef, NodeChannel)>>,
+    nodes: Arc<NodePool>,
     store: Datastore,
     healthy: Arc<RwLock<Arc<HealthySet>>>,
     written: watch::Sender<bool>,
 }
 
 impl HealthManager {
-    pub fn new(config: &Config, store: Datastore) -> std::io::Result<Self> {
-        let nodes = configured_nodes(config)
-            .into_iter()
-            .map(|node| {
-                let channel = dial_lazy(config, &node.address, &node.token)?;
-                Ok((node, channel))
-            })
-            .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(HealthManager {
+    pub fn new(config: &Config, nodes: Arc<NodePool>, store: Datastore) -> Self {
+        HealthManager {
             name: praefect_name(config),
-            nodes: Arc::new(nodes),
+            nodes,
             store,
             healthy: Arc::new(RwLock::new(Arc::new(HealthySet::new()))),
             written: watch::channel(false).0,
-        })
+        }
     }
 
     pub fn praefect_name(&self) -> &str {

@@ -125,6 +125,37 @@ pub fn dial_lazy(config: &Config, address: &str, token: &str) -> std::io::Result
     ))
 }
 
+/// Connections to every configured node, shared by the health manager and the proxy.
+pub struct NodePool {
+    entries: Vec<(NodeRef, NodeChannel)>,
+}
+
+impl NodePool {
+    /// Dials every node lazily (nothing fails if a node is down now).
+    pub fn connect(config: &Config) -> std::io::Result<Self> {
+        let entries = configured_nodes(config)
+            .into_iter()
+            .map(|node| {
+                let channel = dial_lazy(config, &node.address, &node.token)?;
+                Ok((node, channel))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(NodePool { entries })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(NodeRef, NodeChannel)> {
+        self.entries.iter()
+    }
+
+    /// The channel to `storage` of `virtual_storage`.
+    pub fn channel(&self, virtual_storage: &str, storage: &str) -> Option<&NodeChannel> {
+        self.entries
+            .iter()
+            .find(|(node, _)| node.virtual_storage == virtual_storage && node.storage == storage)
+            .map(|(_, channel)| channel)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

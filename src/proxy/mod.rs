@@ -1,5 +1,11 @@
-//! The gRPC pass-through. So far: the registry of RPCs and the in-place rewriting of the first
-//! request message; the stream director and the listeners come with the router core.
+//! The gRPC pass-through: the registry of RPCs, reading and rewriting the first request
+//! message on the wire format, and forwarding calls to the chosen node.
 
+pub mod error;
+pub mod frame;
+pub mod handler;
 pub mod registry;
 pub mod rewrite;
+
+pub use error::ProxyError;
+pub use handler::Proxy;

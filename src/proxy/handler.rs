@@ -1,0 +1,264 @@
+//! The pass-through: every RPC the router does not answer itself arrives here as a raw
+//! HTTP/2 request. Only the first request message is read, to find the repository (or
+//! storage) by the registry's field path and to rewrite it for the chosen node; then that
+//! message, and every other byte of the call in both directions, is forwarded as it is,
+//! with the node's backpressure reaching the client.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body::Frame;
+use http_body_util::{BodyStream, StreamBody};
+use rand::seq::SliceRandom;
+use tower::ServiceExt;
+
+use super::error::ProxyError;
+use super::frame;
+use super::registry::{MethodInfo, OpType, Registry, Scope};
+use super::rewrite;
+use crate::config::Config;
+use crate::datastore::StorageCache;
+use crate::health::HealthManager;
+use crate::nodes::NodePool;
+
+/// Metadata naming the virtual storage of a repository-scoped call, for the node's logs.
+const VIRTUAL_STORAGE_HEADER: &str = "virtual_storage";
+/// GitLab's correlation id, kept from the client or generated.
+pub const CORRELATION_HEADER: &str = "x-gitlab-correlation-id";
+
+/// Everything routing needs, shared by all calls.
+pub struct Proxy {
+    pub registry: &'static Registry,
+    pub config: Arc<Config>,
+    pub nodes: Arc<NodePool>,
+    pub health: HealthManager,
+    pub cache: Arc<StorageCache>,
+}
+
+/// Where a call goes and what its first message becomes.
+struct Route {
+    virtual_storage: String,
+    storage: String,
+    message: Vec<u8>,
+    repository_scoped: bool,
+}
+
+impl Proxy {
+    /// Serves one call; failures become gRPC statuses.
+    pub async fn handle(
+        &self,
+        request: http::Request<axum::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
+        let path = request.uri().path().to_string();
+        match self.forward(request).await {
+            Ok(response) => response,
+            Err(err) => {
+                tracing::info!(grpc.method = %path, error = %err, "call not routed");
+                err.to_status().into_http()
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        request: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
+        let path = request.uri().path().to_string();
+        let method = self
+            .registry
+            .lookup(&path)
+            .ok_or_else(|| ProxyError::UnknownMethod(path.clone()))?;
+        if method.intercepted {
+            return Err(ProxyError::Unsupported(format!(
+                "{path} is answered by praefect itself and not implemented yet"
+            )));
+        }
+        let (parts, body) = request.into_parts();
+        let mut body = BodyStream::new(body);
+        let first = frame::read_first(&mut body).await.map_err(|e| match e {
+            frame::FrameError::Body(text) => ProxyError::ClientStream(text),
+            other => ProxyError::Malformed(other.to_string()),
+        })?;
+        let route = self.route(method, &first.message).await?;
+        let channel = self
+            .nodes
+            .channel(&route.virtual_storage, &route.storage)
+            .cloned()
+            .ok_or(ProxyError::NoSuitableNode)?;
+
+        let mut headers = parts.headers;
+        headers.remove(http::header::AUTHORIZATION);
+        headers.remove(http::header::HOST);
+        headers.remove(http::header::CONTENT_LENGTH);
+        if route.repository_scoped {
+            if let Ok(value) = http::HeaderValue::from_str(&route.virtual_storage) {
+                headers.insert(VIRTUAL_STORAGE_HEADER, value);
+            }
+        }
+        if !headers.contains_key(CORRELATION_HEADER) {
+            if let Ok(value) =
+                http::HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string())
+            {
+                headers.insert(CORRELATION_HEADER, value);
+            }
+        }
+
+        let head = futures::stream::iter([
+            Ok(Frame::data(frame::encode(&route.message))),
+            Ok(Frame::data(first.rest)),
+        ]);
+        let rest = body.map(|frame| frame.map_err(|e| tonic::Status::cancelled(e.to_string())));
+        let outgoing_body = tonic::body::Body::new(StreamBody::new(head.chain(rest)));
+        let mut outgoing = http::Request::builder()
+            .method(http::Method::POST)
+            .version(http::Version::HTTP_2)
+            .uri(path.as_str())
+            .body(outgoing_body)
+            .map_err(|e| ProxyError::Malformed(e.to_string()))?;
+        *outgoing.headers_mut() = headers;
+        tracing::debug!(grpc.method = %path, storage = %route.storage, "forwarding");
+        let response = channel.oneshot(outgoing).await.map_err(|err| {
+            ProxyError::Unsupported(format!(
+                "forwarding to {}: {}",
+                route.storage,
+                crate::wire::backchannel::error_chain(&err)
+            ))
+        })?;
+        let (parts, body) = response.into_parts();
+        Ok(http::Response::from_parts(
+            parts,
+            tonic::body::Body::new(body),
+        ))
+    }
+
+    async fn route(&self, method: &MethodInfo, message: &Bytes) -> Result<Route, ProxyError> {
+        match method.scope {
+            Scope::Repository if method.op_type == OpType::Accessor => {
+                self.route_accessor(method, message).await
+            }
+            Scope::Repository => Err(ProxyError::Unsupported(format!(
+                "routing {:?} RPCs is not implemented yet",
+                method.op_type
+            ))),
+            Scope::Storage if method.op_type == OpType::Accessor => {
+                self.route_storage_accessor(method, message)
+            }
+            Scope::Storage => Err(ProxyError::Unsupported(
+                "storage-scoped mutators are not supported".into(),
+            )),
+            Scope::Partition => Err(ProxyError::Unsupported(
+                "rpc with undefined scope \"partition\"".into(),
+            )),
+            Scope::None => Err(ProxyError::Unsupported("rpc without scope".into())),
+        }
+    }
+
+    fn check_virtual_storage(&self, name: &str) -> Result<(), ProxyError> {
+        if name.is_empty() {
+            return Err(ProxyError::StorageNameNotSet);
+        }
+        self.config
+            .virtual_storage(name)
+            .map(|_| ())
+            .ok_or(ProxyError::StorageNotFound)
+    }
+
+    /// The locally healthy storages of a virtual storage.
+    fn healthy(&self, virtual_storage: &str) -> Result<Vec<String>, ProxyError> {
+        let healthy: Vec<String> = self
+            .health
+            .healthy()
+            .get(virtual_storage)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default();
+        if healthy.is_empty() {
+            return Err(ProxyError::NoHealthyNodes);
+        }
+        Ok(healthy)
+    }
+
+    /// Reads go to a random healthy replica that holds the latest generation.
+    async fn route_accessor(
+        &self,
+        method: &MethodInfo,
+        message: &[u8],
+    ) -> Result<Route, ProxyError> {
+        let target = method
+            .target_repository
+            .as_deref()
+            .ok_or(ProxyError::RepositoryNotSet)?;
+        let repo = rewrite::read_repository(message, target)?;
+        self.check_virtual_storage(&repo.storage_name)?;
+        if repo.relative_path.is_empty() {
+            return Err(ProxyError::RelativePathNotSet);
+        }
+        let healthy = self.healthy(&repo.storage_name)?;
+        let entry = self
+            .cache
+            .get(&repo.storage_name, &repo.relative_path)
+            .await?
+            .ok_or(ProxyError::RepositoryNotFound)?;
+        let candidates: Vec<&String> = entry
+            .storages
+            .iter()
+            .filter(|s| healthy.contains(s))
+            .collect();
+        let storage = candidates
+            .choose(&mut rand::thread_rng())
+            .map(|s| s.to_string())
+            .ok_or(ProxyError::NoSuitableNode)?;
+        let mut rewritten =
+            rewrite::rewrite_repository(message, target, &storage, &entry.replica_path)?;
+        if let Some(additional) = method.additional_repository.as_deref() {
+            if let Ok(other) = rewrite::read_repository(&rewritten, additional) {
+                let other_entry = self
+                    .cache
+                    .get(&repo.storage_name, &other.relative_path)
+                    .await?
+                    .ok_or(ProxyError::RepositoryNotFound)?;
+                rewritten = rewrite::rewrite_repository(
+                    &rewritten,
+                    additional,
+                    &storage,
+                    &other_entry.replica_path,
+                )?;
+            }
+        }
+        Ok(Route {
+            virtual_storage: repo.storage_name,
+            storage,
+            message: rewritten,
+            repository_scoped: true,
+        })
+    }
+
+    /// Storage-scoped reads go to any healthy node of the virtual storage.
+    fn route_storage_accessor(
+        &self,
+        method: &MethodInfo,
+        message: &[u8],
+    ) -> Result<Route, ProxyError> {
+        let path = method
+            .storage
+            .as_deref()
+            .ok_or(ProxyError::StorageNameNotSet)?;
+        let virtual_storage = rewrite::read_string(message, path).map_err(|e| match e {
+            rewrite::RewriteError::NotFound => ProxyError::StorageNameNotSet,
+            other => ProxyError::Malformed(other.to_string()),
+        })?;
+        self.check_virtual_storage(&virtual_storage)?;
+        let healthy = self.healthy(&virtual_storage)?;
+        let storage = healthy
+            .choose(&mut rand::thread_rng())
+            .cloned()
+            .ok_or(ProxyError::NoHealthyNodes)?;
+        let rewritten = rewrite::rewrite_string(message, path, &storage)?;
+        Ok(Route {
+            virtual_storage,
+            storage,
+            message: rewritten,
+            repository_scoped: false,
+        })
+    }
+}
