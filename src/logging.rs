@@ -27,7 +27,7 @@ pub fn init(config: &Logging) {
         .with_env_filter(filter)
         .with_writer(std::io::stdout);
     let result = if config.format == "json" {
-        builder.event_format(JsonLine).try_init()
+        builder.with_ansi(false).event_format(JsonLine).try_init()
     } else {
         builder.try_init()
     };

@@ -63,7 +63,13 @@ impl Router {
             }
         }
         assert!(started, "praefect did not start");
-        std::thread::spawn(move || for _ in lines {});
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if std::env::var_os("ROUTER_LOG").is_some() {
+                    eprintln!("router: {line}");
+                }
+            }
+        });
         Router {
             child,
             stopped: false,
@@ -294,6 +300,33 @@ async fn accessors_are_proxied_to_healthy_up_to_date_replicas() {
         .into_inner()
         .value;
     assert!(exists);
+
+    // git clone through the router: upload-pack on a replica, pack data on a sidechannel
+    // that the router bridges between the node and the client.
+    {
+        use common::gitnode::{as_refs, git, ssh_env};
+        let mut env = ssh_env(&router.address, "default", "group/project.git");
+        env.retain(|(k, _)| k != "GITALY_TOKEN");
+        env.push(("GITALY_TOKEN".into(), ROUTER_TOKEN.into()));
+        for protocol in ["2", "0"] {
+            let clone = tempfile::tempdir().unwrap();
+            git(
+                clone.path(),
+                &[
+                    "-c",
+                    &format!("protocol.version={protocol}"),
+                    "clone",
+                    "--quiet",
+                    "--bare",
+                    "ssh://gitaly/x",
+                    ".",
+                ],
+                &as_refs(&env),
+            );
+            let log = git(clone.path(), &["log", "--format=%s", "main"], &[]);
+            assert_eq!(log.trim(), "first", "protocol v{protocol}");
+        }
+    }
 
     // Errors of the node come back unchanged (its code and message).
     let err = refs

@@ -129,12 +129,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         stop_rx.clone(),
     ));
 
+    let sessions = SessionRegistry::default();
     let proxy = Arc::new(Proxy {
         registry: Registry::global(),
         config: config.clone(),
         nodes: nodes.clone(),
         health: health.clone(),
         cache,
+        sessions: sessions.clone(),
     });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -152,7 +154,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         &config.auth.token,
         config.auth.transitioning,
     ));
-    let sessions = SessionRegistry::default();
     let yamux = yamux_config(
         u32::try_from(config.yamux.maximum_stream_window_size_bytes).unwrap_or(u32::MAX),
         usize::try_from(config.yamux.accept_backlog).unwrap_or(256),

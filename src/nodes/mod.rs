@@ -10,6 +10,7 @@ use tonic::transport::Channel;
 use crate::config::{Config, Node as NodeConfig};
 use crate::wire::auth::TokenInterceptor;
 use crate::wire::backchannel::{self, yamux_config, ClientHandler};
+use crate::wire::sidechannel::SidechannelRegistry;
 
 /// A channel to a node that signs every call with the node's token.
 pub type NodeChannel = InterceptedService<Channel, TokenInterceptor>;
@@ -115,10 +116,15 @@ pub async fn dial(
 
 /// A channel that connects on first use and reconnects as needed: a node that is down at
 /// startup does not keep the router from starting.
-pub fn dial_lazy(config: &Config, address: &str, token: &str) -> std::io::Result<NodeChannel> {
+pub fn dial_lazy(
+    config: &Config,
+    address: &str,
+    token: &str,
+    handler: ClientHandler,
+) -> std::io::Result<NodeChannel> {
     let target = dial_target(address)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let channel = backchannel::dial_lazy(&target, yamux(config), ClientHandler::default())?;
+    let channel = backchannel::dial_lazy(&target, yamux(config), handler)?;
     Ok(InterceptedService::new(
         channel,
         TokenInterceptor::new(token),
@@ -128,19 +134,26 @@ pub fn dial_lazy(config: &Config, address: &str, token: &str) -> std::io::Result
 /// Connections to every configured node, shared by the health manager and the proxy.
 pub struct NodePool {
     entries: Vec<(NodeRef, NodeChannel)>,
+    /// Sidechannels the nodes open back to this router, for every node connection.
+    pub sidechannels: SidechannelRegistry,
 }
 
 impl NodePool {
     /// Dials every node lazily (nothing fails if a node is down now).
     pub fn connect(config: &Config) -> std::io::Result<Self> {
+        let handler = ClientHandler::default();
+        let sidechannels = handler.sidechannels.clone();
         let entries = configured_nodes(config)
             .into_iter()
             .map(|node| {
-                let channel = dial_lazy(config, &node.address, &node.token)?;
+                let channel = dial_lazy(config, &node.address, &node.token, handler.clone())?;
                 Ok((node, channel))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(NodePool { entries })
+        Ok(NodePool {
+            entries,
+            sidechannels,
+        })
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &(NodeRef, NodeChannel)> {

@@ -21,6 +21,25 @@ use crate::config::Config;
 use crate::datastore::StorageCache;
 use crate::health::HealthManager;
 use crate::nodes::NodePool;
+use crate::wire::backchannel::{PeerInfo, SessionRegistry};
+use crate::wire::sidechannel as wire_sidechannel;
+
+/// The client's sidechannel id, if the call uses one (the last value wins, as on nodes).
+fn sidechannel_id(headers: &http::HeaderMap) -> Result<Option<u64>, ProxyError> {
+    let Some(value) = headers
+        .get_all(wire_sidechannel::METADATA_KEY)
+        .iter()
+        .next_back()
+    else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .map(|id| Some(id as u64))
+        .ok_or_else(|| ProxyError::Malformed("invalid gitaly-sidechannel-id".into()))
+}
 
 /// Metadata naming the virtual storage of a repository-scoped call, for the node's logs.
 const VIRTUAL_STORAGE_HEADER: &str = "virtual_storage";
@@ -34,6 +53,8 @@ pub struct Proxy {
     pub nodes: Arc<NodePool>,
     pub health: HealthManager,
     pub cache: Arc<StorageCache>,
+    /// Backchannel sessions of the router's clients, to open sidechannels to them.
+    pub sessions: SessionRegistry,
 }
 
 /// Where a call goes and what its first message becomes.
@@ -95,6 +116,23 @@ impl Proxy {
             if let Ok(value) = http::HeaderValue::from_str(&route.virtual_storage) {
                 headers.insert(VIRTUAL_STORAGE_HEADER, value);
             }
+        }
+        if let Some(client_id) = sidechannel_id(&headers)? {
+            let peer = parts
+                .extensions
+                .get::<PeerInfo>()
+                .cloned()
+                .unwrap_or_default();
+            if peer.backchannel_id.is_none() {
+                return Err(ProxyError::Malformed(
+                    "sidechannel requested without a backchannel connection".into(),
+                ));
+            }
+            let waiter = self.nodes.sidechannels.register();
+            let value = http::HeaderValue::from_str(&waiter.id().to_string())
+                .map_err(|e| ProxyError::Malformed(e.to_string()))?;
+            headers.append(wire_sidechannel::METADATA_KEY, value);
+            super::sidechannel::spawn_bridge(waiter, self.sessions.clone(), peer, client_id);
         }
         if !headers.contains_key(CORRELATION_HEADER) {
             if let Ok(value) =

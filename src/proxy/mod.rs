@@ -6,6 +6,7 @@ pub mod frame;
 pub mod handler;
 pub mod registry;
 pub mod rewrite;
+mod sidechannel;
 
 pub use error::ProxyError;
 pub use handler::Proxy;

@@ -102,24 +102,25 @@ impl Services {
             .wait()
             .await
             .map_err(|e| Status::internal(format!("waiting for upload-pack: {e}")))?;
-        // The input task drains until the caller closes the stream; stop it. Its copy result
-        // exists if the caller's data ended (an interactive SSH fetch may never send the
-        // flush, and that is fine once upload-pack is done).
+        // The input task drains until the caller closes the stream; stop it.
         input.abort();
         let stderr = stderr.await.unwrap_or_default();
-        if let Ok(Err(err)) = input_result.try_recv() {
-            return Err(Status::cancelled(format!(
-                "reading from the sidechannel: {err}"
-            )));
-        }
         output.map_err(|e| Status::unavailable(format!("writing to the sidechannel: {e}")))?;
         if !status.success() {
+            // A caller that went away mid-request is the likely cause; say so.
+            if let Ok(Err(err)) = input_result.try_recv() {
+                return Err(Status::cancelled(format!(
+                    "reading from the sidechannel: {err}"
+                )));
+            }
             return Err(Status::internal(format!(
                 "upload-pack: {} {}",
                 status,
                 String::from_utf8_lossy(&stderr).trim()
             )));
         }
+        // upload-pack finished and its whole answer was sent: how the caller's side of the
+        // stream ends after that (a reset, no flush) does not matter.
         Ok(())
     }
 }
