@@ -754,3 +754,142 @@ mod cache {
         assert_eq!(cache.stats.misses.load(Ordering::Relaxed), before + 1);
     }
 }
+
+mod elections {
+    use super::*;
+    use praefect::datastore::UpdateJob;
+
+    async fn setup(db: &TestDb) -> (Datastore, i64) {
+        let store = db.datastore().await;
+        mark_healthy(&store, &["g1", "g2", "g3"]).await;
+        let id = store.reserve_repository_id("vs", "r.git").await.unwrap();
+        store
+            .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2", "g3"]))
+            .await
+            .unwrap();
+        (store, id)
+    }
+
+    #[tokio::test]
+    async fn a_valid_primary_is_kept_and_an_invalid_one_replaced() {
+        let db = TestDb::new().await;
+        let (store, id) = setup(&db).await;
+        let primary = store.get_primary(id).await.unwrap();
+        assert_eq!(
+            (primary.storage.as_deref(), primary.changed),
+            (Some("g1"), false)
+        );
+
+        // g1 misses a write: it is no longer up to date, so another replica takes over.
+        store
+            .increment_generation(id, &["g2".to_string(), "g3".to_string()])
+            .await
+            .unwrap();
+        let elected = store.get_primary(id).await.unwrap();
+        assert!(elected.changed);
+        let new = elected.storage.unwrap();
+        assert!(new == "g2" || new == "g3", "{new}");
+        let again = store.get_primary(id).await.unwrap();
+        assert_eq!(
+            (again.storage.as_deref(), again.changed),
+            (Some(new.as_str()), false)
+        );
+
+        // Nobody valid (all unhealthy): the recorded primary is returned as it is.
+        let mut raw = db.raw().await;
+        raw.execute("UPDATE node_status SET last_seen_active_at = now() - interval '1 minute'")
+            .await
+            .unwrap();
+        let stale = store.get_primary(id).await.unwrap();
+        assert_eq!(
+            (stale.storage.as_deref(), stale.changed),
+            (Some(new.as_str()), false)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_elections_agree_on_one_primary() {
+        let db = TestDb::new().await;
+        let (store, id) = setup(&db).await;
+        store
+            .increment_generation(id, &["g2".to_string(), "g3".to_string()])
+            .await
+            .unwrap();
+        // Ten routers (separate pools) elect at once.
+        let mut stores = Vec::new();
+        for _ in 0..10 {
+            stores.push(db.datastore().await);
+        }
+        let results = futures::future::join_all(stores.iter().map(|s| s.get_primary(id))).await;
+        let results: Vec<_> = results.into_iter().map(Result::unwrap).collect();
+        let chosen: std::collections::BTreeSet<_> =
+            results.iter().map(|r| r.storage.clone().unwrap()).collect();
+        assert_eq!(chosen.len(), 1, "{results:?}");
+        assert_eq!(
+            results.iter().filter(|r| r.changed).count(),
+            1,
+            "{results:?}"
+        );
+        assert!(!chosen.contains("g1"), "an outdated replica was elected");
+    }
+
+    #[tokio::test]
+    async fn a_write_bumps_the_generation_and_queues_jobs_once() {
+        let db = TestDb::new().await;
+        let (store, id) = setup(&db).await;
+        let job = |target: &str| UpdateJob {
+            repository_id: id,
+            virtual_storage: "vs".into(),
+            relative_path: "r.git".into(),
+            replica_path: praefect::routing::replica_path(id),
+            source: "g1".into(),
+            target: target.into(),
+            correlation_id: "c1".into(),
+        };
+        let generation = store
+            .record_write(id, &["g1".to_string()], &[job("g2"), job("g3")])
+            .await
+            .unwrap();
+        assert_eq!(generation, 1);
+        store
+            .record_write(id, &["g1".to_string()], &[job("g2"), job("g3")])
+            .await
+            .unwrap();
+        let mut raw = db.raw().await;
+        let queued: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT state::text, lock_id, job->>'target_node_storage' FROM replication_queue ORDER BY id",
+        )
+        .fetch_all(&mut raw)
+        .await
+        .unwrap();
+        assert_eq!(
+            queued,
+            vec![
+                (
+                    "ready".to_string(),
+                    "vs|g2|r.git".to_string(),
+                    "g2".to_string()
+                ),
+                (
+                    "ready".to_string(),
+                    "vs|g3|r.git".to_string(),
+                    "g3".to_string()
+                ),
+            ],
+            "a ready duplicate is not queued twice"
+        );
+        let locks: i64 = sqlx::query_scalar("SELECT count(*) FROM replication_queue_lock")
+            .fetch_one(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(locks, 2);
+        let meta: serde_json::Value =
+            sqlx::query_scalar("SELECT meta FROM replication_queue LIMIT 1")
+                .fetch_one(&mut raw)
+                .await
+                .unwrap();
+        assert_eq!(meta, json!({"correlation_id": "c1"}));
+        // Only g1 moved on.
+        assert_eq!(valid_primaries(&store, id).await, ["g1"]);
+    }
+}

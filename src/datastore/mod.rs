@@ -22,6 +22,7 @@ mod connect;
 mod health;
 pub mod migrations;
 mod repositories;
+mod routing;
 
 pub use cache::{CacheStats, ListenerSettings, StorageCache};
 pub use connect::{
@@ -33,6 +34,7 @@ pub use migrations::{
     Migration, MigrationEvent, MigrationState, MigrationStatus, MIGRATIONS_TABLE,
 };
 pub use repositories::{ConsistentStorages, NewRepository, ValidPrimary};
+pub use routing::{Primary, UpdateJob};
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};

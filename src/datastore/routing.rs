@@ -1,0 +1,224 @@
+//! What mutator routing reads and writes: the per-repository primary (elected lazily, inside
+//! one statement with a row lock, so that two routers electing at once agree), assignments,
+//! and the `update` jobs of replicas a write left behind.
+
+use sqlx::Connection;
+
+use super::{Datastore, DatastoreError};
+
+/// The outcome of resolving a repository's primary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Primary {
+    /// The primary now recorded; None when the repository never had one and none is valid.
+    pub storage: Option<String>,
+    /// Whether this call elected a new one.
+    pub changed: bool,
+}
+
+/// One replication job to record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpdateJob {
+    pub repository_id: i64,
+    pub virtual_storage: String,
+    pub relative_path: String,
+    pub replica_path: String,
+    pub source: String,
+    pub target: String,
+    pub correlation_id: String,
+}
+
+impl Datastore {
+    /// The repository's primary: the recorded one if it is still a valid primary; otherwise a
+    /// random valid one, chosen under the repository row's lock; otherwise the recorded one
+    /// unchanged (possibly invalid, for the caller to report).
+    pub async fn get_primary(&self, repository_id: i64) -> Result<Primary, DatastoreError> {
+        let current: Option<(Option<String>, bool)> = self
+            .run("get_primary", |pool| async move {
+                sqlx::query_as(
+                    "SELECT repo.\"primary\",
+                            EXISTS (SELECT 1 FROM valid_primaries AS valid
+                                    WHERE valid.repository_id = repo.repository_id
+                                      AND valid.storage = repo.\"primary\")
+                     FROM repositories AS repo WHERE repo.repository_id = $1",
+                )
+                .bind(repository_id)
+                .fetch_optional(&pool)
+                .await
+            })
+            .await?;
+        let (stored, valid) = current.ok_or(DatastoreError::RepositoryNotFound)?;
+        if valid {
+            return Ok(Primary {
+                storage: stored,
+                changed: false,
+            });
+        }
+        let elected: (Option<String>, bool) = self
+            .run("elect_primary", |pool| async move {
+                sqlx::query_as(
+                    "WITH locked AS (
+                         SELECT repository_id, \"primary\" FROM repositories
+                         WHERE repository_id = $1
+                         FOR NO KEY UPDATE
+                     ),
+                     candidate AS (
+                         SELECT storage FROM valid_primaries
+                         WHERE repository_id = $1
+                         ORDER BY random() LIMIT 1
+                     ),
+                     elected AS (
+                         UPDATE repositories SET \"primary\" = (SELECT storage FROM candidate)
+                         FROM locked
+                         WHERE repositories.repository_id = locked.repository_id
+                           AND EXISTS (SELECT 1 FROM candidate)
+                           AND NOT EXISTS (
+                               SELECT 1 FROM valid_primaries AS valid
+                               WHERE valid.repository_id = locked.repository_id
+                                 AND valid.storage = locked.\"primary\")
+                         RETURNING repositories.\"primary\"
+                     )
+                     SELECT COALESCE((SELECT \"primary\" FROM elected), (SELECT \"primary\" FROM locked)),
+                            EXISTS (SELECT 1 FROM elected)",
+                )
+                .bind(repository_id)
+                .fetch_one(&pool)
+                .await
+            })
+            .await?;
+        if elected.1 {
+            tracing::info!(
+                repository_id,
+                previous = ?stored,
+                current = ?elected.0,
+                "primary node changed"
+            );
+        }
+        Ok(Primary {
+            storage: elected.0,
+            changed: elected.1,
+        })
+    }
+
+    /// The explicitly assigned storages of a repository (empty: every configured storage).
+    pub async fn assignments(&self, repository_id: i64) -> Result<Vec<String>, DatastoreError> {
+        self.run("assignments", |pool| async move {
+            sqlx::query_scalar(
+                "SELECT storage FROM repository_assignments WHERE repository_id = $1 ORDER BY storage",
+            )
+            .bind(repository_id)
+            .fetch_all(&pool)
+            .await
+        })
+        .await
+    }
+
+    /// Records a successful write on `updated` (at the latest generation) and queues `update`
+    /// jobs for the replicas left behind, in one transaction: the call only succeeds once its
+    /// follow-up work is persisted (gitaly#2672). A `ready` job for the same target and change
+    /// is not duplicated.
+    pub async fn record_write(
+        &self,
+        repository_id: i64,
+        updated: &[String],
+        jobs: &[UpdateJob],
+    ) -> Result<i64, DatastoreError> {
+        let result: Option<Option<i64>> = self
+            .run("record_write", |pool| async move {
+                let mut conn = pool.acquire().await?;
+                let mut tx = conn.begin().await?;
+                let generation: Option<Option<i64>> = sqlx::query_scalar(
+                    "WITH repo AS (
+                         SELECT repository_id, generation FROM repositories
+                         WHERE repository_id = $1 FOR UPDATE
+                     ),
+                     bumped AS (
+                         UPDATE storage_repositories AS replica
+                         SET generation = replica.generation + 1
+                         FROM repo
+                         WHERE replica.repository_id = repo.repository_id
+                           AND replica.storage = ANY($2)
+                           AND replica.generation = repo.generation
+                         RETURNING replica.generation
+                     ),
+                     repo_bumped AS (
+                         UPDATE repositories SET generation = repositories.generation + 1
+                         FROM repo
+                         WHERE repositories.repository_id = repo.repository_id
+                           AND EXISTS (SELECT 1 FROM bumped)
+                         RETURNING repositories.generation
+                     )
+                     SELECT (SELECT generation FROM repo_bumped) FROM repo",
+                )
+                .bind(repository_id)
+                .bind(updated)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if matches!(generation, Some(Some(_))) {
+                    for job in jobs {
+                        enqueue_update(&mut tx, job).await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(generation)
+            })
+            .await?;
+        match result {
+            None => Err(DatastoreError::RepositoryNotFound),
+            Some(None) => Err(DatastoreError::WriteToOutdatedNodes),
+            Some(Some(generation)) => Ok(generation),
+        }
+    }
+
+    /// Queues `update` jobs (e.g. for the replicas a repository creation did not reach).
+    pub async fn enqueue_updates(&self, jobs: &[UpdateJob]) -> Result<(), DatastoreError> {
+        self.run("enqueue_updates", |pool| async move {
+            let mut conn = pool.acquire().await?;
+            let mut tx = conn.begin().await?;
+            for job in jobs {
+                enqueue_update(&mut tx, job).await?;
+            }
+            tx.commit().await
+        })
+        .await
+    }
+}
+
+/// Inserts one `update` job unless a `ready` one for the same target is queued already.
+async fn enqueue_update(conn: &mut sqlx::PgConnection, job: &UpdateJob) -> Result<(), sqlx::Error> {
+    let lock_id = format!(
+        "{}|{}|{}",
+        job.virtual_storage, job.target, job.relative_path
+    );
+    let payload = serde_json::json!({
+        "change": "update",
+        "repository_id": job.repository_id,
+        "relative_path": job.relative_path,
+        "replica_path": job.replica_path,
+        "target_node_storage": job.target,
+        "source_node_storage": job.source,
+        "virtual_storage": job.virtual_storage,
+        "params": null,
+    });
+    let meta = serde_json::json!({ "correlation_id": job.correlation_id });
+    sqlx::query(
+        "WITH lock AS (
+             INSERT INTO replication_queue_lock (id) VALUES ($1)
+             ON CONFLICT (id) DO NOTHING
+         )
+         INSERT INTO replication_queue (lock_id, job, meta)
+         SELECT $1, $2, $3
+         WHERE NOT EXISTS (
+             SELECT 1 FROM replication_queue
+             WHERE state = 'ready'
+               AND job ->> 'virtual_storage' = $2 ->> 'virtual_storage'
+               AND job ->> 'relative_path' = $2 ->> 'relative_path'
+               AND job ->> 'target_node_storage' = $2 ->> 'target_node_storage'
+               AND job ->> 'change' = 'update')",
+    )
+    .bind(&lock_id)
+    .bind(&payload)
+    .bind(&meta)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
