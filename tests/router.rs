@@ -440,3 +440,210 @@ async fn accessors_are_proxied_to_healthy_up_to_date_replicas() {
         (Code::Internal, "no suitable node to serve the request")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_go_to_the_primary_and_leave_jobs_for_the_other_replicas() {
+    use common::gitnode::{as_refs, git, ssh_env};
+    use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
+    use praefect::wire::proto::*;
+    use tonic::Code;
+
+    let db = TestDb::new().await;
+    let mut a = GitNode::start("gitaly-1");
+    let mut b = GitNode::start("gitaly-2");
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = write_config(dir.path(), &db.connection(), &[&a, &b]);
+    let router = Router::start(&config_path);
+    let mut repos = RepositoryServiceClient::new(router_channel(&router));
+    let path = "new/project.git";
+
+    repos
+        .create_repository(CreateRepositoryRequest {
+            repository: Some(virtual_repo(path)),
+            default_branch: b"main".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = repos
+        .create_repository(CreateRepositoryRequest {
+            repository: Some(virtual_repo(path)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    let mut raw = db.raw().await;
+    let (id, primary, generation, replica_path): (i64, String, i64, String) = sqlx::query_as(
+        "SELECT repository_id, \"primary\", generation, replica_path FROM repositories WHERE relative_path = $1",
+    )
+    .bind(path)
+    .fetch_one(&mut raw)
+    .await
+    .unwrap();
+    assert_eq!(generation, 0);
+    assert_eq!(replica_path, praefect::routing::replica_path(id));
+    let other = if primary == "gitaly-1" {
+        "gitaly-2"
+    } else {
+        "gitaly-1"
+    };
+    let replicas: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT storage, generation FROM storage_repositories WHERE repository_id = $1",
+    )
+    .bind(id)
+    .fetch_all(&mut raw)
+    .await
+    .unwrap();
+    assert_eq!(replicas, vec![(primary.clone(), 0)]);
+    let expected_job = vec![("update".to_string(), primary.clone(), other.to_string())];
+    assert_eq!(ready_jobs(&mut raw).await, expected_job);
+    let exists = |path: &'static str| RepositoryExistsRequest {
+        repository: Some(virtual_repo(path)),
+    };
+    assert!(
+        repos
+            .repository_exists(exists(path))
+            .await
+            .unwrap()
+            .into_inner()
+            .exists
+    );
+    assert!(
+        !repos
+            .repository_exists(exists("nothing.git"))
+            .await
+            .unwrap()
+            .into_inner()
+            .exists
+    );
+
+    // Push through the router: the primary takes it, its generation moves on, and the other
+    // replica's job is not queued twice.
+    let mut env = ssh_env(&router.address, "default", path);
+    env.retain(|(k, _)| k != "GITALY_TOKEN");
+    env.push(("GITALY_TOKEN".into(), ROUTER_TOKEN.into()));
+    let work = tempfile::tempdir().unwrap();
+    git(
+        work.path(),
+        &["init", "--quiet", "--initial-branch=main", "."],
+        &[],
+    );
+    std::fs::write(work.path().join("file"), "content").unwrap();
+    git(work.path(), &["add", "."], &[]);
+    git(
+        work.path(),
+        &["commit", "--quiet", "-m", "pushed through the router"],
+        &[],
+    );
+    git(
+        work.path(),
+        &["push", "--quiet", "ssh://gitaly/x", "main"],
+        &as_refs(&env),
+    );
+    let generation: i64 =
+        sqlx::query_scalar("SELECT generation FROM repositories WHERE repository_id = $1")
+            .bind(id)
+            .fetch_one(&mut raw)
+            .await
+            .unwrap();
+    assert_eq!(generation, 1);
+    let replicas: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT storage, generation FROM storage_repositories WHERE repository_id = $1",
+    )
+    .bind(id)
+    .fetch_all(&mut raw)
+    .await
+    .unwrap();
+    assert_eq!(replicas, vec![(primary.clone(), 1)]);
+    assert_eq!(ready_jobs(&mut raw).await, expected_job);
+
+    let clone = tempfile::tempdir().unwrap();
+    git(
+        clone.path(),
+        &["clone", "--quiet", "--bare", "ssh://gitaly/x", "."],
+        &as_refs(&env),
+    );
+    assert_eq!(
+        git(clone.path(), &["log", "--format=%s", "main"], &[]).trim(),
+        "pushed through the router"
+    );
+
+    // A failed write records nothing.
+    let bad = WriteRefRequest {
+        repository: Some(virtual_repo(path)),
+        r#ref: b"refs/heads/x".to_vec(),
+        revision: b"0000000000000000000000000000000000000001".to_vec(),
+        old_revision: vec![],
+    };
+    repos.write_ref(bad.clone()).await.unwrap_err();
+    let generation: i64 =
+        sqlx::query_scalar("SELECT generation FROM repositories WHERE repository_id = $1")
+            .bind(id)
+            .fetch_one(&mut raw)
+            .await
+            .unwrap();
+    assert_eq!(generation, 1, "a failed write must not bump the generation");
+
+    // The primary down and no other up-to-date replica: writes and reads are refused clearly.
+    let (primary_node, _other_node) = if primary == "gitaly-1" {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    primary_node.kill();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let err = repos.write_ref(bad).await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::Internal, "primary gitaly is not healthy")
+    );
+    primary_node.restart();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    // RemoveRepository: records first, then the replicas.
+    repos
+        .remove_repository(RemoveRepositoryRequest {
+            repository: Some(virtual_repo(path)),
+        })
+        .await
+        .unwrap();
+    assert!(
+        !repos
+            .repository_exists(exists(path))
+            .await
+            .unwrap()
+            .into_inner()
+            .exists
+    );
+    let on_disk = RepositoryServiceClient::new(primary_node.channel())
+        .repository_exists(RepositoryExistsRequest {
+            repository: Some(primary_node.repository(&replica_path)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .exists;
+    assert!(!on_disk, "the replica is removed from the node");
+    let err = repos
+        .remove_repository(RemoveRepositoryRequest {
+            repository: Some(virtual_repo(path)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::NotFound, "repository does not exist")
+    );
+}
+
+async fn ready_jobs(raw: &mut sqlx::PgConnection) -> Vec<(String, String, String)> {
+    sqlx::query_as(
+        "SELECT job->>'change', job->>'source_node_storage', job->>'target_node_storage'
+         FROM replication_queue WHERE state = 'ready'",
+    )
+    .fetch_all(raw)
+    .await
+    .unwrap()
+}

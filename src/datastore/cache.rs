@@ -99,6 +99,11 @@ impl StorageCache {
         })
     }
 
+    /// The datastore behind the cache (writes always go to it directly).
+    pub fn store(&self) -> &Datastore {
+        &self.store
+    }
+
     pub fn is_enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
     }

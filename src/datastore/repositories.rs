@@ -235,3 +235,55 @@ impl Datastore {
         ))
     }
 }
+
+impl Datastore {
+    /// Deletes a repository's records (replicas and assignments go by cascade) and returns its
+    /// replica path and the storages that held a replica; None if it was not tracked.
+    pub async fn delete_repository(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+    ) -> Result<Option<(String, Vec<String>)>, DatastoreError> {
+        let row: Option<(Option<String>, Vec<String>)> = self
+            .run("delete_repository", |pool| async move {
+                sqlx::query_as(
+                    "DELETE FROM repositories AS repo
+                     WHERE repo.virtual_storage = $1 AND repo.relative_path = $2
+                     RETURNING repo.replica_path,
+                               ARRAY(SELECT replica.storage FROM storage_repositories AS replica
+                                     WHERE replica.repository_id = repo.repository_id
+                                     ORDER BY replica.storage)",
+                )
+                .bind(virtual_storage)
+                .bind(relative_path)
+                .fetch_optional(&pool)
+                .await
+            })
+            .await?;
+        Ok(row.map(|(replica_path, storages)| {
+            (
+                replica_path.unwrap_or_else(|| relative_path.to_string()),
+                storages,
+            )
+        }))
+    }
+
+    /// Whether a repository is tracked.
+    pub async fn repository_exists(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+    ) -> Result<bool, DatastoreError> {
+        self.run("repository_exists", |pool| async move {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM repositories
+                                WHERE virtual_storage = $1 AND relative_path = $2)",
+            )
+            .bind(virtual_storage)
+            .bind(relative_path)
+            .fetch_one(&pool)
+            .await
+        })
+        .await
+    }
+}

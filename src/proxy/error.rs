@@ -21,6 +21,20 @@ pub enum ProxyError {
     StorageNotFound,
     #[error("repository not found")]
     RepositoryNotFound,
+    #[error("additional repository not found")]
+    AdditionalRepositoryNotFound,
+    #[error("repository already exists")]
+    RepositoryExists,
+    #[error("repository does not exist")]
+    RepositoryDoesNotExist,
+    #[error("no primary")]
+    NoPrimary,
+    #[error("primary gitaly is not healthy")]
+    PrimaryUnhealthy,
+    #[error("primary node is not assigned")]
+    PrimaryNotAssigned,
+    #[error("repository is in read-only mode")]
+    ReadOnly,
     #[error("no healthy nodes")]
     NoHealthyNodes,
     #[error("no suitable node to serve the request")]
@@ -53,7 +67,14 @@ impl ProxyError {
             | ProxyError::RelativePathNotSet
             | ProxyError::StorageNotFound
             | ProxyError::Malformed(_) => Code::InvalidArgument,
-            ProxyError::RepositoryNotFound => Code::NotFound,
+            ProxyError::RepositoryNotFound
+            | ProxyError::AdditionalRepositoryNotFound
+            | ProxyError::RepositoryDoesNotExist => Code::NotFound,
+            ProxyError::RepositoryExists => Code::AlreadyExists,
+            ProxyError::ReadOnly => Code::FailedPrecondition,
+            ProxyError::NoPrimary
+            | ProxyError::PrimaryUnhealthy
+            | ProxyError::PrimaryNotAssigned => Code::Internal,
             ProxyError::Unsupported(_) => Code::Unimplemented,
             ProxyError::ClientStream(_) => Code::Cancelled,
             ProxyError::UnknownMethod(_)

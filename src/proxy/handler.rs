@@ -14,7 +14,15 @@ use rand::seq::SliceRandom;
 use tower::ServiceExt;
 
 use super::error::ProxyError;
-use super::frame;
+use super::{finalize, frame, intercept};
+use crate::wire::proto::repository_service_client::RepositoryServiceClient;
+use crate::wire::proto::{
+    RemoveRepositoryRequest, RemoveRepositoryResponse, Repository, RepositoryExistsRequest,
+    RepositoryExistsResponse,
+};
+
+const REPOSITORY_EXISTS: &str = "/gitaly.RepositoryService/RepositoryExists";
+const REMOVE_REPOSITORY: &str = "/gitaly.RepositoryService/RemoveRepository";
 use super::registry::{MethodInfo, OpType, Registry, Scope};
 use super::rewrite;
 use crate::config::Config;
@@ -101,14 +109,46 @@ impl Proxy {
             frame::FrameError::Body(text) => ProxyError::ClientStream(text),
             other => ProxyError::Malformed(other.to_string()),
         })?;
-        let route = self.route(method, &first.message).await?;
+        let mut headers = parts.headers;
+        let correlation_id = match headers
+            .get(CORRELATION_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(id) if !id.is_empty() => id.to_string(),
+            _ => {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                if let Ok(value) = http::HeaderValue::from_str(&id) {
+                    headers.insert(CORRELATION_HEADER, value);
+                }
+                id
+            }
+        };
+        match path.as_str() {
+            REPOSITORY_EXISTS => return self.repository_exists(&first.message).await,
+            REMOVE_REPOSITORY => return self.remove_repository(&first.message).await,
+            _ => {}
+        }
+        let (route, after) =
+            if method.scope == Scope::Repository && method.op_type == OpType::Mutator {
+                let write = self
+                    .route_write(method, &first.message, &correlation_id)
+                    .await?;
+                let route = Route {
+                    virtual_storage: write.virtual_storage,
+                    storage: write.storage,
+                    message: write.message,
+                    repository_scoped: true,
+                };
+                (route, Some(write.after))
+            } else {
+                (self.route(method, &first.message).await?, None)
+            };
         let channel = self
             .nodes
             .channel(&route.virtual_storage, &route.storage)
             .cloned()
             .ok_or(ProxyError::NoSuitableNode)?;
 
-        let mut headers = parts.headers;
         headers.remove(http::header::AUTHORIZATION);
         headers.remove(http::header::HOST);
         headers.remove(http::header::CONTENT_LENGTH);
@@ -134,13 +174,6 @@ impl Proxy {
             headers.append(wire_sidechannel::METADATA_KEY, value);
             super::sidechannel::spawn_bridge(waiter, self.sessions.clone(), peer, client_id);
         }
-        if !headers.contains_key(CORRELATION_HEADER) {
-            if let Ok(value) =
-                http::HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string())
-            {
-                headers.insert(CORRELATION_HEADER, value);
-            }
-        }
 
         let head = futures::stream::iter([
             Ok(Frame::data(frame::encode(&route.message))),
@@ -164,10 +197,93 @@ impl Proxy {
             ))
         })?;
         let (parts, body) = response.into_parts();
+        let body = tonic::body::Body::new(body);
+        let Some(after) = after else {
+            return Ok(http::Response::from_parts(parts, body));
+        };
+        let store = self.cache.store().clone();
+        if parts.headers.contains_key("grpc-status") {
+            // A trailers-only answer: the outcome is known now.
+            if finalize::is_ok(&parts.headers) {
+                after.record(&store).await?;
+            }
+            return Ok(http::Response::from_parts(parts, body));
+        }
+        let body = finalize::Finalizing::new(body, move |ok| async move {
+            if !ok {
+                // The primary failed: nothing is recorded (gitaly#3605).
+                return Ok(());
+            }
+            after.record(&store).await.map_err(|err| {
+                tracing::error!(error = %err, "recording a successful write failed");
+                ProxyError::Database(err).to_status()
+            })
+        });
         Ok(http::Response::from_parts(
             parts,
             tonic::body::Body::new(body),
         ))
+    }
+
+    /// RepositoryExists is answered from the database.
+    async fn repository_exists(
+        &self,
+        message: &Bytes,
+    ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
+        let request: RepositoryExistsRequest = intercept::decode(message)?;
+        let repo = request.repository.ok_or(ProxyError::RepositoryNotSet)?;
+        self.check_virtual_storage(&repo.storage_name)?;
+        if repo.relative_path.is_empty() {
+            return Err(ProxyError::RelativePathNotSet);
+        }
+        let exists = self
+            .cache
+            .store()
+            .repository_exists(&repo.storage_name, &repo.relative_path)
+            .await?;
+        Ok(intercept::unary_ok(&RepositoryExistsResponse { exists }))
+    }
+
+    /// RemoveRepository deletes the records first, then the replicas (best effort, 10 s).
+    async fn remove_repository(
+        &self,
+        message: &Bytes,
+    ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
+        let request: RemoveRepositoryRequest = intercept::decode(message)?;
+        let repo = request.repository.ok_or(ProxyError::RepositoryNotSet)?;
+        self.check_virtual_storage(&repo.storage_name)?;
+        if repo.relative_path.is_empty() {
+            return Err(ProxyError::RelativePathNotSet);
+        }
+        let (replica_path, storages) = self
+            .cache
+            .store()
+            .delete_repository(&repo.storage_name, &repo.relative_path)
+            .await?
+            .ok_or(ProxyError::RepositoryDoesNotExist)?;
+        let removals = storages.iter().filter_map(|storage| {
+            let channel = self.nodes.channel(&repo.storage_name, storage)?.clone();
+            let request = RemoveRepositoryRequest {
+                repository: Some(Repository {
+                    storage_name: storage.clone(),
+                    relative_path: replica_path.clone(),
+                    ..Default::default()
+                }),
+            };
+            Some(async move {
+                let mut client = RepositoryServiceClient::new(channel);
+                let call = client.remove_repository(request);
+                match tokio::time::timeout(std::time::Duration::from_secs(10), call).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(status)) => {
+                        tracing::warn!(storage = %storage, error = %status.message(), "removing a replica failed")
+                    }
+                    Err(_) => tracing::warn!(storage = %storage, "removing a replica timed out"),
+                }
+            })
+        });
+        futures::future::join_all(removals).await;
+        Ok(intercept::unary_ok(&RemoveRepositoryResponse {}))
     }
 
     async fn route(&self, method: &MethodInfo, message: &Bytes) -> Result<Route, ProxyError> {
@@ -192,7 +308,7 @@ impl Proxy {
         }
     }
 
-    fn check_virtual_storage(&self, name: &str) -> Result<(), ProxyError> {
+    pub(super) fn check_virtual_storage(&self, name: &str) -> Result<(), ProxyError> {
         if name.is_empty() {
             return Err(ProxyError::StorageNameNotSet);
         }
@@ -203,7 +319,7 @@ impl Proxy {
     }
 
     /// The locally healthy storages of a virtual storage.
-    fn healthy(&self, virtual_storage: &str) -> Result<Vec<String>, ProxyError> {
+    pub(super) fn healthy(&self, virtual_storage: &str) -> Result<Vec<String>, ProxyError> {
         let healthy: Vec<String> = self
             .health
             .healthy()

@@ -2,8 +2,11 @@
 //! message on the wire format, and forwarding calls to the chosen node.
 
 pub mod error;
+mod finalize;
 pub mod frame;
 pub mod handler;
+mod intercept;
+mod mutator;
 pub mod registry;
 pub mod rewrite;
 mod sidechannel;

@@ -1,0 +1,300 @@
+//! Routing writes. Until reference transactions exist, a write goes to the repository's
+//! primary only; once it succeeded, the primary's generation is bumped and every other
+//! assigned replica gets an `update` replication job (both persisted before the client sees
+//! the success). Repository creation places the repository (replication factor), reserves
+//! its id and replica path, and records it once the primary created it.
+
+use rand::seq::SliceRandom;
+
+use super::error::ProxyError;
+use super::handler::Proxy;
+use super::registry::MethodInfo;
+use super::rewrite;
+use crate::datastore::{DatastoreError, NewRepository, UpdateJob};
+use crate::routing::{pool_replica_path, replica_path};
+
+/// The RPCs that create a repository (change type "create").
+const CREATE_METHODS: &[&str] = &[
+    "/gitaly.RepositoryService/CreateRepository",
+    "/gitaly.RepositoryService/CreateRepositoryFromURL",
+    "/gitaly.RepositoryService/CreateRepositoryFromBundle",
+    "/gitaly.RepositoryService/CreateRepositoryFromSnapshot",
+    "/gitaly.RepositoryService/CreateFork",
+    "/gitaly.RepositoryService/ReplicateRepository",
+    "/gitaly.RepositoryService/RestoreRepository",
+    "/gitaly.ObjectPoolService/CreateObjectPool",
+];
+/// Creations that update the repository instead when it exists already.
+const UPSERT_METHODS: &[&str] = &[
+    "/gitaly.RepositoryService/ReplicateRepository",
+    "/gitaly.RepositoryService/RestoreRepository",
+];
+
+/// What to record once the write succeeded.
+pub enum AfterWrite {
+    Update {
+        repository_id: i64,
+        primary: String,
+        jobs: Vec<UpdateJob>,
+    },
+    Create {
+        repository: NewRepository,
+        jobs: Vec<UpdateJob>,
+    },
+}
+
+/// A routed write: the node, the rewritten first message, the bookkeeping to do after.
+pub struct WriteRoute {
+    pub virtual_storage: String,
+    pub storage: String,
+    pub message: Vec<u8>,
+    pub after: AfterWrite,
+}
+
+fn jobs_for(
+    targets: &[String],
+    repository_id: i64,
+    virtual_storage: &str,
+    relative_path: &str,
+    replica_path: &str,
+    source: &str,
+    correlation_id: &str,
+) -> Vec<UpdateJob> {
+    targets
+        .iter()
+        .map(|target| UpdateJob {
+            repository_id,
+            virtual_storage: virtual_storage.to_string(),
+            relative_path: relative_path.to_string(),
+            replica_path: replica_path.to_string(),
+            source: source.to_string(),
+            target: target.clone(),
+            correlation_id: correlation_id.to_string(),
+        })
+        .collect()
+}
+
+/// Object pools created by Rails live at `@pools/xx/yy/<64 hex>.git`.
+fn is_pool_path(relative_path: &str) -> bool {
+    relative_path.starts_with("@pools/") && relative_path.ends_with(".git")
+}
+
+impl Proxy {
+    pub(super) async fn route_write(
+        &self,
+        method: &MethodInfo,
+        message: &[u8],
+        correlation_id: &str,
+    ) -> Result<WriteRoute, ProxyError> {
+        let target = method
+            .target_repository
+            .as_deref()
+            .ok_or(ProxyError::RepositoryNotSet)?;
+        let repo = rewrite::read_repository(message, target)?;
+        self.check_virtual_storage(&repo.storage_name)?;
+        if repo.relative_path.is_empty() {
+            return Err(ProxyError::RelativePathNotSet);
+        }
+        let healthy = self.healthy(&repo.storage_name)?;
+        if CREATE_METHODS.contains(&method.full_name.as_str()) {
+            match self
+                .route_create(method, message, &repo, &healthy, correlation_id)
+                .await
+            {
+                Err(ProxyError::RepositoryExists)
+                    if UPSERT_METHODS.contains(&method.full_name.as_str()) => {}
+                other => return other,
+            }
+        }
+        self.route_update(method, message, &repo, &healthy, correlation_id)
+            .await
+    }
+
+    async fn route_update(
+        &self,
+        method: &MethodInfo,
+        message: &[u8],
+        repo: &rewrite::RepositoryRef,
+        healthy: &[String],
+        correlation_id: &str,
+    ) -> Result<WriteRoute, ProxyError> {
+        let store = self.cache.store();
+        let entry = store
+            .consistent_storages(&repo.storage_name, &repo.relative_path)
+            .await?
+            .ok_or(ProxyError::RepositoryNotFound)?;
+        let primary = store
+            .get_primary(entry.repository_id)
+            .await?
+            .storage
+            .ok_or(ProxyError::NoPrimary)?;
+        if !healthy.contains(&primary) {
+            return Err(ProxyError::PrimaryUnhealthy);
+        }
+        if !entry.storages.contains(&primary) {
+            return Err(ProxyError::ReadOnly);
+        }
+        let configured: Vec<String> = self
+            .config
+            .virtual_storage(&repo.storage_name)
+            .map(|vs| vs.node.iter().map(|n| n.storage.clone()).collect())
+            .unwrap_or_default();
+        let mut assigned: Vec<String> = store
+            .assignments(entry.repository_id)
+            .await?
+            .into_iter()
+            .filter(|s| configured.contains(s))
+            .collect();
+        if assigned.is_empty() {
+            assigned = configured;
+        }
+        if !assigned.contains(&primary) {
+            return Err(ProxyError::PrimaryNotAssigned);
+        }
+        let targets: Vec<String> = assigned.into_iter().filter(|s| *s != primary).collect();
+        let target_path = method
+            .target_repository
+            .as_deref()
+            .expect("checked by caller");
+        let mut rewritten =
+            rewrite::rewrite_repository(message, target_path, &primary, &entry.replica_path)?;
+        if let Some(additional) = method.additional_repository.as_deref() {
+            if let Ok(other) = rewrite::read_repository(&rewritten, additional) {
+                let other_entry = store
+                    .consistent_storages(&repo.storage_name, &other.relative_path)
+                    .await?
+                    .ok_or(ProxyError::AdditionalRepositoryNotFound)?;
+                rewritten = rewrite::rewrite_repository(
+                    &rewritten,
+                    additional,
+                    &primary,
+                    &other_entry.replica_path,
+                )?;
+            }
+        }
+        Ok(WriteRoute {
+            virtual_storage: repo.storage_name.clone(),
+            storage: primary.clone(),
+            message: rewritten,
+            after: AfterWrite::Update {
+                repository_id: entry.repository_id,
+                jobs: jobs_for(
+                    &targets,
+                    entry.repository_id,
+                    &repo.storage_name,
+                    &repo.relative_path,
+                    &entry.replica_path,
+                    &primary,
+                    correlation_id,
+                ),
+                primary,
+            },
+        })
+    }
+
+    async fn route_create(
+        &self,
+        method: &MethodInfo,
+        message: &[u8],
+        repo: &rewrite::RepositoryRef,
+        healthy: &[String],
+        correlation_id: &str,
+    ) -> Result<WriteRoute, ProxyError> {
+        if let Some(additional) = method.additional_repository.as_deref() {
+            if rewrite::read_repository(message, additional).is_ok() {
+                return Err(ProxyError::Unsupported(
+                    "creating a repository next to another one (forks, pools) is not implemented yet"
+                        .into(),
+                ));
+            }
+        }
+        let virtual_storage = self
+            .config
+            .virtual_storage(&repo.storage_name)
+            .ok_or(ProxyError::StorageNotFound)?;
+        let store = self.cache.store();
+        let repository_id = match store
+            .reserve_repository_id(&repo.storage_name, &repo.relative_path)
+            .await
+        {
+            Err(DatastoreError::RepositoryExists) => return Err(ProxyError::RepositoryExists),
+            other => other?,
+        };
+        let (primary, targets) = {
+            let mut rng = rand::thread_rng();
+            let primary = healthy
+                .choose(&mut rng)
+                .cloned()
+                .ok_or(ProxyError::NoHealthyNodes)?;
+            let mut others: Vec<String> = virtual_storage
+                .node
+                .iter()
+                .map(|n| n.storage.clone())
+                .filter(|s| *s != primary)
+                .collect();
+            let factor = virtual_storage.default_replication_factor;
+            if factor > 0 {
+                others.shuffle(&mut rng);
+                others.truncate(usize::try_from(factor - 1).unwrap_or(0));
+            }
+            (primary, others)
+        };
+        let replica = if is_pool_path(&repo.relative_path) {
+            pool_replica_path(repository_id)
+        } else {
+            replica_path(repository_id)
+        };
+        let target_path = method
+            .target_repository
+            .as_deref()
+            .expect("checked by caller");
+        let rewritten = rewrite::rewrite_repository(message, target_path, &primary, &replica)?;
+        let jobs = jobs_for(
+            &targets,
+            repository_id,
+            &repo.storage_name,
+            &repo.relative_path,
+            &replica,
+            &primary,
+            correlation_id,
+        );
+        Ok(WriteRoute {
+            virtual_storage: repo.storage_name.clone(),
+            storage: primary.clone(),
+            message: rewritten,
+            after: AfterWrite::Create {
+                repository: NewRepository {
+                    repository_id,
+                    virtual_storage: repo.storage_name.clone(),
+                    relative_path: repo.relative_path.clone(),
+                    replica_path: replica,
+                    primary,
+                    updated_secondaries: Vec::new(),
+                    outdated_secondaries: targets,
+                    store_assignments: virtual_storage.default_replication_factor > 0,
+                },
+                jobs,
+            },
+        })
+    }
+}
+
+impl AfterWrite {
+    /// Records a successful write.
+    pub async fn record(self, store: &crate::datastore::Datastore) -> Result<(), DatastoreError> {
+        match self {
+            AfterWrite::Update {
+                repository_id,
+                primary,
+                jobs,
+            } => store
+                .record_write(repository_id, &[primary], &jobs)
+                .await
+                .map(|_| ()),
+            AfterWrite::Create { repository, jobs } => {
+                store.create_repository(&repository).await?;
+                store.enqueue_updates(&jobs).await
+            }
+        }
+    }
+}
