@@ -11,7 +11,9 @@
 //! GITALY_RELATIVE_PATH=group/project.git relative path of the repository
 //! ```
 //!
-//! The URL's host and path are ignored: `git clone ssh://gitaly/x dir` works. Fetches run
+//! The URL's host and path are ignored: `git clone ssh://gitaly/x dir` works.
+//! `gitnode-ssh create` creates the repository named by the environment (CreateRepository
+//! with `main` as default branch), for demos and tests. Fetches run
 //! upload-pack over SSHUploadPackWithSidechannel (pack data on a sidechannel through the
 //! backchannel); pushes run receive-pack over SSHReceivePack.
 
@@ -58,6 +60,9 @@ fn remote_service() -> anyhow::Result<String> {
 }
 
 async fn run() -> anyhow::Result<u8> {
+    if std::env::args().nth(1).as_deref() == Some("create") {
+        return create().await;
+    }
     let service = remote_service()?;
     let address = env("GITALY_ADDRESS")?;
     let token = std::env::var("GITALY_TOKEN").unwrap_or_default();
@@ -105,6 +110,32 @@ async fn run() -> anyhow::Result<u8> {
     input.abort();
     tokio::time::timeout(Duration::from_secs(60), call).await???;
     Ok(0)
+}
+
+/// `gitnode-ssh create`: CreateRepository for the repository in the environment.
+async fn create() -> anyhow::Result<u8> {
+    use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
+    use praefect::wire::proto::CreateRepositoryRequest;
+    let channel = dial_lazy(&env("GITALY_ADDRESS")?, yamux_config(0, 256), ClientHandler::default())?;
+    let token = std::env::var("GITALY_TOKEN").unwrap_or_default();
+    let mut client = RepositoryServiceClient::with_interceptor(channel, TokenInterceptor::new(&token));
+    let request = CreateRepositoryRequest {
+        repository: Some(Repository {
+            storage_name: env("GITALY_STORAGE")?,
+            relative_path: env("GITALY_RELATIVE_PATH")?,
+            ..Default::default()
+        }),
+        default_branch: b"main".to_vec(),
+        ..Default::default()
+    };
+    match client.create_repository(request).await {
+        Ok(_) => Ok(0),
+        Err(status) if status.code() == tonic::Code::AlreadyExists => {
+            eprintln!("gitnode-ssh: the repository exists already");
+            Ok(0)
+        }
+        Err(status) => anyhow::bail!("CreateRepository: {}", status.message()),
+    }
 }
 
 async fn receive_pack<T>(
