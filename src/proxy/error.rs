@@ -39,8 +39,14 @@ pub enum ProxyError {
     NoHealthyNodes,
     #[error("no suitable node to serve the request")]
     NoSuitableNode,
+    /// Not implemented by praefect-rs yet (Unimplemented).
     #[error("{0}")]
     Unsupported(String),
+    /// Calls Praefect itself refuses to route (Internal), e.g. storage-scoped mutators.
+    #[error("{0}")]
+    NotRoutable(String),
+    #[error("{0}")]
+    NodeUnavailable(String),
     #[error("first request message: {0}")]
     Malformed(String),
     #[error("reading the first request message: {0}")]
@@ -77,7 +83,9 @@ impl ProxyError {
             | ProxyError::PrimaryNotAssigned => Code::Internal,
             ProxyError::Unsupported(_) => Code::Unimplemented,
             ProxyError::ClientStream(_) => Code::Cancelled,
+            ProxyError::NodeUnavailable(_) => Code::Unavailable,
             ProxyError::UnknownMethod(_)
+            | ProxyError::NotRoutable(_)
             | ProxyError::NoHealthyNodes
             | ProxyError::NoSuitableNode
             | ProxyError::Database(_) => Code::Internal,

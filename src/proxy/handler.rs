@@ -190,7 +190,7 @@ impl Proxy {
         *outgoing.headers_mut() = headers;
         tracing::debug!(grpc.method = %path, storage = %route.storage, "forwarding");
         let response = channel.oneshot(outgoing).await.map_err(|err| {
-            ProxyError::Unsupported(format!(
+            ProxyError::NodeUnavailable(format!(
                 "forwarding to {}: {}",
                 route.storage,
                 crate::wire::backchannel::error_chain(&err)
@@ -298,13 +298,13 @@ impl Proxy {
             Scope::Storage if method.op_type == OpType::Accessor => {
                 self.route_storage_accessor(method, message)
             }
-            Scope::Storage => Err(ProxyError::Unsupported(
+            Scope::Storage => Err(ProxyError::NotRoutable(
                 "storage-scoped mutators are not supported".into(),
             )),
-            Scope::Partition => Err(ProxyError::Unsupported(
+            Scope::Partition => Err(ProxyError::NotRoutable(
                 "rpc with undefined scope \"partition\"".into(),
             )),
-            Scope::None => Err(ProxyError::Unsupported("rpc without scope".into())),
+            Scope::None => Err(ProxyError::NotRoutable("rpc without scope".into())),
         }
     }
 

@@ -116,9 +116,14 @@ async fn run() -> anyhow::Result<u8> {
 async fn create() -> anyhow::Result<u8> {
     use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
     use praefect::wire::proto::CreateRepositoryRequest;
-    let channel = dial_lazy(&env("GITALY_ADDRESS")?, yamux_config(0, 256), ClientHandler::default())?;
+    let channel = dial_lazy(
+        &env("GITALY_ADDRESS")?,
+        yamux_config(0, 256),
+        ClientHandler::default(),
+    )?;
     let token = std::env::var("GITALY_TOKEN").unwrap_or_default();
-    let mut client = RepositoryServiceClient::with_interceptor(channel, TokenInterceptor::new(&token));
+    let mut client =
+        RepositoryServiceClient::with_interceptor(channel, TokenInterceptor::new(&token));
     let request = CreateRepositoryRequest {
         repository: Some(Repository {
             storage_name: env("GITALY_STORAGE")?,
