@@ -278,7 +278,8 @@ async fn accessors_are_proxied_to_healthy_up_to_date_replicas() {
     let router = Router::start(&config_path);
     let mut refs = RefServiceClient::new(router_channel(&router));
 
-    for _ in 0..20 {
+    // Enough calls to trip a node's HTTP/2 reset-flood guard if the router reset streams.
+    for _ in 0..200 {
         let name = refs
             .find_default_branch_name(FindDefaultBranchNameRequest {
                 repository: Some(virtual_repo("group/project.git")),

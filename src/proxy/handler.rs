@@ -175,12 +175,18 @@ impl Proxy {
             super::sidechannel::spawn_bridge(waiter, self.sessions.clone(), peer, client_id);
         }
 
-        let head = futures::stream::iter([
-            Ok(Frame::data(frame::encode(&route.message))),
-            Ok(Frame::data(first.rest)),
-        ]);
-        let rest = body.map(|frame| frame.map_err(|e| tonic::Status::cancelled(e.to_string())));
-        let outgoing_body = tonic::body::Body::new(StreamBody::new(head.chain(rest)));
+        let first_frame = frame::encode(&route.message);
+        let outgoing_body = if method.client_streaming {
+            let head =
+                futures::stream::iter([Ok(Frame::data(first_frame)), Ok(Frame::data(first.rest))]);
+            let rest = body.map(|frame| frame.map_err(|e| tonic::Status::cancelled(e.to_string())));
+            tonic::body::Body::new(StreamBody::new(head.chain(rest)))
+        } else {
+            // One request message is all a unary or server-streaming call has: end the request
+            // with it, rather than waiting for the client's end of stream. (A request still
+            // open when the answer is complete gets reset, and a node counts resets.)
+            tonic::body::Body::new(http_body_util::Full::new(first_frame))
+        };
         let mut outgoing = http::Request::builder()
             .method(http::Method::POST)
             .version(http::Version::HTTP_2)

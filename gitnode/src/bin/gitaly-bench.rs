@@ -1,0 +1,81 @@
+//! `gitaly-bench`: a closed-loop load generator for one cheap unary accessor
+//! (FindDefaultBranchName) against any Gitaly-protocol endpoint (a gitnode or a router).
+//! Prints calls, calls per second, p50 and p99 latency. Used by `scripts/bench`.
+//!
+//! Usage: gitaly-bench ADDRESS TOKEN STORAGE RELATIVE_PATH CONCURRENCY SECONDS
+
+use std::time::{Duration, Instant};
+
+use praefect::wire::auth::TokenInterceptor;
+use praefect::wire::backchannel::{dial, yamux_config, ClientHandler};
+use praefect::wire::proto::ref_service_client::RefServiceClient;
+use praefect::wire::proto::{FindDefaultBranchNameRequest, Repository};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [address, token, storage, relative_path, concurrency, seconds] = args.as_slice() else {
+        anyhow::bail!(
+            "usage: gitaly-bench ADDRESS TOKEN STORAGE RELATIVE_PATH CONCURRENCY SECONDS"
+        );
+    };
+    let concurrency: usize = concurrency.parse()?;
+    let duration = Duration::from_secs_f64(seconds.parse()?);
+    let channel = dial(
+        address,
+        yamux_config(0, 256),
+        ClientHandler::default(),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let client = RefServiceClient::with_interceptor(channel, TokenInterceptor::new(token));
+    let request = FindDefaultBranchNameRequest {
+        repository: Some(Repository {
+            storage_name: storage.clone(),
+            relative_path: relative_path.clone(),
+            ..Default::default()
+        }),
+        head_only: false,
+    };
+    // Warm up connections and caches.
+    for _ in 0..200 {
+        client
+            .clone()
+            .find_default_branch_name(request.clone())
+            .await?;
+    }
+    let deadline = Instant::now() + duration;
+    let workers = (0..concurrency).map(|_| {
+        let mut client = client.clone();
+        let request = request.clone();
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                client.find_default_branch_name(request.clone()).await?;
+                latencies.push(started.elapsed());
+            }
+            Ok::<_, tonic::Status>(latencies)
+        })
+    });
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    for worker in futures::future::join_all(workers).await {
+        latencies.extend(worker??);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    println!(
+        "calls={} rps={:.0} p50_us={:.0} p99_us={:.0}",
+        latencies.len(),
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        percentile(0.50),
+        percentile(0.99)
+    );
+    Ok(())
+}
