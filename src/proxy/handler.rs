@@ -238,10 +238,7 @@ impl Proxy {
     ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
         let request: RepositoryExistsRequest = intercept::decode(message)?;
         let repo = request.repository.ok_or(ProxyError::RepositoryNotSet)?;
-        self.check_virtual_storage(&repo.storage_name)?;
-        if repo.relative_path.is_empty() {
-            return Err(ProxyError::RelativePathNotSet);
-        }
+        self.check_repository(&repo.storage_name, &repo.relative_path)?;
         let exists = self
             .cache
             .store()
@@ -257,10 +254,7 @@ impl Proxy {
     ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
         let request: RemoveRepositoryRequest = intercept::decode(message)?;
         let repo = request.repository.ok_or(ProxyError::RepositoryNotSet)?;
-        self.check_virtual_storage(&repo.storage_name)?;
-        if repo.relative_path.is_empty() {
-            return Err(ProxyError::RelativePathNotSet);
-        }
+        self.check_repository(&repo.storage_name, &repo.relative_path)?;
         let (replica_path, storages) = self
             .cache
             .store()
@@ -314,6 +308,19 @@ impl Proxy {
         }
     }
 
+    /// A repository must name a configured virtual storage and a relative path.
+    pub(super) fn check_repository(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+    ) -> Result<(), ProxyError> {
+        self.check_virtual_storage(virtual_storage)?;
+        if relative_path.is_empty() {
+            return Err(ProxyError::RelativePathNotSet);
+        }
+        Ok(())
+    }
+
     pub(super) fn check_virtual_storage(&self, name: &str) -> Result<(), ProxyError> {
         if name.is_empty() {
             return Err(ProxyError::StorageNameNotSet);
@@ -349,10 +356,7 @@ impl Proxy {
             .as_deref()
             .ok_or(ProxyError::RepositoryNotSet)?;
         let repo = rewrite::read_repository(message, target)?;
-        self.check_virtual_storage(&repo.storage_name)?;
-        if repo.relative_path.is_empty() {
-            return Err(ProxyError::RelativePathNotSet);
-        }
+        self.check_repository(&repo.storage_name, &repo.relative_path)?;
         let healthy = self.healthy(&repo.storage_name)?;
         let entry = self
             .cache

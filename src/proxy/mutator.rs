@@ -91,10 +91,7 @@ impl Proxy {
             .as_deref()
             .ok_or(ProxyError::RepositoryNotSet)?;
         let repo = rewrite::read_repository(message, target)?;
-        self.check_virtual_storage(&repo.storage_name)?;
-        if repo.relative_path.is_empty() {
-            return Err(ProxyError::RelativePathNotSet);
-        }
+        self.check_repository(&repo.storage_name, &repo.relative_path)?;
         let healthy = self.healthy(&repo.storage_name)?;
         if CREATE_METHODS.contains(&method.full_name.as_str()) {
             match self
