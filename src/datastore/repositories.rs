@@ -119,49 +119,13 @@ impl Datastore {
 
     /// Records a successful write: the given storages that held the latest generation move to
     /// the next one, and so does the repository. Storages that were behind stay behind.
+    /// (A write without replication jobs; see [`Datastore::record_write`].)
     pub async fn increment_generation(
         &self,
         repository_id: i64,
         storages: &[String],
     ) -> Result<i64, DatastoreError> {
-        let new_generation: Option<Option<i64>> = self
-            .run("increment_generation", |pool| async move {
-                sqlx::query_scalar(
-                    "WITH repo AS (
-                         SELECT repository_id, generation FROM repositories
-                         WHERE repository_id = $1
-                         FOR UPDATE
-                     ),
-                     bumped AS (
-                         UPDATE storage_repositories AS replica
-                         SET generation = replica.generation + 1
-                         FROM repo
-                         WHERE replica.repository_id = repo.repository_id
-                           AND replica.storage = ANY($2)
-                           AND replica.generation = repo.generation
-                         RETURNING replica.generation
-                     ),
-                     repo_bumped AS (
-                         UPDATE repositories
-                         SET generation = repositories.generation + 1
-                         FROM repo
-                         WHERE repositories.repository_id = repo.repository_id
-                           AND EXISTS (SELECT 1 FROM bumped)
-                         RETURNING repositories.generation
-                     )
-                     SELECT (SELECT generation FROM repo_bumped) FROM repo",
-                )
-                .bind(repository_id)
-                .bind(storages)
-                .fetch_optional(&pool)
-                .await
-            })
-            .await?;
-        match new_generation {
-            None => Err(DatastoreError::RepositoryNotFound),
-            Some(None) => Err(DatastoreError::WriteToOutdatedNodes),
-            Some(Some(generation)) => Ok(generation),
-        }
+        self.record_write(repository_id, storages, &[]).await
     }
 
     /// The replicas of a repository that may be its primary, sorted by storage.
