@@ -159,6 +159,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         usize::try_from(config.yamux.accept_backlog).unwrap_or(256),
     );
     let mut servers = Vec::new();
+    let metrics_task = if config.prometheus_listen_addr.is_empty() {
+        None
+    } else {
+        let addr = config.prometheus_listen_addr.trim_start_matches("tcp://");
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for Prometheus on {addr}"))?;
+        tracing::info!(address = %listener.local_addr()?, scheme = "http", "prometheus listening");
+        Some(tokio::spawn(crate::metrics::serve(
+            listener,
+            stop_rx.clone(),
+        )))
+    };
     for listener in bind(&config).await? {
         let server = tonic::transport::Server::builder()
             .layer(auth.clone())
@@ -197,6 +210,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let _ = health_task.await;
     let _ = listener_task.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     store.close().await;
     tracing::info!("praefect stopped");
     Ok(())

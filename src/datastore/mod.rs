@@ -33,7 +33,7 @@ pub use health::{HealthObservation, HealthyStorage};
 pub use migrations::{
     Migration, MigrationEvent, MigrationState, MigrationStatus, MIGRATIONS_TABLE,
 };
-pub use repositories::{ConsistentStorages, NewRepository, ValidPrimary};
+pub use repositories::{ConsistentStorages, NewRepository, RecordedReplicas, ValidPrimary};
 pub use routing::{Primary, UpdateJob};
 
 use std::future::Future;

@@ -251,3 +251,47 @@ impl Datastore {
         .await
     }
 }
+
+/// Every replica a repository has on record, whatever its generation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedReplicas {
+    pub repository_id: i64,
+    pub replica_path: String,
+    /// Storages with a storage_repositories row, sorted.
+    pub storages: Vec<String>,
+}
+
+impl Datastore {
+    /// The replica path and the storages that hold a replica of a repository (maintenance
+    /// goes to every existing replica); None if it is not tracked.
+    pub async fn recorded_replicas(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+    ) -> Result<Option<RecordedReplicas>, DatastoreError> {
+        let row: Option<(i64, Option<String>, Vec<String>)> = self
+            .run("recorded_replicas", |pool| async move {
+                sqlx::query_as(
+                    "SELECT repo.repository_id, repo.replica_path,
+                            ARRAY(SELECT replica.storage FROM storage_repositories AS replica
+                                  WHERE replica.repository_id = repo.repository_id
+                                    AND replica.generation >= 0
+                                  ORDER BY replica.storage)
+                     FROM repositories AS repo
+                     WHERE repo.virtual_storage = $1 AND repo.relative_path = $2",
+                )
+                .bind(virtual_storage)
+                .bind(relative_path)
+                .fetch_optional(&pool)
+                .await
+            })
+            .await?;
+        Ok(
+            row.map(|(repository_id, replica_path, storages)| RecordedReplicas {
+                repository_id,
+                replica_path: replica_path.unwrap_or_else(|| relative_path.to_string()),
+                storages,
+            }),
+        )
+    }
+}

@@ -45,6 +45,24 @@ pub static NOTIFICATION_RECONNECTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// `gitaly_praefect_read_distribution{virtual_storage,storage}`: where reads went.
+pub static READ_DISTRIBUTION: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "gitaly_praefect_read_distribution",
+        "Counts read operations directed to the storages",
+        &["virtual_storage", "storage"],
+    )
+});
+
+/// `gitaly_praefect_method_types{method_type}`: routed calls by operation type.
+pub static METHOD_TYPES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "gitaly_praefect_method_types",
+        "Counts the routed calls by operation type (accessor, mutator, maintenance)",
+        &["method_type"],
+    )
+});
+
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let counter = IntCounterVec::new(Opts::new(name, help), labels)
         .expect("static metric definition is valid");
@@ -67,4 +85,29 @@ pub fn render() -> String {
     // Encoding into a Vec cannot fail for well-formed metric families.
     let _ = encoder.encode(&REGISTRY.gather(), &mut buffer);
     String::from_utf8_lossy(&buffer).into_owned()
+}
+
+/// Serves `/metrics` over HTTP on `listener` until `stop` turns true. The registry is in
+/// memory, so a scrape never waits on the database or a node.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(
+                    http::header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                render(),
+            )
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        })
+        .await
 }

@@ -47,8 +47,14 @@ pub enum ProxyError {
     NotRoutable(String),
     #[error("{0}")]
     NodeUnavailable(String),
+    /// A call the router made to a node on its own behalf failed (Internal).
+    #[error("{0}")]
+    NodeRequest(String),
     #[error("first request message: {0}")]
     Malformed(String),
+    /// A request that is well-formed but asks for something impossible (InvalidArgument).
+    #[error("{0}")]
+    InvalidArgument(String),
     #[error("reading the first request message: {0}")]
     ClientStream(String),
     #[error("database: {0}")]
@@ -72,7 +78,8 @@ impl ProxyError {
             | ProxyError::StorageNameNotSet
             | ProxyError::RelativePathNotSet
             | ProxyError::StorageNotFound
-            | ProxyError::Malformed(_) => Code::InvalidArgument,
+            | ProxyError::Malformed(_)
+            | ProxyError::InvalidArgument(_) => Code::InvalidArgument,
             ProxyError::RepositoryNotFound
             | ProxyError::AdditionalRepositoryNotFound
             | ProxyError::RepositoryDoesNotExist => Code::NotFound,
@@ -86,6 +93,7 @@ impl ProxyError {
             ProxyError::NodeUnavailable(_) => Code::Unavailable,
             ProxyError::UnknownMethod(_)
             | ProxyError::NotRoutable(_)
+            | ProxyError::NodeRequest(_)
             | ProxyError::NoHealthyNodes
             | ProxyError::NoSuitableNode
             | ProxyError::Database(_) => Code::Internal,

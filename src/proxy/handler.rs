@@ -14,7 +14,8 @@ use rand::seq::SliceRandom;
 use tower::ServiceExt;
 
 use super::error::ProxyError;
-use super::{finalize, frame, intercept};
+use super::{finalize, frame, intercept, server_service};
+use crate::metrics;
 use crate::wire::proto::repository_service_client::RepositoryServiceClient;
 use crate::wire::proto::{
     RemoveRepositoryRequest, RemoveRepositoryResponse, Repository, RepositoryExistsRequest,
@@ -54,6 +55,22 @@ const VIRTUAL_STORAGE_HEADER: &str = "virtual_storage";
 /// GitLab's correlation id, kept from the client or generated.
 pub const CORRELATION_HEADER: &str = "x-gitlab-correlation-id";
 
+/// Reads whose answer must come from the primary (sizes differ between replicas).
+const FORCED_PRIMARY_METHODS: &[&str] = &[
+    "/gitaly.RepositoryService/RepositorySize",
+    "/gitaly.RepositoryService/GetObjectDirectorySize",
+];
+/// Metadata with which a client asks for a read from the primary.
+const ACCESSOR_POLICY_HEADER: &str = "gitaly-route-repository-accessor-policy";
+
+/// Whether a read must go to the repository's primary.
+fn forced_primary(method: &MethodInfo, headers: &http::HeaderMap) -> bool {
+    FORCED_PRIMARY_METHODS.contains(&method.full_name.as_str())
+        || headers
+            .get(ACCESSOR_POLICY_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"primary-only")
+}
+
 /// Everything routing needs, shared by all calls.
 pub struct Proxy {
     pub registry: &'static Registry,
@@ -66,11 +83,11 @@ pub struct Proxy {
 }
 
 /// Where a call goes and what its first message becomes.
-struct Route {
-    virtual_storage: String,
-    storage: String,
-    message: Vec<u8>,
-    repository_scoped: bool,
+pub(super) struct Route {
+    pub virtual_storage: String,
+    pub storage: String,
+    pub message: Vec<u8>,
+    pub repository_scoped: bool,
 }
 
 impl Proxy {
@@ -99,9 +116,13 @@ impl Proxy {
             .lookup(&path)
             .ok_or_else(|| ProxyError::UnknownMethod(path.clone()))?;
         if method.intercepted {
-            return Err(ProxyError::Unsupported(format!(
-                "{path} is answered by praefect itself and not implemented yet"
-            )));
+            return match path.as_str() {
+                server_service::SERVER_INFO => self.server_info().await,
+                server_service::DISK_STATISTICS => self.disk_statistics().await,
+                _ => Err(ProxyError::Unsupported(format!(
+                    "{path} is answered by praefect itself and not implemented yet"
+                ))),
+            };
         }
         let (parts, body) = request.into_parts();
         let mut body = BodyStream::new(body);
@@ -128,10 +149,17 @@ impl Proxy {
             REMOVE_REPOSITORY => return self.remove_repository(&first.message).await,
             _ => {}
         }
+        metrics::METHOD_TYPES
+            .with_label_values(&[method.op_type.metric_label()])
+            .inc();
+        if method.scope == Scope::Repository && method.op_type == OpType::Maintenance {
+            let routes = self.route_maintenance(method, &first.message).await?;
+            return self.fan_out(&path, &headers, routes).await;
+        }
         let (route, after) =
             if method.scope == Scope::Repository && method.op_type == OpType::Mutator {
                 let write = self
-                    .route_write(method, &first.message, &correlation_id)
+                    .route_write(method, &first.message, &correlation_id, &mut headers)
                     .await?;
                 let route = Route {
                     virtual_storage: write.virtual_storage,
@@ -141,22 +169,9 @@ impl Proxy {
                 };
                 (route, Some(write.after))
             } else {
-                (self.route(method, &first.message).await?, None)
+                (self.route(method, &first.message, &headers).await?, None)
             };
-        let channel = self
-            .nodes
-            .channel(&route.virtual_storage, &route.storage)
-            .cloned()
-            .ok_or(ProxyError::NoSuitableNode)?;
 
-        headers.remove(http::header::AUTHORIZATION);
-        headers.remove(http::header::HOST);
-        headers.remove(http::header::CONTENT_LENGTH);
-        if route.repository_scoped {
-            if let Ok(value) = http::HeaderValue::from_str(&route.virtual_storage) {
-                headers.insert(VIRTUAL_STORAGE_HEADER, value);
-            }
-        }
         if let Some(client_id) = sidechannel_id(&headers)? {
             let peer = parts
                 .extensions
@@ -187,23 +202,8 @@ impl Proxy {
             // open when the answer is complete gets reset, and a node counts resets.)
             tonic::body::Body::new(http_body_util::Full::new(first_frame))
         };
-        let mut outgoing = http::Request::builder()
-            .method(http::Method::POST)
-            .version(http::Version::HTTP_2)
-            .uri(path.as_str())
-            .body(outgoing_body)
-            .map_err(|e| ProxyError::Malformed(e.to_string()))?;
-        *outgoing.headers_mut() = headers;
-        tracing::debug!(grpc.method = %path, storage = %route.storage, "forwarding");
-        let response = channel.oneshot(outgoing).await.map_err(|err| {
-            ProxyError::NodeUnavailable(format!(
-                "forwarding to {}: {}",
-                route.storage,
-                crate::wire::backchannel::error_chain(&err)
-            ))
-        })?;
+        let response = self.send(&path, headers, &route, outgoing_body).await?;
         let (parts, body) = response.into_parts();
-        let body = tonic::body::Body::new(body);
         let Some(after) = after else {
             return Ok(http::Response::from_parts(parts, body));
         };
@@ -225,6 +225,50 @@ impl Proxy {
                 ProxyError::Database(err).to_status()
             })
         });
+        Ok(http::Response::from_parts(
+            parts,
+            tonic::body::Body::new(body),
+        ))
+    }
+
+    /// Sends one call to the node of `route`: the client's metadata minus its token (the
+    /// node's channel signs with the node's), plus the virtual storage of repository calls.
+    pub(super) async fn send(
+        &self,
+        path: &str,
+        mut headers: http::HeaderMap,
+        route: &Route,
+        body: tonic::body::Body,
+    ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
+        let channel = self
+            .nodes
+            .channel(&route.virtual_storage, &route.storage)
+            .cloned()
+            .ok_or(ProxyError::NoSuitableNode)?;
+        headers.remove(http::header::AUTHORIZATION);
+        headers.remove(http::header::HOST);
+        headers.remove(http::header::CONTENT_LENGTH);
+        if route.repository_scoped {
+            if let Ok(value) = http::HeaderValue::from_str(&route.virtual_storage) {
+                headers.insert(VIRTUAL_STORAGE_HEADER, value);
+            }
+        }
+        let mut outgoing = http::Request::builder()
+            .method(http::Method::POST)
+            .version(http::Version::HTTP_2)
+            .uri(path)
+            .body(body)
+            .map_err(|e| ProxyError::Malformed(e.to_string()))?;
+        *outgoing.headers_mut() = headers;
+        tracing::debug!(grpc.method = %path, storage = %route.storage, "forwarding");
+        let response = channel.oneshot(outgoing).await.map_err(|err| {
+            ProxyError::NodeUnavailable(format!(
+                "forwarding to {}: {}",
+                route.storage,
+                crate::wire::backchannel::error_chain(&err)
+            ))
+        })?;
+        let (parts, body) = response.into_parts();
         Ok(http::Response::from_parts(
             parts,
             tonic::body::Body::new(body),
@@ -286,10 +330,15 @@ impl Proxy {
         Ok(intercept::unary_ok(&RemoveRepositoryResponse {}))
     }
 
-    async fn route(&self, method: &MethodInfo, message: &Bytes) -> Result<Route, ProxyError> {
+    async fn route(
+        &self,
+        method: &MethodInfo,
+        message: &Bytes,
+        headers: &http::HeaderMap,
+    ) -> Result<Route, ProxyError> {
         match method.scope {
             Scope::Repository if method.op_type == OpType::Accessor => {
-                self.route_accessor(method, message).await
+                self.route_accessor(method, message, headers).await
             }
             Scope::Repository => Err(ProxyError::Unsupported(format!(
                 "routing {:?} RPCs is not implemented yet",
@@ -350,6 +399,7 @@ impl Proxy {
         &self,
         method: &MethodInfo,
         message: &[u8],
+        headers: &http::HeaderMap,
     ) -> Result<Route, ProxyError> {
         let target = method
             .target_repository
@@ -358,22 +408,30 @@ impl Proxy {
         let repo = rewrite::read_repository(message, target)?;
         self.check_repository(&repo.storage_name, &repo.relative_path)?;
         let healthy = self.healthy(&repo.storage_name)?;
-        let entry = self
-            .cache
-            .get(&repo.storage_name, &repo.relative_path)
-            .await?
-            .ok_or(ProxyError::RepositoryNotFound)?;
-        let candidates: Vec<&String> = entry
-            .storages
-            .iter()
-            .filter(|s| healthy.contains(s))
-            .collect();
-        let storage = candidates
-            .choose(&mut rand::thread_rng())
-            .map(|s| s.to_string())
-            .ok_or(ProxyError::NoSuitableNode)?;
-        let mut rewritten =
-            rewrite::rewrite_repository(message, target, &storage, &entry.replica_path)?;
+        let (storage, replica_path) = if forced_primary(method, headers) {
+            self.primary_for_read(&repo.storage_name, &repo.relative_path, &healthy)
+                .await?
+        } else {
+            let entry = self
+                .cache
+                .get(&repo.storage_name, &repo.relative_path)
+                .await?
+                .ok_or(ProxyError::RepositoryNotFound)?;
+            let candidates: Vec<&String> = entry
+                .storages
+                .iter()
+                .filter(|s| healthy.contains(s))
+                .collect();
+            let storage = candidates
+                .choose(&mut rand::thread_rng())
+                .map(|s| s.to_string())
+                .ok_or(ProxyError::NoSuitableNode)?;
+            (storage, entry.replica_path.clone())
+        };
+        metrics::READ_DISTRIBUTION
+            .with_label_values(&[repo.storage_name.as_str(), storage.as_str()])
+            .inc();
+        let mut rewritten = rewrite::rewrite_repository(message, target, &storage, &replica_path)?;
         if let Some(additional) = method.additional_repository.as_deref() {
             if let Ok(other) = rewrite::read_repository(&rewritten, additional) {
                 let other_entry = self
@@ -394,6 +452,57 @@ impl Proxy {
             storage,
             message: rewritten,
             repository_scoped: true,
+        })
+    }
+
+    /// The primary and replica path of a repository, for reads that must see the primary:
+    /// elected if needed (the database is asked every time), and locally healthy.
+    async fn primary_for_read(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+        healthy: &[String],
+    ) -> Result<(String, String), ProxyError> {
+        let store = self.cache.store();
+        let entry = store
+            .consistent_storages(virtual_storage, relative_path)
+            .await?
+            .ok_or(ProxyError::RepositoryNotFound)?;
+        let primary = store
+            .get_primary(entry.repository_id)
+            .await?
+            .storage
+            .ok_or(ProxyError::NoPrimary)?;
+        if !healthy.contains(&primary) {
+            return Err(ProxyError::PrimaryUnhealthy);
+        }
+        Ok((primary, entry.replica_path))
+    }
+
+    /// The storages assigned to host a repository: its assignments that are still configured,
+    /// or every configured storage when it has none.
+    pub(super) async fn assigned_storages(
+        &self,
+        virtual_storage: &str,
+        repository_id: i64,
+    ) -> Result<Vec<String>, ProxyError> {
+        let configured: Vec<String> = self
+            .config
+            .virtual_storage(virtual_storage)
+            .map(|vs| vs.node.iter().map(|n| n.storage.clone()).collect())
+            .unwrap_or_default();
+        let assigned: Vec<String> = self
+            .cache
+            .store()
+            .assignments(repository_id)
+            .await?
+            .into_iter()
+            .filter(|s| configured.contains(s))
+            .collect();
+        Ok(if assigned.is_empty() {
+            configured
+        } else {
+            assigned
         })
     }
 

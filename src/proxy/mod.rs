@@ -6,9 +6,11 @@ mod finalize;
 pub mod frame;
 pub mod handler;
 mod intercept;
+mod maintenance;
 mod mutator;
 pub mod registry;
 pub mod rewrite;
+mod server_service;
 mod sidechannel;
 
 pub use error::ProxyError;

@@ -24,6 +24,12 @@ const CREATE_METHODS: &[&str] = &[
     "/gitaly.RepositoryService/RestoreRepository",
     "/gitaly.ObjectPoolService/CreateObjectPool",
 ];
+const CREATE_FORK: &str = "/gitaly.RepositoryService/CreateFork";
+/// CreateFork's `source_repository` (not annotated, so not in the registry).
+const CREATE_FORK_SOURCE: &[u32] = &[2];
+/// Metadata naming a repository whose partition a new repository should join.
+const PARTITIONING_HINT_HEADER: &str = "gitaly-partitioning-hint";
+
 /// Creations that update the repository instead when it exists already.
 const UPSERT_METHODS: &[&str] = &[
     "/gitaly.RepositoryService/ReplicateRepository",
@@ -85,6 +91,7 @@ impl Proxy {
         method: &MethodInfo,
         message: &[u8],
         correlation_id: &str,
+        headers: &mut http::HeaderMap,
     ) -> Result<WriteRoute, ProxyError> {
         let target = method
             .target_repository
@@ -95,7 +102,7 @@ impl Proxy {
         let healthy = self.healthy(&repo.storage_name)?;
         if CREATE_METHODS.contains(&method.full_name.as_str()) {
             match self
-                .route_create(method, message, &repo, &healthy, correlation_id)
+                .route_create(method, message, &repo, &healthy, correlation_id, headers)
                 .await
             {
                 Err(ProxyError::RepositoryExists)
@@ -131,20 +138,9 @@ impl Proxy {
         if !entry.storages.contains(&primary) {
             return Err(ProxyError::ReadOnly);
         }
-        let configured: Vec<String> = self
-            .config
-            .virtual_storage(&repo.storage_name)
-            .map(|vs| vs.node.iter().map(|n| n.storage.clone()).collect())
-            .unwrap_or_default();
-        let mut assigned: Vec<String> = store
-            .assignments(entry.repository_id)
-            .await?
-            .into_iter()
-            .filter(|s| configured.contains(s))
-            .collect();
-        if assigned.is_empty() {
-            assigned = configured;
-        }
+        let assigned = self
+            .assigned_storages(&repo.storage_name, entry.repository_id)
+            .await?;
         if !assigned.contains(&primary) {
             return Err(ProxyError::PrimaryNotAssigned);
         }
@@ -157,6 +153,11 @@ impl Proxy {
             rewrite::rewrite_repository(message, target_path, &primary, &entry.replica_path)?;
         if let Some(additional) = method.additional_repository.as_deref() {
             if let Ok(other) = rewrite::read_repository(&rewritten, additional) {
+                if other.storage_name != repo.storage_name {
+                    return Err(ProxyError::InvalidArgument(
+                        "resolve additional replica path: repository and additional repository are on different virtual storages".into(),
+                    ));
+                }
                 let other_entry = store
                     .consistent_storages(&repo.storage_name, &other.relative_path)
                     .await?
@@ -196,20 +197,41 @@ impl Proxy {
         repo: &rewrite::RepositoryRef,
         healthy: &[String],
         correlation_id: &str,
+        headers: &mut http::HeaderMap,
     ) -> Result<WriteRoute, ProxyError> {
-        if let Some(additional) = method.additional_repository.as_deref() {
-            if rewrite::read_repository(message, additional).is_ok() {
-                return Err(ProxyError::Unsupported(
-                    "creating a repository next to another one (forks, pools) is not implemented yet"
-                        .into(),
-                ));
-            }
-        }
         let virtual_storage = self
             .config
             .virtual_storage(&repo.storage_name)
             .ok_or(ProxyError::StorageNotFound)?;
+        let annotated = method
+            .additional_repository
+            .as_deref()
+            .and_then(|path| rewrite::read_repository(message, path).ok());
+        // The repository the new one is placed next to: the annotated additional repository
+        // (a pool's origin), CreateFork's unannotated source, or the partitioning hint.
+        let hint = headers
+            .get(PARTITIONING_HINT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(str::to_string);
+        let neighbour = match (&annotated, method.full_name.as_str()) {
+            (Some(other), _) => Some(other.clone()),
+            (None, CREATE_FORK) => rewrite::read_repository(message, CREATE_FORK_SOURCE)
+                .ok()
+                .filter(|source| !source.relative_path.is_empty()),
+            _ => None,
+        }
+        .or_else(|| {
+            hint.as_ref().map(|path| rewrite::RepositoryRef {
+                storage_name: repo.storage_name.clone(),
+                relative_path: path.clone(),
+            })
+        });
         let store = self.cache.store();
+        let placement = match &neighbour {
+            Some(other) => Some(self.place_next_to(repo, other, healthy).await?),
+            None => None,
+        };
         let repository_id = match store
             .reserve_repository_id(&repo.storage_name, &repo.relative_path)
             .await
@@ -217,24 +239,31 @@ impl Proxy {
             Err(DatastoreError::RepositoryExists) => return Err(ProxyError::RepositoryExists),
             other => other?,
         };
-        let (primary, targets) = {
-            let mut rng = rand::thread_rng();
-            let primary = healthy
-                .choose(&mut rng)
-                .cloned()
-                .ok_or(ProxyError::NoHealthyNodes)?;
-            let mut others: Vec<String> = virtual_storage
-                .node
-                .iter()
-                .map(|n| n.storage.clone())
-                .filter(|s| *s != primary)
-                .collect();
-            let factor = virtual_storage.default_replication_factor;
-            if factor > 0 {
-                others.shuffle(&mut rng);
-                others.truncate(usize::try_from(factor - 1).unwrap_or(0));
+        let (primary, targets, store_assignments) = match &placement {
+            Some(next_to) => (
+                next_to.primary.clone(),
+                next_to.others.clone(),
+                next_to.explicit,
+            ),
+            None => {
+                let mut rng = rand::thread_rng();
+                let primary = healthy
+                    .choose(&mut rng)
+                    .cloned()
+                    .ok_or(ProxyError::NoHealthyNodes)?;
+                let mut others: Vec<String> = virtual_storage
+                    .node
+                    .iter()
+                    .map(|n| n.storage.clone())
+                    .filter(|s| *s != primary)
+                    .collect();
+                let factor = virtual_storage.default_replication_factor;
+                if factor > 0 {
+                    others.shuffle(&mut rng);
+                    others.truncate(usize::try_from(factor - 1).unwrap_or(0));
+                }
+                (primary, others, factor > 0)
             }
-            (primary, others)
         };
         let replica = if is_pool_path(&repo.relative_path) {
             pool_replica_path(repository_id)
@@ -245,7 +274,21 @@ impl Proxy {
             .target_repository
             .as_deref()
             .expect("checked by caller");
-        let rewritten = rewrite::rewrite_repository(message, target_path, &primary, &replica)?;
+        let mut rewritten = rewrite::rewrite_repository(message, target_path, &primary, &replica)?;
+        if let (Some(path), Some(_), Some(next_to)) = (
+            method.additional_repository.as_deref(),
+            &annotated,
+            &placement,
+        ) {
+            rewritten =
+                rewrite::rewrite_repository(&rewritten, path, &primary, &next_to.replica_path)?;
+        }
+        if let (Some(_), Some(next_to)) = (&hint, &placement) {
+            // The node partitions by replica path; the client only knows the virtual one.
+            if let Ok(value) = http::HeaderValue::from_str(&next_to.replica_path) {
+                headers.insert(PARTITIONING_HINT_HEADER, value);
+            }
+        }
         let jobs = jobs_for(
             &targets,
             repository_id,
@@ -268,12 +311,61 @@ impl Proxy {
                     primary,
                     updated_secondaries: Vec::new(),
                     outdated_secondaries: targets,
-                    store_assignments: virtual_storage.default_replication_factor > 0,
+                    store_assignments,
                 },
                 jobs,
             },
         })
     }
+
+    /// Placement of a repository created next to another one (a fork next to its source, a
+    /// pool next to its origin): the same storages, the same primary, which must be healthy.
+    async fn place_next_to(
+        &self,
+        repo: &rewrite::RepositoryRef,
+        other: &rewrite::RepositoryRef,
+        healthy: &[String],
+    ) -> Result<Placement, ProxyError> {
+        if other.storage_name != repo.storage_name {
+            return Err(ProxyError::InvalidArgument(
+                "resolve additional replica path: repository and additional repository are on different virtual storages".into(),
+            ));
+        }
+        let store = self.cache.store();
+        let entry = store
+            .consistent_storages(&other.storage_name, &other.relative_path)
+            .await?
+            .ok_or(ProxyError::AdditionalRepositoryNotFound)?;
+        let primary = store
+            .get_primary(entry.repository_id)
+            .await?
+            .storage
+            .ok_or(ProxyError::NoPrimary)?;
+        if !healthy.contains(&primary) {
+            return Err(ProxyError::PrimaryUnhealthy);
+        }
+        let explicit = !store.assignments(entry.repository_id).await?.is_empty();
+        let assigned = self
+            .assigned_storages(&other.storage_name, entry.repository_id)
+            .await?;
+        Ok(Placement {
+            others: assigned.into_iter().filter(|s| *s != primary).collect(),
+            primary,
+            replica_path: entry.replica_path,
+            explicit,
+        })
+    }
+}
+
+/// Where a repository created next to another one goes.
+struct Placement {
+    primary: String,
+    /// The other assigned storages: replication targets until transactions exist.
+    others: Vec<String>,
+    /// The neighbour's replica path.
+    replica_path: String,
+    /// Whether the neighbour has explicit assignments (then so does the new repository).
+    explicit: bool,
 }
 
 impl AfterWrite {

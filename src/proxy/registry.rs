@@ -18,6 +18,18 @@ pub enum OpType {
     Unknown,
 }
 
+impl OpType {
+    /// The `method_type` label of `gitaly_praefect_method_types`.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            OpType::Accessor => "accessor",
+            OpType::Mutator => "mutator",
+            OpType::Maintenance => "maintenance",
+            OpType::Unknown => "unknown",
+        }
+    }
+}
+
 /// What an RPC is addressed to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scope {

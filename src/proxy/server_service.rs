@@ -1,0 +1,140 @@
+//! `gitaly.ServerService` answered by the router (spec §10): clients see one Gitaly per
+//! virtual storage, so ServerInfo reports virtual storages (asking one node of each), and
+//! DiskStatistics lists every node's storages under their physical names.
+
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+
+use super::error::ProxyError;
+use super::handler::Proxy;
+use super::intercept;
+use crate::wire::proto::server_info_response::StorageStatus;
+use crate::wire::proto::server_service_client::ServerServiceClient;
+use crate::wire::proto::{
+    DiskStatisticsRequest, DiskStatisticsResponse, ServerInfoRequest, ServerInfoResponse,
+};
+
+pub const SERVER_INFO: &str = "/gitaly.ServerService/ServerInfo";
+pub const DISK_STATISTICS: &str = "/gitaly.ServerService/DiskStatistics";
+
+/// How long one node may take to answer.
+const NODE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Namespace of the filesystem ids of virtual storages with more than one node.
+const FILESYSTEM_ID_NAMESPACE: uuid::Uuid = uuid::uuid!("1ef1a8c6-cf52-4d0a-92a6-ca643e8bc7c5");
+
+/// The filesystem id a virtual storage reports: its only node's own, or a stable id derived
+/// from its name when several nodes (several filesystems) stand behind it.
+pub fn virtual_filesystem_id(virtual_storage: &str) -> String {
+    uuid::Uuid::new_v5(&FILESYSTEM_ID_NAMESPACE, virtual_storage.as_bytes()).to_string()
+}
+
+impl Proxy {
+    /// ServerInfo: per virtual storage, the status one of its nodes reports for its own
+    /// storage, renamed to the virtual storage. Nodes that fail are skipped (the next one of
+    /// the virtual storage is tried); versions come from the first answer.
+    pub(super) async fn server_info(
+        &self,
+    ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
+        let lookups = self.config.virtual_storage.iter().map(|vs| async move {
+            let mut storages: Vec<&str> = vs.node.iter().map(|n| n.storage.as_str()).collect();
+            storages.shuffle(&mut rand::thread_rng());
+            // Try healthy nodes first; the others only if none of those answers.
+            let healthy = self.health.healthy();
+            let is_healthy = |s: &str| healthy.get(&vs.name).is_some_and(|set| set.contains(s));
+            storages.sort_by_key(|s| !is_healthy(s));
+            for storage in storages {
+                let Some(channel) = self.nodes.channel(&vs.name, storage) else {
+                    continue;
+                };
+                let mut client = ServerServiceClient::new(channel.clone());
+                let answer =
+                    tokio::time::timeout(NODE_TIMEOUT, client.server_info(ServerInfoRequest {}))
+                        .await;
+                let info = match answer {
+                    Ok(Ok(info)) => info.into_inner(),
+                    Ok(Err(status)) => {
+                        tracing::warn!(storage, error = %status.message(), "ServerInfo failed on a node");
+                        continue;
+                    }
+                    Err(_) => {
+                        tracing::warn!(storage, "ServerInfo timed out on a node");
+                        continue;
+                    }
+                };
+                let Some(mut status) = info
+                    .storage_statuses
+                    .iter()
+                    .find(|s| s.storage_name == storage)
+                    .cloned()
+                else {
+                    continue;
+                };
+                status.storage_name = vs.name.clone();
+                status.replication_factor = u32::try_from(vs.node.len()).unwrap_or(u32::MAX);
+                if vs.node.len() > 1 {
+                    status.filesystem_id = virtual_filesystem_id(&vs.name);
+                }
+                return Some((info.server_version, info.git_version, status));
+            }
+            None
+        });
+        let answers: Vec<Option<(String, String, StorageStatus)>> =
+            futures::future::join_all(lookups).await;
+        let mut response = ServerInfoResponse::default();
+        for (server_version, git_version, status) in answers.into_iter().flatten() {
+            if response.server_version.is_empty() {
+                response.server_version = server_version;
+                response.git_version = git_version;
+            }
+            response.storage_statuses.push(status);
+        }
+        Ok(intercept::unary_ok(&response))
+    }
+
+    /// DiskStatistics: every node in turn, their statuses concatenated under physical names.
+    /// Any failure fails the call, naming the storage.
+    pub(super) async fn disk_statistics(
+        &self,
+    ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
+        let mut response = DiskStatisticsResponse::default();
+        for (node, channel) in self.nodes.iter() {
+            let mut client = ServerServiceClient::new(channel.clone());
+            let failed = || {
+                ProxyError::NodeRequest(format!(
+                    "error when requesting disk statistics from internal storage {}",
+                    node.storage
+                ))
+            };
+            let answer = tokio::time::timeout(
+                NODE_TIMEOUT,
+                client.disk_statistics(DiskStatisticsRequest {}),
+            )
+            .await
+            .map_err(|_| failed())?
+            .map_err(|status| {
+                tracing::warn!(storage = %node.storage, error = %status.message(), "DiskStatistics failed on a node");
+                failed()
+            })?;
+            response
+                .storage_statuses
+                .extend(answer.into_inner().storage_statuses);
+        }
+        Ok(intercept::unary_ok(&response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtual_filesystem_ids_are_stable_name_based_uuids() {
+        let id = virtual_filesystem_id("default");
+        assert_eq!(id, virtual_filesystem_id("default"));
+        assert_ne!(id, virtual_filesystem_id("other"));
+        let parsed = uuid::Uuid::parse_str(&id).unwrap();
+        assert_eq!(parsed.get_version_num(), 5);
+    }
+}
