@@ -2,103 +2,19 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::gitnode::{GitNode, TOKEN};
+use common::gitnode::GitNode;
 use common::pg::TestDb;
+use common::router::{
+    router_git_env, seed_repository, virtual_repo, write_config_with, NodeEntry, Router,
+};
 use praefect::config::DatabaseConnection;
 
-const BIN: &str = env!("CARGO_BIN_EXE_praefect");
-
-const ROUTER_TOKEN: &str = "router-secret";
-
 fn write_config(dir: &Path, db: &DatabaseConnection, nodes: &[&GitNode]) -> PathBuf {
-    let mut text = format!(
-        "listen_addr = \"127.0.0.1:0\"\n[auth]\ntoken = \"{ROUTER_TOKEN}\"\n[logging]\nformat = \"json\"\n[database]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndbname = \"{}\"\nsslmode = \"disable\"\n[[virtual_storage]]\nname = \"default\"\n",
-        db.host, db.port, db.user, db.dbname
-    );
-    for node in nodes {
-        text.push_str(&format!(
-            "[[virtual_storage.node]]\nstorage = \"{}\"\naddress = \"{}\"\ntoken = \"{TOKEN}\"\n",
-            node.storage, node.address
-        ));
-    }
-    let path = dir.join("praefect.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// A running `praefect serve`, stopped with SIGTERM when dropped.
-struct Router {
-    child: Child,
-    stopped: bool,
-    /// tcp://host:port of the router's listen_addr.
-    address: String,
-}
-
-impl Router {
-    fn start(config: &Path) -> Router {
-        let mut child = Command::new(BIN)
-            .args(["-config", config.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut address = None;
-        let mut started = false;
-        for line in lines.by_ref().map_while(Result::ok) {
-            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if entry["msg"] == "praefect listening" && entry["scheme"] == "tcp" {
-                address = entry["address"].as_str().map(|a| format!("tcp://{a}"));
-            }
-            if entry["msg"] == "praefect started" {
-                started = true;
-                break;
-            }
-        }
-        assert!(started, "praefect did not start");
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                if std::env::var_os("ROUTER_LOG").is_some() {
-                    eprintln!("router: {line}");
-                }
-            }
-        });
-        Router {
-            child,
-            stopped: false,
-            address: address.expect("praefect logged its address"),
-        }
-    }
-
-    fn stop(&mut self) {
-        if std::mem::replace(&mut self.stopped, true) {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-    }
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        self.stop();
-    }
+    let nodes: Vec<NodeEntry> = nodes.iter().map(|n| NodeEntry::from(*n)).collect();
+    write_config_with(dir, db, &nodes, "")
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -194,75 +110,6 @@ async fn health_rounds_are_recorded_and_follow_nodes_down_and_up() {
     assert!(rows.iter().all(|r| r.praefect_name == name));
 }
 
-/// A client of the router, with the router's token and the backchannel.
-fn router_channel(router: &Router) -> common::gitnode::Authed {
-    use praefect::wire::auth::TokenInterceptor;
-    use praefect::wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
-    let channel = dial_lazy(
-        &router.address,
-        yamux_config(0, 256),
-        ClientHandler::default(),
-    )
-    .unwrap();
-    tonic::service::interceptor::InterceptedService::new(
-        channel,
-        TokenInterceptor::new(ROUTER_TOKEN),
-    )
-}
-
-fn virtual_repo(path: &str) -> praefect::wire::proto::Repository {
-    praefect::wire::proto::Repository {
-        storage_name: "default".into(),
-        relative_path: path.into(),
-        gl_repository: "project-1".into(),
-        ..Default::default()
-    }
-}
-
-/// Creates a repository on both nodes at its replica path with one pushed commit, and records
-/// it in the database (mutator routing comes later; this builds the same end state).
-async fn seed_repository(db: &TestDb, a: &GitNode, b: &GitNode, relative_path: &str) -> i64 {
-    use common::gitnode::{as_refs, git, ssh_env};
-    let store = db.datastore().await;
-    let id = store
-        .reserve_repository_id("default", relative_path)
-        .await
-        .unwrap();
-    let replica_path = praefect::routing::replica_path(id);
-    let work = tempfile::tempdir().unwrap();
-    git(
-        work.path(),
-        &["init", "--quiet", "--initial-branch=main", "."],
-        &[],
-    );
-    std::fs::write(work.path().join("README"), "hello").unwrap();
-    git(work.path(), &["add", "."], &[]);
-    git(work.path(), &["commit", "--quiet", "-m", "first"], &[]);
-    for node in [a, b] {
-        node.create_repository(&replica_path).await;
-        let env = ssh_env(&node.address, &node.storage, &replica_path);
-        git(
-            work.path(),
-            &["push", "--quiet", "ssh://gitaly/x", "main"],
-            &as_refs(&env),
-        );
-    }
-    store
-        .create_repository(&praefect::datastore::NewRepository {
-            repository_id: id,
-            virtual_storage: "default".into(),
-            relative_path: relative_path.into(),
-            replica_path,
-            primary: a.storage.clone(),
-            updated_secondaries: vec![b.storage.clone()],
-            outdated_secondaries: vec![],
-            store_assignments: false,
-        })
-        .await
-        .unwrap();
-    id
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn accessors_are_proxied_to_healthy_up_to_date_replicas() {
     use praefect::wire::proto::ref_service_client::RefServiceClient;
@@ -272,11 +119,11 @@ async fn accessors_are_proxied_to_healthy_up_to_date_replicas() {
     let db = TestDb::new().await;
     let a = GitNode::start("gitaly-1");
     let mut b = GitNode::start("gitaly-2");
-    let id = seed_repository(&db, &a, &b, "group/project.git").await;
+    let id = seed_repository(&db, &[&a, &b], "group/project.git").await;
     let dir = tempfile::tempdir().unwrap();
     let config_path = write_config(dir.path(), &db.connection(), &[&a, &b]);
     let router = Router::start(&config_path);
-    let mut refs = RefServiceClient::new(router_channel(&router));
+    let mut refs = RefServiceClient::new(router.channel());
 
     // Enough calls to trip a node's HTTP/2 reset-flood guard if the router reset streams.
     for _ in 0..200 {
@@ -305,10 +152,8 @@ async fn accessors_are_proxied_to_healthy_up_to_date_replicas() {
     // git clone through the router: upload-pack on a replica, pack data on a sidechannel
     // that the router bridges between the node and the client.
     {
-        use common::gitnode::{as_refs, git, ssh_env};
-        let mut env = ssh_env(&router.address, "default", "group/project.git");
-        env.retain(|(k, _)| k != "GITALY_TOKEN");
-        env.push(("GITALY_TOKEN".into(), ROUTER_TOKEN.into()));
+        use common::gitnode::{as_refs, git};
+        let env = router_git_env(&router, "group/project.git");
         for protocol in ["2", "0"] {
             let clone = tempfile::tempdir().unwrap();
             git(
@@ -444,7 +289,7 @@ async fn accessors_are_proxied_to_healthy_up_to_date_replicas() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_go_to_the_primary_and_leave_jobs_for_the_other_replicas() {
-    use common::gitnode::{as_refs, git, ssh_env};
+    use common::gitnode::{as_refs, git};
     use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
     use praefect::wire::proto::*;
     use tonic::Code;
@@ -455,7 +300,7 @@ async fn writes_go_to_the_primary_and_leave_jobs_for_the_other_replicas() {
     let dir = tempfile::tempdir().unwrap();
     let config_path = write_config(dir.path(), &db.connection(), &[&a, &b]);
     let router = Router::start(&config_path);
-    let mut repos = RepositoryServiceClient::new(router_channel(&router));
+    let mut repos = RepositoryServiceClient::new(router.channel());
     let path = "new/project.git";
 
     repos
@@ -522,9 +367,7 @@ async fn writes_go_to_the_primary_and_leave_jobs_for_the_other_replicas() {
 
     // Push through the router: the primary takes it, its generation moves on, and the other
     // replica's job is not queued twice.
-    let mut env = ssh_env(&router.address, "default", path);
-    env.retain(|(k, _)| k != "GITALY_TOKEN");
-    env.push(("GITALY_TOKEN".into(), ROUTER_TOKEN.into()));
+    let env = router_git_env(&router, path);
     let work = tempfile::tempdir().unwrap();
     git(
         work.path(),

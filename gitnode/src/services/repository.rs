@@ -354,6 +354,37 @@ impl RepositoryService for Services {
         Ok(Response::new(WriteRefResponse {}))
     }
 
+    /// Packs all objects and references: what a client can observe does not change.
+    async fn optimize_repository(
+        &self,
+        request: Request<OptimizeRepositoryRequest>,
+    ) -> Result<Response<OptimizeRepositoryResponse>, Status> {
+        let path = self
+            .0
+            .storages
+            .existing_repo(request.get_ref().repository.as_ref())?;
+        self.0.git.run(&path, &["repack", "-a", "-d", "-q"]).await?;
+        self.0.git.run(&path, &["pack-refs", "--all"]).await?;
+        Ok(Response::new(OptimizeRepositoryResponse {}))
+    }
+
+    /// Drops unreachable loose objects older than 30 minutes (younger ones may belong to a
+    /// write in progress).
+    async fn prune_unreachable_objects(
+        &self,
+        request: Request<PruneUnreachableObjectsRequest>,
+    ) -> Result<Response<PruneUnreachableObjectsResponse>, Status> {
+        let path = self
+            .0
+            .storages
+            .existing_repo(request.get_ref().repository.as_ref())?;
+        self.0
+            .git
+            .run(&path, &["prune", "--expire=30.minutes.ago"])
+            .await?;
+        Ok(Response::new(PruneUnreachableObjectsResponse {}))
+    }
+
     async fn repository_size(
         &self,
         request: Request<RepositorySizeRequest>,

@@ -1,0 +1,300 @@
+//! Real `praefect serve` processes for the end-to-end tests: a configuration writer, a process
+//! handle that learns the bound addresses from the JSON log, and a client channel with the
+//! router's token and the backchannel handshake.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use praefect::config::DatabaseConnection;
+
+use super::gitnode::{Authed, TOKEN};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_praefect");
+pub const ROUTER_TOKEN: &str = "router-secret";
+
+/// A node as a router's configuration names it.
+pub struct NodeEntry {
+    pub storage: String,
+    pub address: String,
+}
+
+impl NodeEntry {
+    pub fn new(storage: &str, address: &str) -> NodeEntry {
+        NodeEntry {
+            storage: storage.into(),
+            address: address.into(),
+        }
+    }
+}
+
+impl From<&super::gitnode::GitNode> for NodeEntry {
+    fn from(node: &super::gitnode::GitNode) -> NodeEntry {
+        NodeEntry::new(&node.storage, &node.address)
+    }
+}
+
+/// Writes a router configuration for the virtual storage "default" with `nodes` (all with the
+/// gitnode test token), listening on a free TCP port, with `extra` TOML appended at the top
+/// level (before the tables).
+pub fn write_config_with(
+    dir: &Path,
+    db: &DatabaseConnection,
+    nodes: &[NodeEntry],
+    extra: &str,
+) -> PathBuf {
+    write_config_on(dir, db, nodes, "127.0.0.1:0", extra)
+}
+
+/// A loopback port that was free a moment ago. Routers that must have distinct instance names
+/// (`<hostname>:<listen_addr>`) need distinct configured ports, not port 0.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Like [`write_config_with`], listening on `listen_addr`.
+pub fn write_config_on(
+    dir: &Path,
+    db: &DatabaseConnection,
+    nodes: &[NodeEntry],
+    listen_addr: &str,
+    extra: &str,
+) -> PathBuf {
+    let mut text = format!(
+        "listen_addr = \"{listen_addr}\"\n{extra}\n[auth]\ntoken = \"{ROUTER_TOKEN}\"\n[logging]\nformat = \"json\"\n[database]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndbname = \"{}\"\nsslmode = \"disable\"\n[[virtual_storage]]\nname = \"default\"\n",
+        db.host, db.port, db.user, db.dbname
+    );
+    for node in nodes {
+        text.push_str(&format!(
+            "[[virtual_storage.node]]\nstorage = \"{}\"\naddress = \"{}\"\ntoken = \"{TOKEN}\"\n",
+            node.storage, node.address
+        ));
+    }
+    let path = dir.join("praefect.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A running `praefect serve`, stopped with SIGTERM when dropped.
+pub struct Router {
+    pub child: Child,
+    stopped: bool,
+    /// tcp://host:port of the router's listen_addr.
+    pub address: String,
+    /// host:port of the Prometheus listener, when configured.
+    pub metrics_address: Option<String>,
+}
+
+impl Router {
+    pub fn start(config: &Path) -> Router {
+        let mut child = Command::new(BIN)
+            .args(["-config", config.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut address = None;
+        let mut metrics_address = None;
+        let mut started = false;
+        for line in lines.by_ref().map_while(Result::ok) {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if entry["msg"] == "praefect listening" && entry["scheme"] == "tcp" {
+                address = entry["address"].as_str().map(|a| format!("tcp://{a}"));
+            }
+            if entry["msg"] == "prometheus listening" {
+                metrics_address = entry["address"].as_str().map(str::to_string);
+            }
+            if entry["msg"] == "praefect started" {
+                started = true;
+                break;
+            }
+        }
+        assert!(started, "praefect did not start");
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if std::env::var_os("ROUTER_LOG").is_some() {
+                    eprintln!("router: {line}");
+                }
+            }
+        });
+        Router {
+            child,
+            stopped: false,
+            address: address.expect("praefect logged its address"),
+            metrics_address,
+        }
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.stopped = true;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.terminate();
+        if self.wait_exit(Duration::from_secs(30)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        self.stopped = true;
+    }
+
+    /// A client channel with the router's token, over the backchannel handshake.
+    pub fn channel(&self) -> Authed {
+        use praefect::wire::auth::TokenInterceptor;
+        use praefect::wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
+        let channel = dial_lazy(
+            &self.address,
+            yamux_config(0, 256),
+            ClientHandler::default(),
+        )
+        .unwrap();
+        tonic::service::interceptor::InterceptedService::new(
+            channel,
+            TokenInterceptor::new(ROUTER_TOKEN),
+        )
+    }
+}
+
+/// The body of `GET /metrics` from a Prometheus listener at `address` (blocking).
+pub fn scrape_metrics(address: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.contains(" 200 "), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample of metric `name` whose labels include all of `labels`, 0 when
+/// absent.
+pub fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((metric, rest)) => (metric, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let present: Vec<(&str, &str)> = label_text
+                .split(',')
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(k, v)| (k, v.trim_matches('"')))
+                .collect();
+            labels
+                .iter()
+                .all(|wanted| present.contains(wanted))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .next()
+        .unwrap_or(0.0)
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A repository with one commit on `main` on every node of `nodes` at its replica path, all
+/// replicas at generation 0 and `nodes[0]` the primary, recorded in the database: the state
+/// a fully replicated repository has.
+pub async fn seed_repository(
+    db: &super::pg::TestDb,
+    nodes: &[&super::gitnode::GitNode],
+    relative_path: &str,
+) -> i64 {
+    use super::gitnode::{as_refs, git, ssh_env};
+    let store = db.datastore().await;
+    let id = store
+        .reserve_repository_id("default", relative_path)
+        .await
+        .unwrap();
+    let replica_path = praefect::routing::replica_path(id);
+    let work = tempfile::tempdir().unwrap();
+    git(
+        work.path(),
+        &["init", "--quiet", "--initial-branch=main", "."],
+        &[],
+    );
+    std::fs::write(work.path().join("README"), "hello").unwrap();
+    git(work.path(), &["add", "."], &[]);
+    git(work.path(), &["commit", "--quiet", "-m", "first"], &[]);
+    for node in nodes {
+        node.create_repository(&replica_path).await;
+        let env = ssh_env(&node.address, &node.storage, &replica_path);
+        git(
+            work.path(),
+            &["push", "--quiet", "ssh://gitaly/x", "main"],
+            &as_refs(&env),
+        );
+    }
+    store
+        .create_repository(&praefect::datastore::NewRepository {
+            repository_id: id,
+            virtual_storage: "default".into(),
+            relative_path: relative_path.into(),
+            replica_path,
+            primary: nodes[0].storage.clone(),
+            updated_secondaries: nodes[1..].iter().map(|n| n.storage.clone()).collect(),
+            outdated_secondaries: vec![],
+            store_assignments: false,
+        })
+        .await
+        .unwrap();
+    id
+}
+
+/// The environment for git over gitnode-ssh through a router, with the router's token.
+pub fn router_git_env(router: &Router, relative_path: &str) -> Vec<(String, String)> {
+    let mut env = super::gitnode::ssh_env(&router.address, "default", relative_path);
+    env.retain(|(k, _)| k != "GITALY_TOKEN");
+    env.push(("GITALY_TOKEN".into(), ROUTER_TOKEN.into()));
+    env
+}
+
+/// A repository of the virtual storage "default".
+pub fn virtual_repo(path: &str) -> praefect::wire::proto::Repository {
+    praefect::wire::proto::Repository {
+        storage_name: "default".into(),
+        relative_path: path.into(),
+        gl_repository: "project-1".into(),
+        ..Default::default()
+    }
+}
