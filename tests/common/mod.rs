@@ -11,3 +11,4 @@
 
 pub mod gitnode;
 pub mod pg;
+pub mod router;
