@@ -9,6 +9,7 @@
 //! template that has all migrations applied, and dropped when the test ends.
 #![allow(dead_code)]
 
+pub mod echo;
 pub mod gitnode;
 pub mod pg;
 pub mod router;
