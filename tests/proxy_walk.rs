@@ -11,22 +11,22 @@
 //!   and foreign repositories, paths escaping the storage, unknown methods and bad tokens, and
 //!   checks the code and message of each, that none reached a node, and that the router still
 //!   serves afterwards.
-//! - `unreadable_additional_repository_is_refused` (ignored: it fails, see its comment) is
-//!   what the router should do with an additional repository it cannot read.
+//! - `unreadable_additional_repository_is_refused`: an additional repository the router
+//!   cannot read is refused and reaches no node.
 //!
 //! `ROUTER_LOG=1` shows the router's log lines.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::echo::{self, EchoLog, EchoNode, Received};
 use common::pg::TestDb;
+use common::router::{write_config_with, NodeEntry, Router, ROUTER_TOKEN};
 use http_body_util::BodyExt;
 use praefect::proxy::registry::{MethodInfo, OpType, Registry, Scope};
 use praefect::proxy::rewrite;
@@ -39,9 +39,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 use tower::ServiceExt;
 
-const BIN: &str = env!("CARGO_BIN_EXE_praefect");
-const ROUTER_TOKEN: &str = "walk-router-secret";
-const NODE_TOKEN: &str = "walk-node-secret";
+const NODE_TOKEN: &str = common::gitnode::TOKEN;
 const VIRTUAL: &str = "default";
 const STORAGES: [&str; 2] = ["gitaly-1", "gitaly-2"];
 /// The primary recorded for the seeded repositories.
@@ -87,94 +85,12 @@ const CREATE_POOL: &str = "/gitaly.ObjectPoolService/CreateObjectPool";
 // ---------------------------------------------------------------------------------------
 // The router process
 
-/// A running `praefect serve`, stopped with SIGTERM (then SIGKILL) when dropped.
-struct Router {
-    child: Child,
-    /// tcp://host:port of its listen_addr.
-    address: String,
-}
-
-impl Router {
-    /// Starts the router and waits for "praefect started" (blocking: call it off the runtime).
-    fn start(config: &Path) -> Router {
-        let mut child = Command::new(BIN)
-            .args(["-config", config.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting praefect");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut address = None;
-        let mut started = false;
-        for line in lines.by_ref().map_while(Result::ok) {
-            if std::env::var_os("ROUTER_LOG").is_some() {
-                eprintln!("router: {line}");
-            }
-            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if entry["msg"] == "praefect listening" && entry["scheme"] == "tcp" {
-                address = entry["address"].as_str().map(|a| format!("tcp://{a}"));
-            }
-            if entry["msg"] == "praefect started" {
-                started = true;
-                break;
-            }
-        }
-        assert!(started, "praefect did not start");
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                if std::env::var_os("ROUTER_LOG").is_some() {
-                    eprintln!("router: {line}");
-                }
-            }
-        });
-        Router {
-            child,
-            address: address.expect("praefect logged its tcp address"),
-        }
-    }
-
-    fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        if !self.is_running() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if !self.is_running() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn write_config(dir: &Path, db: &TestDb, nodes: &[EchoNode]) -> PathBuf {
-    let conn = db.connection();
-    let mut text = format!(
-        "listen_addr = \"127.0.0.1:0\"\n[auth]\ntoken = \"{ROUTER_TOKEN}\"\n[logging]\nformat = \"json\"\n[database]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\npassword = \"{}\"\ndbname = \"{}\"\nsslmode = \"disable\"\n[[virtual_storage]]\nname = \"{VIRTUAL}\"\n",
-        conn.host, conn.port, conn.user, conn.password, conn.dbname
-    );
-    for node in nodes {
-        text.push_str(&format!(
-            "[[virtual_storage.node]]\nstorage = \"{}\"\naddress = \"{}\"\ntoken = \"{NODE_TOKEN}\"\n",
-            node.storage, node.address
-        ));
-    }
-    let path = dir.join("praefect.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    let entries: Vec<NodeEntry> = nodes
+        .iter()
+        .map(|node| NodeEntry::new(&node.storage, &node.address))
+        .collect();
+    write_config_with(dir, &db.connection(), &entries, "")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1482,7 +1398,10 @@ async fn bad_input_keeps_the_router_serving() {
         .call(WRITE_REF, framed_repo_request(&[1], VIRTUAL, TARGET))
         .await;
     reply.assert_status(Code::Ok, "", "a normal write at the end");
-    assert!(cluster.router.is_running(), "the router exited");
+    assert!(
+        cluster.router.child.try_wait().unwrap().is_none(),
+        "the router exited"
+    );
     println!(
         "bad input: {} refused as documented, {} token cases, 4 garbage connections, {} escaping paths created and confined",
         cases.len() + ESCAPING.len(),
@@ -1494,17 +1413,10 @@ async fn bad_input_keeps_the_router_serving() {
 // ---------------------------------------------------------------------------------------
 // An additional repository the router cannot read
 
-/// BUG (ignored until fixed): the target repository of a request is validated (ambiguous,
-/// malformed or of the wrong type → InvalidArgument "first request message: ..."), but an
-/// additional repository that cannot be read is skipped silently (`if let Ok(other) =
-/// read_repository(..)` in route_update, and `.ok()` for the annotated origin in route_create),
-/// and the request is forwarded with that repository unrewritten: the node receives the
-/// client's virtual storage name and relative path, `../../etc` included. Praefect decodes the
-/// whole message and fails such a request (InvalidArgument for an undecodable one, NotFound
-/// "additional repository not found" for the merged `../../etc`); either is fine here, as long
-/// as nothing reaches a node.
+/// An additional repository the router cannot read (ambiguous, malformed, of the wrong type)
+/// is refused like an unreadable target repository: forwarding it unrewritten would hand the
+/// node the client's virtual storage name and relative path, `../../etc` included.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "router bug: an unreadable additional repository is forwarded unrewritten"]
 async fn unreadable_additional_repository_is_refused() {
     let (cluster, _) = Cluster::start(&[TARGET, OTHER]).await;
     let twice = [

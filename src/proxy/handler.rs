@@ -63,6 +63,22 @@ const FORCED_PRIMARY_METHODS: &[&str] = &[
 /// Metadata with which a client asks for a read from the primary.
 const ACCESSOR_POLICY_HEADER: &str = "gitaly-route-repository-accessor-policy";
 
+/// An additional repository must be on the target's virtual storage and name a path.
+pub(super) fn check_additional(
+    target: &rewrite::RepositoryRef,
+    other: &rewrite::RepositoryRef,
+) -> Result<(), ProxyError> {
+    if other.storage_name != target.storage_name {
+        return Err(ProxyError::InvalidArgument(
+            "resolve additional replica path: repository and additional repository are on different virtual storages".into(),
+        ));
+    }
+    if other.relative_path.is_empty() {
+        return Err(ProxyError::RelativePathNotSet);
+    }
+    Ok(())
+}
+
 /// Whether a read must go to the repository's primary.
 fn forced_primary(method: &MethodInfo, headers: &http::HeaderMap) -> bool {
     FORCED_PRIMARY_METHODS.contains(&method.full_name.as_str())
@@ -433,12 +449,13 @@ impl Proxy {
             .inc();
         let mut rewritten = rewrite::rewrite_repository(message, target, &storage, &replica_path)?;
         if let Some(additional) = method.additional_repository.as_deref() {
-            if let Ok(other) = rewrite::read_repository(&rewritten, additional) {
+            if let Some(other) = rewrite::read_optional_repository(&rewritten, additional)? {
+                check_additional(&repo, &other)?;
                 let other_entry = self
                     .cache
                     .get(&repo.storage_name, &other.relative_path)
                     .await?
-                    .ok_or(ProxyError::RepositoryNotFound)?;
+                    .ok_or(ProxyError::AdditionalRepositoryNotFound)?;
                 rewritten = rewrite::rewrite_repository(
                     &rewritten,
                     additional,

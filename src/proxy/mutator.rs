@@ -7,7 +7,7 @@
 use rand::seq::SliceRandom;
 
 use super::error::ProxyError;
-use super::handler::Proxy;
+use super::handler::{check_additional, Proxy};
 use super::registry::MethodInfo;
 use super::rewrite;
 use crate::datastore::{DatastoreError, NewRepository, UpdateJob};
@@ -152,12 +152,8 @@ impl Proxy {
         let mut rewritten =
             rewrite::rewrite_repository(message, target_path, &primary, &entry.replica_path)?;
         if let Some(additional) = method.additional_repository.as_deref() {
-            if let Ok(other) = rewrite::read_repository(&rewritten, additional) {
-                if other.storage_name != repo.storage_name {
-                    return Err(ProxyError::InvalidArgument(
-                        "resolve additional replica path: repository and additional repository are on different virtual storages".into(),
-                    ));
-                }
+            if let Some(other) = rewrite::read_optional_repository(&rewritten, additional)? {
+                check_additional(repo, &other)?;
                 let other_entry = store
                     .consistent_storages(&repo.storage_name, &other.relative_path)
                     .await?
@@ -203,10 +199,10 @@ impl Proxy {
             .config
             .virtual_storage(&repo.storage_name)
             .ok_or(ProxyError::StorageNotFound)?;
-        let annotated = method
-            .additional_repository
-            .as_deref()
-            .and_then(|path| rewrite::read_repository(message, path).ok());
+        let annotated = match method.additional_repository.as_deref() {
+            Some(path) => rewrite::read_optional_repository(message, path)?,
+            None => None,
+        };
         // The repository the new one is placed next to: the annotated additional repository
         // (a pool's origin), CreateFork's unannotated source, or the partitioning hint.
         let hint = headers
@@ -216,8 +212,7 @@ impl Proxy {
             .map(str::to_string);
         let neighbour = match (&annotated, method.full_name.as_str()) {
             (Some(other), _) => Some(other.clone()),
-            (None, CREATE_FORK) => rewrite::read_repository(message, CREATE_FORK_SOURCE)
-                .ok()
+            (None, CREATE_FORK) => rewrite::read_optional_repository(message, CREATE_FORK_SOURCE)?
                 .filter(|source| !source.relative_path.is_empty()),
             _ => None,
         }
@@ -326,11 +321,7 @@ impl Proxy {
         other: &rewrite::RepositoryRef,
         healthy: &[String],
     ) -> Result<Placement, ProxyError> {
-        if other.storage_name != repo.storage_name {
-            return Err(ProxyError::InvalidArgument(
-                "resolve additional replica path: repository and additional repository are on different virtual storages".into(),
-            ));
-        }
+        check_additional(repo, other)?;
         let store = self.cache.store();
         let entry = store
             .consistent_storages(&other.storage_name, &other.relative_path)

@@ -169,6 +169,20 @@ fn string_field(msg: &[u8], number: u32) -> Result<String, RewriteError> {
 }
 
 /// Reads the storage name and relative path of the repository at `path`.
+/// The repository at `path`, or None when the field is absent. Anything else that is wrong
+/// with it (ambiguous, not a message, malformed) is an error: a repository the router cannot
+/// read must not be forwarded unrewritten.
+pub fn read_optional_repository(
+    msg: &[u8],
+    path: &[u32],
+) -> Result<Option<RepositoryRef>, RewriteError> {
+    match read_repository(msg, path) {
+        Ok(repo) => Ok(Some(repo)),
+        Err(RewriteError::NotFound) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
 pub fn read_repository(msg: &[u8], path: &[u32]) -> Result<RepositoryRef, RewriteError> {
     let repo = read_at(msg, path)?;
     Ok(RepositoryRef {
