@@ -11,5 +11,6 @@ pub mod logging;
 pub mod metrics;
 pub mod nodes;
 pub mod proxy;
+pub mod replication;
 pub mod routing;
 pub mod wire;

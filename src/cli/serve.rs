@@ -23,6 +23,8 @@ use crate::logging;
 use crate::nodes::NodePool;
 use crate::proxy::registry::Registry;
 use crate::proxy::Proxy;
+use crate::replication::reconciler::Reconciler;
+use crate::replication::Replicator;
 use crate::wire::auth::{AuthConfig, AuthLayer};
 use crate::wire::backchannel::{incoming, yamux_config, Listener, SessionRegistry};
 
@@ -129,6 +131,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         stop_rx.clone(),
     ));
 
+    let replication_tasks = vec![
+        tokio::spawn(
+            Replicator {
+                config: config.clone(),
+                nodes: nodes.clone(),
+                health: health.clone(),
+                store: store.clone(),
+            }
+            .run(stop_rx.clone()),
+        ),
+        tokio::spawn(
+            Reconciler::new(config.clone(), health.clone(), store.clone()).run(stop_rx.clone()),
+        ),
+    ];
+
     let sessions = SessionRegistry::default();
     let proxy = Arc::new(Proxy {
         registry: Registry::global(),
@@ -207,6 +224,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let drained = tokio::time::timeout(grace, futures::future::join_all(servers)).await;
     if drained.is_err() {
         tracing::warn!(timeout = %config.graceful_stop_timeout, "calls still running after the graceful stop timeout; cutting them");
+    }
+    // Running replication jobs finish; the health manager keeps its view until they did.
+    for task in replication_tasks {
+        let _ = task.await;
     }
     let _ = health_task.await;
     let _ = listener_task.await;

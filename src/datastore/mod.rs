@@ -21,6 +21,9 @@ mod cache;
 mod connect;
 mod health;
 pub mod migrations;
+mod queue;
+mod reconcile;
+mod replicas;
 mod repositories;
 mod routing;
 
@@ -34,6 +37,9 @@ pub use migrations::{
     Migration, MigrationEvent, MigrationState, MigrationStatus, MIGRATIONS_TABLE,
 };
 pub use repositories::{ConsistentStorages, NewRepository, RecordedReplicas, ValidPrimary};
+pub use queue::{ChangeType, JobState, QueuedJob, ReplicationJob};
+pub use reconcile::{ScheduledJob, StoragePair, RECONCILIATION_LOCK};
+pub use replicas::JobContext;
 pub use routing::{Primary, UpdateJob};
 
 use std::future::Future;

@@ -185,40 +185,16 @@ impl Datastore {
 
 /// Inserts one `update` job unless a `ready` one for the same target is queued already.
 async fn enqueue_update(conn: &mut sqlx::PgConnection, job: &UpdateJob) -> Result<(), sqlx::Error> {
-    let lock_id = format!(
-        "{}|{}|{}",
-        job.virtual_storage, job.target, job.relative_path
-    );
-    let payload = serde_json::json!({
-        "change": "update",
-        "repository_id": job.repository_id,
-        "relative_path": job.relative_path,
-        "replica_path": job.replica_path,
-        "target_node_storage": job.target,
-        "source_node_storage": job.source,
-        "virtual_storage": job.virtual_storage,
-        "params": null,
-    });
-    let meta = serde_json::json!({ "correlation_id": job.correlation_id });
-    sqlx::query(
-        "WITH lock AS (
-             INSERT INTO replication_queue_lock (id) VALUES ($1)
-             ON CONFLICT (id) DO NOTHING
-         )
-         INSERT INTO replication_queue (lock_id, job, meta)
-         SELECT $1, $2, $3
-         WHERE NOT EXISTS (
-             SELECT 1 FROM replication_queue
-             WHERE state = 'ready'
-               AND job ->> 'virtual_storage' = $2 ->> 'virtual_storage'
-               AND job ->> 'relative_path' = $2 ->> 'relative_path'
-               AND job ->> 'target_node_storage' = $2 ->> 'target_node_storage'
-               AND job ->> 'change' = 'update')",
-    )
-    .bind(&lock_id)
-    .bind(&payload)
-    .bind(&meta)
-    .execute(&mut *conn)
-    .await?;
+    let queued = super::queue::ReplicationJob {
+        repository_id: job.repository_id,
+        replica_path: job.replica_path.clone(),
+        change: super::queue::ChangeType::Update,
+        relative_path: job.relative_path.clone(),
+        target_node_storage: job.target.clone(),
+        source_node_storage: job.source.clone(),
+        virtual_storage: job.virtual_storage.clone(),
+        params: None,
+    };
+    super::queue::enqueue_in(conn, &queued, &job.correlation_id).await?;
     Ok(())
 }
