@@ -13,4 +13,5 @@ pub mod nodes;
 pub mod proxy;
 pub mod replication;
 pub mod routing;
+pub mod verification;
 pub mod wire;

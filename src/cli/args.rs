@@ -111,6 +111,29 @@ pub enum Command {
         #[arg(long, default_value = "10s", value_name = "DURATION")]
         timeout: crate::config::GoDuration,
     },
+    /// Mark replicas unverified so that the background verifier checks them first: every
+    /// replica of one repository, of a virtual storage, or of one storage of it.
+    #[command(group(
+        clap::ArgGroup::new("selector")
+            .required(true)
+            .args(["repository_id", "virtual_storage"])
+    ))]
+    Verify {
+        /// The id of the repository whose replicas to mark.
+        #[arg(
+            long,
+            value_name = "ID",
+            value_parser = clap::value_parser!(i64).range(1..),
+            conflicts_with_all = ["virtual_storage", "storage"]
+        )]
+        repository_id: Option<i64>,
+        /// The virtual storage whose replicas to mark.
+        #[arg(long, value_name = "NAME")]
+        virtual_storage: Option<String>,
+        /// Only the replicas on this storage of -virtual-storage.
+        #[arg(long, value_name = "NAME", requires = "virtual_storage")]
+        storage: Option<String>,
+    },
     /// Work with configuration files.
     Configuration {
         #[command(subcommand)]
@@ -217,6 +240,59 @@ mod tests {
         match parse(&["praefect", "sql-migrate-down", "-f", "2"]).command {
             Some(Command::SqlMigrateDown { force, max }) => assert!(force && max == 2),
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn verify_takes_one_selector() {
+        let verify = |args: &[&str]| {
+            Cli::try_parse_from(normalize_args(args.iter().map(OsString::from))).map(
+                |cli| match cli.command {
+                    Some(Command::Verify {
+                        repository_id,
+                        virtual_storage,
+                        storage,
+                    }) => (repository_id, virtual_storage, storage),
+                    other => panic!("unexpected {other:?}"),
+                },
+            )
+        };
+        assert_eq!(
+            verify(&["praefect", "verify", "-repository-id", "7"]).unwrap(),
+            (Some(7), None, None)
+        );
+        assert_eq!(
+            verify(&[
+                "praefect",
+                "verify",
+                "-virtual-storage",
+                "vs",
+                "-storage",
+                "s"
+            ])
+            .unwrap(),
+            (None, Some("vs".into()), Some("s".into()))
+        );
+        assert_eq!(
+            verify(&["praefect", "verify", "-virtual-storage=vs"]).unwrap(),
+            (None, Some("vs".into()), None)
+        );
+        for bad in [
+            &["praefect", "verify"][..],
+            &[
+                "praefect",
+                "verify",
+                "-repository-id",
+                "1",
+                "-virtual-storage",
+                "vs",
+            ],
+            &["praefect", "verify", "-repository-id", "1", "-storage", "s"],
+            &["praefect", "verify", "-storage", "s"],
+            &["praefect", "verify", "-repository-id", "0"],
+            &["praefect", "verify", "-repository-id", "x"],
+        ] {
+            assert!(verify(bad).is_err(), "{bad:?}");
         }
     }
 

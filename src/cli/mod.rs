@@ -5,6 +5,7 @@ mod configuration;
 mod dial_nodes;
 mod serve;
 mod sql;
+mod verify;
 
 pub use args::{normalize_args, Cli, Command, ConfigurationCommand};
 
@@ -85,6 +86,19 @@ async fn dispatch(command: Option<Command>, config: Config) -> ExitCode {
         }
         Some(Command::DialNodes { timeout }) => {
             interruptible(dial_nodes::run(&config, timeout.to_std())).await
+        }
+        Some(Command::Verify {
+            repository_id,
+            virtual_storage,
+            storage,
+        }) => {
+            interruptible(verify::run(
+                &config,
+                repository_id,
+                virtual_storage,
+                storage,
+            ))
+            .await
         }
         Some(Command::Configuration { .. }) => unreachable!("handled before loading the config"),
     }

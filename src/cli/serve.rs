@@ -25,6 +25,7 @@ use crate::proxy::registry::Registry;
 use crate::proxy::Proxy;
 use crate::replication::reconciler::Reconciler;
 use crate::replication::Replicator;
+use crate::verification::{self, NodeCluster, Verifier};
 use crate::wire::auth::{AuthConfig, AuthLayer};
 use crate::wire::backchannel::{incoming, yamux_config, Listener, SessionRegistry};
 
@@ -131,6 +132,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         stop_rx.clone(),
     ));
 
+    let verification_tasks = match Verifier::from_config(
+        store.clone(),
+        NodeCluster {
+            nodes: nodes.clone(),
+            health: health.clone(),
+        },
+        &config.background_verification,
+    ) {
+        Some(verifier) => vec![
+            tokio::spawn(verifier.run(stop_rx.clone())),
+            tokio::spawn(verification::run_lease_releaser(
+                store.clone(),
+                stop_rx.clone(),
+            )),
+        ],
+        None => {
+            tracing::info!("background verification is disabled");
+            Vec::new()
+        }
+    };
+
     let replication_tasks = vec![
         tokio::spawn(
             Replicator {
@@ -231,6 +253,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let _ = health_task.await;
     let _ = listener_task.await;
+    for task in verification_tasks {
+        let _ = task.await;
+    }
     if let Some(task) = metrics_task {
         let _ = task.await;
     }

@@ -26,6 +26,7 @@ mod reconcile;
 mod replicas;
 mod repositories;
 mod routing;
+mod verification;
 
 pub use cache::{CacheStats, ListenerSettings, StorageCache};
 pub use connect::{
@@ -41,6 +42,10 @@ pub use queue::{ChangeType, JobState, QueuedJob, ReplicationJob};
 pub use reconcile::{ScheduledJob, StoragePair, RECONCILIATION_LOCK};
 pub use replicas::JobContext;
 pub use routing::{Primary, UpdateJob};
+pub use verification::{
+    ReleasedLease, RemovedReplica, ReplicaSelector, VerificationJob, VerificationOutcome,
+    VerificationResult,
+};
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};

@@ -63,6 +63,39 @@ pub static METHOD_TYPES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// `gitaly_praefect_verification_jobs_dequeued_total{virtual_storage,storage}`: replicas the
+/// background verifier leased for a check.
+pub static VERIFICATION_JOBS_DEQUEUED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "gitaly_praefect_verification_jobs_dequeued_total",
+        "Number of verification jobs dequeued",
+        &["virtual_storage", "storage"],
+    )
+});
+
+/// `gitaly_praefect_verification_jobs_completed_total{virtual_storage,storage,result}`: checks
+/// by outcome (valid, invalid, error).
+pub static VERIFICATION_JOBS_COMPLETED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "gitaly_praefect_verification_jobs_completed_total",
+        "Number of verification jobs completed and their result",
+        &["virtual_storage", "storage", "result"],
+    )
+});
+
+/// `gitaly_praefect_stale_verification_leases_released_total`: expired verification leases
+/// released by this router.
+pub static STALE_VERIFICATION_LEASES_RELEASED: LazyLock<prometheus::IntCounter> =
+    LazyLock::new(|| {
+        let counter = prometheus::IntCounter::new(
+            "gitaly_praefect_stale_verification_leases_released_total",
+            "Number of stale verification leases released",
+        )
+        .expect("static metric definition is valid");
+        let _ = REGISTRY.register(Box::new(counter.clone()));
+        counter
+    });
+
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let counter = IntCounterVec::new(Opts::new(name, help), labels)
         .expect("static metric definition is valid");

@@ -1,19 +1,26 @@
 //! The Gitaly nodes behind the virtual storages: their addresses as configured, and the
-//! connections the router keeps to them (one long-lived backchannel connection per node,
-//! with that node's v2 token on every call).
+//! connections the router keeps to them ([`NodeChannel`]: one backchannel connection per
+//! node address, or per resolved address for `dns:` names, with that node's v2 token on
+//! every call).
+
+mod balancer;
+mod channel;
+mod resolve;
+mod subchannel;
 
 use std::time::Duration;
 
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+pub use channel::{NodeChannel, NodeError, RERESOLVE_INTERVAL};
+pub use resolve::ResolveError;
 
 use crate::config::{Config, Node as NodeConfig};
-use crate::wire::auth::TokenInterceptor;
-use crate::wire::backchannel::{self, yamux_config, ClientHandler};
+use crate::wire::backchannel::{yamux_config, ClientHandler};
 use crate::wire::sidechannel::SidechannelRegistry;
+use channel::Resolution;
+use subchannel::ConnectSettings;
 
-/// A channel to a node that signs every call with the node's token.
-pub type NodeChannel = InterceptedService<Channel, TokenInterceptor>;
+/// How long one connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a node address cannot be dialed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -22,9 +29,10 @@ pub enum AddressError {
     Unsupported(String),
 }
 
-/// Turns a configured node address into what the dialer takes (`tcp://host:port`,
-/// `tls://host:port` or `unix:/path`). `dns:` names are resolved by the system resolver at each
-/// (re)connection.
+/// Turns a configured node address into what [`crate::wire::backchannel::connect_raw`] takes
+/// (`tcp://host:port`, `tls://host:port` or `unix:/path`). A `dns:` name becomes `tcp://` or
+/// `tls://` with the name, which the OS resolves at connection; [`NodeChannel`] resolves such
+/// names itself instead (see [`resolution`]).
 pub fn dial_target(address: &str) -> Result<String, AddressError> {
     let unsupported = || AddressError::Unsupported(address.to_string());
     // gRPC's dns scheme allows an authority: dns://[authority]/host:port.
@@ -90,11 +98,46 @@ pub fn configured_nodes(config: &Config) -> Vec<NodeRef> {
         .collect()
 }
 
+/// How [`NodeChannel`] finds a node's addresses: `dns:` and `dns+tls:` names through DNS
+/// (every address the name has), anything else as written.
+fn resolution(address: &str) -> Result<Resolution, AddressError> {
+    let target = dial_target(address)?;
+    if !address.starts_with("dns:") && !address.starts_with("dns+tls:") {
+        return Ok(Resolution::Fixed(target));
+    }
+    let (tls, host_port) = match target.strip_prefix("tls://") {
+        Some(rest) => (true, rest),
+        None => (false, target.strip_prefix("tcp://").unwrap_or(&target)),
+    };
+    let (host, port) = resolve::split_host_port(host_port)
+        .ok_or_else(|| AddressError::Unsupported(address.to_string()))?;
+    Ok(Resolution::Dns { host, port, tls })
+}
+
 fn yamux(config: &Config) -> tokio_yamux::Config {
     yamux_config(
         u32::try_from(config.yamux.maximum_stream_window_size_bytes).unwrap_or(u32::MAX),
         usize::try_from(config.yamux.accept_backlog).unwrap_or(256),
     )
+}
+
+fn invalid_input(err: AddressError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, err)
+}
+
+/// A channel to `address` signing calls with `token`, connecting on first use.
+pub fn node_channel(
+    address: &str,
+    token: &str,
+    yamux: tokio_yamux::Config,
+    handler: ClientHandler,
+) -> Result<NodeChannel, AddressError> {
+    let settings = ConnectSettings {
+        yamux,
+        handler,
+        timeout: CONNECT_TIMEOUT,
+    };
+    NodeChannel::new(address, resolution(address)?, token, settings)
 }
 
 /// Connects to a node now, within `timeout`.
@@ -104,14 +147,13 @@ pub async fn dial(
     token: &str,
     timeout: Duration,
 ) -> std::io::Result<NodeChannel> {
-    let target = dial_target(address)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let channel =
-        backchannel::dial(&target, yamux(config), ClientHandler::default(), timeout).await?;
-    Ok(InterceptedService::new(
-        channel,
-        TokenInterceptor::new(token),
-    ))
+    let channel = node_channel(address, token, yamux(config), ClientHandler::default())
+        .map_err(invalid_input)?;
+    channel
+        .connect(timeout)
+        .await
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string()))?;
+    Ok(channel)
 }
 
 /// A channel that connects on first use and reconnects as needed: a node that is down at
@@ -122,13 +164,7 @@ pub fn dial_lazy(
     token: &str,
     handler: ClientHandler,
 ) -> std::io::Result<NodeChannel> {
-    let target = dial_target(address)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let channel = backchannel::dial_lazy(&target, yamux(config), handler)?;
-    Ok(InterceptedService::new(
-        channel,
-        TokenInterceptor::new(token),
-    ))
+    node_channel(address, token, yamux(config), handler).map_err(invalid_input)
 }
 
 /// Connections to every configured node, shared by the health manager and the proxy.
@@ -197,5 +233,34 @@ mod tests {
         for bad in ["http://x:1", "127.0.0.1:8075", "tcp://", "unix:"] {
             assert!(dial_target(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn dns_names_are_resolved_by_the_channel_and_the_rest_dialed_as_written() {
+        let dns = |address: &str| match resolution(address).unwrap() {
+            Resolution::Dns { host, port, tls } => Some((host, port, tls)),
+            Resolution::Fixed(_) => None,
+        };
+        let name = |h: &str, p: u16, tls: bool| Some((h.to_string(), p, tls));
+        assert_eq!(
+            dns("dns:gitaly.internal:8075"),
+            name("gitaly.internal", 8075, false)
+        );
+        assert_eq!(
+            dns("dns:///gitaly.internal:8075"),
+            name("gitaly.internal", 8075, false)
+        );
+        assert_eq!(
+            dns("dns://10.0.0.2/gitaly.internal:8075"),
+            name("gitaly.internal", 8075, false)
+        );
+        assert_eq!(
+            dns("dns+tls:gitaly.internal:9999"),
+            name("gitaly.internal", 9999, true)
+        );
+        assert_eq!(dns("dns:[::1]:8075"), name("::1", 8075, false));
+        assert_eq!(dns("tcp://gitaly.internal:8075"), None);
+        assert_eq!(dns("unix:/run/gitaly.sock"), None);
+        assert!(resolution("dns:host:port").is_err());
     }
 }

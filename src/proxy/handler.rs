@@ -14,7 +14,7 @@ use rand::seq::SliceRandom;
 use tower::ServiceExt;
 
 use super::error::ProxyError;
-use super::{finalize, frame, intercept, server_service};
+use super::{finalize, frame, intercept, praefect_info, server_service};
 use crate::metrics;
 use crate::wire::proto::repository_service_client::RepositoryServiceClient;
 use crate::wire::proto::{
@@ -135,6 +135,7 @@ impl Proxy {
             return match path.as_str() {
                 server_service::SERVER_INFO => self.server_info().await,
                 server_service::DISK_STATISTICS => self.disk_statistics().await,
+                praefect_info::MARK_UNVERIFIED => self.mark_unverified(request).await,
                 _ => Err(ProxyError::Unsupported(format!(
                     "{path} is answered by praefect itself and not implemented yet"
                 ))),

@@ -8,6 +8,7 @@ pub mod handler;
 mod intercept;
 mod maintenance;
 mod mutator;
+mod praefect_info;
 pub mod registry;
 pub mod rewrite;
 mod server_service;

@@ -11,7 +11,9 @@
 //! sidechannels (they start with `sidechannel`) or gRPC calls to the client's own services.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -434,7 +436,11 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
-        let cause_text = cause.to_string();
+        // A tonic Status displays as "code: '...', message: \"...\"": its message says it all.
+        let cause_text = match cause.downcast_ref::<tonic::Status>() {
+            Some(status) => status.message().to_string(),
+            None => cause.to_string(),
+        };
         if !text.contains(&cause_text) {
             text.push_str(": ");
             text.push_str(&cause_text);
@@ -474,7 +480,77 @@ async fn open_session(
     yamux: YamuxConfig,
     handler: ClientHandler,
 ) -> io::Result<StreamHandle> {
-    let mut io = connect_raw(address).await?;
+    let io = connect_raw(address).await?;
+    Ok(start_client_session(io, yamux, handler).await?.stream)
+}
+
+/// Where a client's connection goes: an address as [`connect_raw`] takes it, or one socket
+/// address that a name resolved to. A resolved address over TLS keeps the name, because the
+/// certificate is for the name, not for the IP.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum DialTarget {
+    Address(String),
+    Resolved {
+        addr: SocketAddr,
+        tls_server_name: Option<String>,
+    },
+}
+
+impl fmt::Display for DialTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DialTarget::Address(address) => f.write_str(address),
+            DialTarget::Resolved {
+                addr,
+                tls_server_name: None,
+            } => write!(f, "{addr}"),
+            DialTarget::Resolved {
+                addr,
+                tls_server_name: Some(name),
+            } => write!(f, "{addr} (TLS as {name})"),
+        }
+    }
+}
+
+/// Opens the raw connection to `target`.
+pub async fn connect_target(target: &DialTarget) -> io::Result<BoxIo> {
+    match target {
+        DialTarget::Address(address) => connect_raw(address).await,
+        DialTarget::Resolved {
+            addr,
+            tls_server_name,
+        } => {
+            let tcp = TcpStream::connect(addr).await?;
+            let _ = tcp.set_nodelay(true);
+            match tls_server_name {
+                None => Ok(Box::new(tcp)),
+                Some(name) => {
+                    let name =
+                        rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| {
+                            io::Error::new(io::ErrorKind::InvalidInput, format!("server name: {e}"))
+                        })?;
+                    Ok(Box::new(super::tls::connector()?.connect(name, tcp).await?))
+                }
+            }
+        }
+    }
+}
+
+/// A client's backchannel session: the stream that carries our HTTP/2 connection, and the
+/// session's control. Closing the control ends the session, and with it the connection and
+/// every stream the server opened on it; the session otherwise lives as long as the socket.
+pub struct ClientSession {
+    pub stream: StreamHandle,
+    pub control: Control,
+}
+
+/// Starts a backchannel client session on a connected `io`: sends the magic, runs the yamux
+/// client (streams the server opens go to `handler`) and opens the stream for our HTTP/2.
+pub async fn start_client_session(
+    mut io: BoxIo,
+    yamux: YamuxConfig,
+    handler: ClientHandler,
+) -> io::Result<ClientSession> {
     io.write_all(BACKCHANNEL_MAGIC).await?;
     io.flush().await?;
     let mut session = Session::new_client(io, yamux);
@@ -484,10 +560,11 @@ async fn open_session(
             tokio::spawn(handle_inbound(stream, handler.clone()));
         }
     });
-    control
+    let stream = control
         .open_stream()
         .await
-        .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, format!("opening stream: {e:?}")))
+        .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, format!("opening stream: {e:?}")))?;
+    Ok(ClientSession { stream, control })
 }
 
 /// A stream the server opened to us: a sidechannel, or a gRPC connection to our services.

@@ -1,0 +1,295 @@
+//! One HTTP/2 connection to one address of a node, over a backchannel session.
+//!
+//! Calls take a clone of the connection's hyper `SendRequest` and hand their request straight
+//! to the connection task: no tower `Buffer` worker in between, which is where tonic's
+//! `Channel` spent a task hop and a queue per call. The connection is made on demand, one
+//! attempt at a time however many calls are waiting for it, and after failed attempts the
+//! next one waits a growing delay, so a node that is down costs neither a connect per call
+//! nor a busy loop.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
+use tokio_yamux::Config as YamuxConfig;
+
+use crate::wire::backchannel::{self, ClientHandler, DialTarget};
+
+/// The request body every node call has: the proxy's forwarded frames and tonic's encoded
+/// messages are both `tonic::body::Body`.
+pub(crate) type RequestBody = tonic::body::Body;
+pub(crate) type Sender = SendRequest<RequestBody>;
+
+/// HTTP/2 pings while the connection is idle too, as the router always did: a node that
+/// vanished without closing its socket is noticed within interval + timeout.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Delay before the attempt after the first failed one; it doubles per failure up to the cap.
+/// Short, because a restarted node should be used again within about a health-check round.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+/// Why a connection attempt failed, as text: it is shared by every call that waited for the
+/// attempt, and replayed to the calls that come during the back-off.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct ConnectFailure(pub String);
+
+/// How connections are made; shared by all subchannels of a node.
+pub(crate) struct ConnectSettings {
+    pub yamux: YamuxConfig,
+    pub handler: ClientHandler,
+    pub timeout: Duration,
+}
+
+pub(crate) type Attempt = Shared<BoxFuture<'static, Result<Sender, ConnectFailure>>>;
+
+enum Start {
+    Ready(Sender),
+    Attempt(Attempt),
+    BackingOff(Instant),
+}
+
+enum Conn {
+    Idle,
+    Connecting(Attempt),
+    Ready(Sender),
+}
+
+struct State {
+    conn: Conn,
+    /// Failed attempts since the last success.
+    failures: u32,
+    last_failure: Option<ConnectFailure>,
+    /// No new attempt before this, after a failure.
+    retry_at: Option<Instant>,
+}
+
+pub(crate) struct Subchannel {
+    target: DialTarget,
+    settings: Arc<ConnectSettings>,
+    state: Mutex<State>,
+}
+
+fn backoff(failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    BACKOFF_BASE
+        .saturating_mul(1u32 << exponent)
+        .min(BACKOFF_CAP)
+}
+
+impl Subchannel {
+    pub(crate) fn new(target: DialTarget, settings: Arc<ConnectSettings>) -> Self {
+        Subchannel {
+            target,
+            settings,
+            state: Mutex::new(State {
+                conn: Conn::Idle,
+                failures: 0,
+                last_failure: None,
+                retry_at: None,
+            }),
+        }
+    }
+
+    pub(crate) fn target(&self) -> &DialTarget {
+        &self.target
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The connection's sender if it is up; a closed connection is forgotten here, so the
+    /// next [`Subchannel::connect`] makes a new one.
+    pub(crate) fn ready(&self) -> Option<Sender> {
+        let mut state = self.lock();
+        match &state.conn {
+            Conn::Ready(sender) if !sender.is_closed() => Some(sender.clone()),
+            Conn::Ready(_) => {
+                state.conn = Conn::Idle;
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether a call could use this subchannel now without connecting.
+    pub(crate) fn is_ready(&self) -> bool {
+        matches!(&self.lock().conn, Conn::Ready(sender) if !sender.is_closed())
+    }
+
+    /// A future for a usable sender: the live connection, the attempt in progress, or a new
+    /// attempt. During the back-off after a failure, the failure itself, at once.
+    pub(crate) fn connect(self: &Arc<Self>) -> Result<Attempt, ConnectFailure> {
+        match self.start() {
+            Start::Ready(sender) => Ok(futures::future::ready(Ok(sender)).boxed().shared()),
+            Start::Attempt(attempt) => Ok(attempt),
+            Start::BackingOff(retry_at) => {
+                let state = self.lock();
+                let failure = state.last_failure.as_ref().map_or("", |f| f.0.as_str());
+                Err(ConnectFailure(format!(
+                    "{failure} (next attempt in {} ms)",
+                    retry_at
+                        .saturating_duration_since(Instant::now())
+                        .as_millis()
+                        .max(1)
+                )))
+            }
+        }
+    }
+
+    /// Starts a connection attempt in the background if there is no connection, none under
+    /// way and no back-off: how an address that is not in use gets back into the rotation.
+    pub(crate) fn kick(self: &Arc<Self>) {
+        let _ = self.start();
+    }
+
+    fn start(self: &Arc<Self>) -> Start {
+        let mut state = self.lock();
+        match &state.conn {
+            Conn::Ready(sender) if !sender.is_closed() => return Start::Ready(sender.clone()),
+            Conn::Connecting(attempt) => return Start::Attempt(attempt.clone()),
+            Conn::Ready(_) | Conn::Idle => {}
+        }
+        if let Some(retry_at) = state.retry_at {
+            if Instant::now() < retry_at {
+                return Start::BackingOff(retry_at);
+            }
+        }
+        // The attempt runs in its own task: a caller that gives up does not cancel it for
+        // the others, and its outcome is recorded even if nobody waits any more.
+        let this = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let timeout = this.settings.timeout;
+            let attempt = establish(&this.target, &this.settings);
+            let result = match tokio::time::timeout(timeout, attempt).await {
+                Ok(result) => result,
+                Err(_) => Err(ConnectFailure(format!(
+                    "{}: no connection within {timeout:?}",
+                    this.target
+                ))),
+            };
+            this.finish(&result);
+            result
+        });
+        let attempt = task
+            .map(|joined| {
+                joined.unwrap_or_else(|e| Err(ConnectFailure(format!("connection attempt: {e}"))))
+            })
+            .boxed()
+            .shared();
+        state.conn = Conn::Connecting(attempt.clone());
+        Start::Attempt(attempt)
+    }
+
+    fn finish(&self, result: &Result<Sender, ConnectFailure>) {
+        let mut state = self.lock();
+        match result {
+            Ok(sender) => {
+                state.conn = Conn::Ready(sender.clone());
+                state.failures = 0;
+                state.last_failure = None;
+                state.retry_at = None;
+            }
+            Err(failure) => {
+                state.conn = Conn::Idle;
+                state.failures = state.failures.saturating_add(1);
+                state.retry_at = Some(Instant::now() + backoff(state.failures));
+                state.last_failure = Some(failure.clone());
+            }
+        }
+    }
+}
+
+/// Connects, starts the backchannel session and the HTTP/2 connection on its first stream.
+async fn establish(
+    target: &DialTarget,
+    settings: &ConnectSettings,
+) -> Result<Sender, ConnectFailure> {
+    let failed =
+        |what: &str, err: &dyn std::fmt::Display| ConnectFailure(format!("{target}: {what}{err}"));
+    let io = backchannel::connect_target(target)
+        .await
+        .map_err(|e| failed("", &e))?;
+    let session = backchannel::start_client_session(io, settings.yamux, settings.handler.clone())
+        .await
+        .map_err(|e| failed("backchannel: ", &e))?;
+    let mut control = session.control;
+    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(session.stream))
+        .await;
+    let (sender, connection) = match handshake {
+        Ok(pair) => pair,
+        Err(err) => {
+            control.close().await;
+            return Err(failed("HTTP/2 handshake: ", &err));
+        }
+    };
+    let target = target.to_string();
+    tokio::spawn(async move {
+        // Ends when the node closes the connection, keepalive fails, or every sender is gone
+        // (the address left DNS) and the last call is done. The session goes with it: nothing
+        // else would close it while the node keeps the socket open.
+        if let Err(err) = connection.await {
+            tracing::debug!(target = %target, error = %err, "node connection ended");
+        }
+        control.close().await;
+    });
+    Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(4), Duration::from_millis(800));
+        assert_eq!(backoff(6), BACKOFF_CAP);
+        assert_eq!(backoff(u32::MAX), BACKOFF_CAP);
+    }
+
+    fn refused_target() -> DialTarget {
+        // A port nobody listens on: bind, note it, and close.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        DialTarget::Resolved {
+            addr,
+            tls_server_name: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_attempts_are_shared_and_then_back_off() {
+        let settings = Arc::new(ConnectSettings {
+            yamux: backchannel::yamux_config(0, 256),
+            handler: ClientHandler::default(),
+            timeout: Duration::from_secs(5),
+        });
+        let sub = Arc::new(Subchannel::new(refused_target(), settings));
+        let first = sub.connect().unwrap();
+        let second = sub.connect().unwrap();
+        let (a, b) = futures::join!(first, second);
+        assert!(a.is_err() && b.is_err());
+        // Within the back-off, no new attempt: the failure comes back at once.
+        let Err(during) = sub.connect() else {
+            panic!("a new attempt during the back-off");
+        };
+        assert!(during.0.contains("next attempt"), "{during}");
+        tokio::time::sleep(backoff(1) + Duration::from_millis(20)).await;
+        assert!(sub.connect().is_ok(), "a new attempt after the back-off");
+        assert!(!sub.is_ready());
+    }
+}
