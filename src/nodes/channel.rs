@@ -17,13 +17,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::stream::{FuturesUnordered, StreamExt};
 use hickory_resolver::TokioResolver;
 use http::uri::{Authority, Scheme};
-use hyper::body::Incoming;
 use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
 
 use super::balancer::AddressSet;
+use super::http2::{ResponseBody, SendError};
 use super::resolve::{self, ResolveError};
-use super::subchannel::{ConnectFailure, ConnectSettings, RequestBody, Sender, Subchannel};
+use super::subchannel::{ConnectSettings, RequestBody, Sender, Subchannel};
 use crate::wire::auth::sign_v2;
 use crate::wire::backchannel::DialTarget;
 
@@ -43,12 +43,13 @@ pub enum NodeError {
         #[source]
         status: tonic::Status,
     },
-    /// The call failed on an established connection.
-    #[error("calling node {address}: {source}")]
+    /// The call failed on an established connection; the status is what gRPC makes of the
+    /// HTTP/2 error.
+    #[error("calling node {address}: {}", status.message())]
     Call {
         address: String,
         #[source]
-        source: hyper::Error,
+        status: tonic::Status,
     },
     #[error("request for node {address} is not valid: {reason}")]
     InvalidRequest { address: String, reason: String },
@@ -259,28 +260,19 @@ impl ChannelShared {
             return Ok(sender);
         }
         let subs: Vec<Arc<Subchannel>> = self.read_set().values().cloned().collect();
-        let mut attempts = Vec::with_capacity(subs.len());
-        let mut failure: Vec<ConnectFailure> = Vec::new();
+        // Every address not backing off gets an attempt (or joins the one under way); the
+        // first connection up serves the call, the other attempts go on in their tasks.
+        let mut attempts = FuturesUnordered::new();
+        let mut failures: Vec<String> = Vec::new();
         for sub in &subs {
             match sub.connect() {
                 Ok(attempt) => attempts.push(attempt),
-                Err(backing_off) => failure.push(backing_off),
+                Err(backing_off) => failures.push(backing_off.0),
             }
         }
-        if attempts.is_empty() {
-            let reason = match failure.is_empty() {
-                true => "no addresses".to_string(),
-                false => failure
-                    .iter()
-                    .map(|f| f.0.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            };
-            return Err(NodeError::unavailable(&self.address, reason));
+        if subs.is_empty() {
+            failures.push("no addresses".to_string());
         }
-        // The first connection up serves the call; the other attempts go on in their tasks.
-        let mut attempts: FuturesUnordered<_> = attempts.into_iter().collect();
-        let mut failures: Vec<String> = failure.into_iter().map(|f| f.0).collect();
         while let Some(result) = attempts.next().await {
             match result {
                 Ok(sender) => return Ok(sender),
@@ -418,49 +410,57 @@ impl ChannelShared {
         Ok(())
     }
 
-    fn call_error(&self, err: hyper::Error) -> NodeError {
-        // The connection went away under the call (closed, reset, keepalive timed out): the
-        // node is unavailable, as gRPC calls it; anything else is the call's own failure.
-        if err.is_closed() || err.is_canceled() || err.is_incomplete_message() || err.is_timeout() {
-            return NodeError::unavailable(
-                &self.address,
-                crate::wire::backchannel::error_chain(&err),
-            );
+    fn call_error(&self, err: SendError) -> NodeError {
+        let error = err.error();
+        // The stream was never opened, or the connection went away under it (closed, reset,
+        // refused, keepalive failed): the node is unavailable, as gRPC calls it. Anything
+        // else is the call's own failure, with the code gRPC gives that HTTP/2 error.
+        let connection_gone = error.is_io()
+            || error.is_go_away()
+            || error.reason() == Some(h2::Reason::REFUSED_STREAM);
+        if matches!(err, SendError::NotSent { .. }) || connection_gone {
+            return NodeError::unavailable(&self.address, error);
         }
+        let SendError::Failed(error) = err else {
+            return NodeError::unavailable(&self.address, "stream not opened");
+        };
         NodeError::Call {
             address: self.address.clone(),
-            source: err,
+            status: tonic::Status::from_error(Box::new(error)),
         }
     }
 
     async fn call(
         self: Arc<Self>,
         mut request: http::Request<RequestBody>,
-    ) -> Result<http::Response<Incoming>, NodeError> {
+    ) -> Result<http::Response<ResponseBody>, NodeError> {
         self.prepare(&mut request)?;
-        let mut sender = match self.pick_ready() {
-            Some(sender) => sender,
+        let conn = match self.pick_ready() {
+            Some(conn) => conn,
             None => self.wait_ready().await?,
         };
-        match sender.try_send_request(request).await {
+        match conn.send(request).await {
             Ok(response) => Ok(response),
-            Err(mut err) => match err.take_message() {
-                // The request never left: the connection was closing. Another one may do.
-                Some(request) => {
-                    let mut sender = self.wait_ready().await?;
-                    sender
-                        .try_send_request(request)
-                        .await
-                        .map_err(|err| self.call_error(err.into_error()))
-                }
-                None => Err(self.call_error(err.into_error())),
-            },
+            // The connection would not open a stream (closing, failed): the request is
+            // intact, so it goes to another connection, once.
+            Err(SendError::NotSent {
+                request: Some(request),
+                error,
+            }) => {
+                tracing::debug!(node = %self.address, error = %error, "connection refused a new stream; retrying");
+                conn.retire();
+                let conn = self.wait_ready().await?;
+                conn.send(*request)
+                    .await
+                    .map_err(|err| self.call_error(err))
+            }
+            Err(err) => Err(self.call_error(err)),
         }
     }
 }
 
 impl tower::Service<http::Request<RequestBody>> for NodeChannel {
-    type Response = http::Response<Incoming>;
+    type Response = http::Response<ResponseBody>;
     type Error = NodeError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, NodeError>> + Send>>;
 

@@ -5,12 +5,14 @@
 
 mod balancer;
 mod channel;
+mod http2;
 mod resolve;
 mod subchannel;
 
 use std::time::Duration;
 
 pub use channel::{NodeChannel, NodeError, RERESOLVE_INTERVAL};
+pub use http2::ResponseBody;
 pub use resolve::ResolveError;
 
 use crate::config::{Config, Node as NodeConfig};

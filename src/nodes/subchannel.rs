@@ -1,8 +1,8 @@
 //! One HTTP/2 connection to one address of a node, over a backchannel session.
 //!
-//! Calls take a clone of the connection's hyper `SendRequest` and hand their request straight
-//! to the connection task: no tower `Buffer` worker in between, which is where tonic's
-//! `Channel` spent a task hop and a queue per call. The connection is made on demand, one
+//! Calls take a clone of the connection's handle ([`Http2Conn`]) and open their stream on it
+//! from their own task: no tower `Buffer` worker in between, which is where tonic's `Channel`
+//! spent a task hop and a queue per call. The connection is made on demand, one
 //! attempt at a time however many calls are waiting for it, and after failed attempts the
 //! next one waits a growing delay, so a node that is down costs neither a connect per call
 //! nor a busy loop.
@@ -11,22 +11,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tokio_yamux::Config as YamuxConfig;
 
+use super::http2::Http2Conn;
 use crate::wire::backchannel::{self, ClientHandler, DialTarget};
 
 /// The request body every node call has: the proxy's forwarded frames and tonic's encoded
 /// messages are both `tonic::body::Body`.
 pub(crate) type RequestBody = tonic::body::Body;
-pub(crate) type Sender = SendRequest<RequestBody>;
-
-/// HTTP/2 pings while the connection is idle too, as the router always did: a node that
-/// vanished without closing its socket is noticed within interval + timeout.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) type Sender = Http2Conn;
 
 /// Delay before the attempt after the first failed one; it doubles per failure up to the cap.
 /// Short, because a restarted node should be used again within about a health-check round.
@@ -219,32 +213,9 @@ async fn establish(
     let session = backchannel::start_client_session(io, settings.yamux, settings.handler.clone())
         .await
         .map_err(|e| failed("backchannel: ", &e))?;
-    let mut control = session.control;
-    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(session.stream))
-        .await;
-    let (sender, connection) = match handshake {
-        Ok(pair) => pair,
-        Err(err) => {
-            control.close().await;
-            return Err(failed("HTTP/2 handshake: ", &err));
-        }
-    };
-    let target = target.to_string();
-    tokio::spawn(async move {
-        // Ends when the node closes the connection, keepalive fails, or every sender is gone
-        // (the address left DNS) and the last call is done. The session goes with it: nothing
-        // else would close it while the node keeps the socket open.
-        if let Err(err) = connection.await {
-            tracing::debug!(target = %target, error = %err, "node connection ended");
-        }
-        control.close().await;
-    });
-    Ok(sender)
+    Http2Conn::start(session.stream, session.control, target.to_string())
+        .await
+        .map_err(|e| failed("HTTP/2 handshake: ", &e))
 }
 
 #[cfg(test)]

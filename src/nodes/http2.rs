@@ -1,0 +1,348 @@
+//! HTTP/2 to a node with the `h2` crate directly.
+//!
+//! hyper's client puts two tasks between a call and the connection: a dispatch task that
+//! receives each request over a channel, and a task per request that pipes its body. Each is
+//! a task wake-up (often a thread wake-up) per call, which is most of what a small unary call
+//! costs the router. Here the caller's own task opens the stream, writes the request body
+//! (all of it, for unary and server-streaming calls, before the answer starts) and reads the
+//! answer; only a body still being written when the answer arrives (client streaming) gets a
+//! task of its own. The connection's task does the socket I/O and the keepalive pings.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame};
+use tokio_yamux::{Control, StreamHandle};
+
+use super::subchannel::RequestBody;
+
+/// HTTP/2 pings every interval, idle or not, as the router always did: a node that vanished
+/// without closing its socket is noticed within interval + timeout.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Receive windows as hyper's client has them: enough for a pack stream to flow.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+/// Headers HTTP/2 forbids (they are about one HTTP/1 connection); h2 refuses a request
+/// that has them, so they are dropped rather than failing the call.
+const CONNECTION_HEADERS: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// One established HTTP/2 connection: a handle to open streams on it, and whether it is gone.
+#[derive(Clone)]
+pub(crate) struct Http2Conn {
+    send: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+/// Why a call failed on an established connection.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// The stream was never opened (the connection is closing or failed); the request comes
+    /// back when it is intact, for another connection.
+    NotSent {
+        error: h2::Error,
+        request: Option<Box<http::Request<RequestBody>>>,
+    },
+    /// The stream failed after it was opened.
+    Failed(h2::Error),
+}
+
+impl SendError {
+    pub(crate) fn error(&self) -> &h2::Error {
+        match self {
+            SendError::NotSent { error, .. } | SendError::Failed(error) => error,
+        }
+    }
+}
+
+impl Http2Conn {
+    /// Starts HTTP/2 on `stream` (the first stream of a backchannel session) and spawns the
+    /// connection's task; when the connection ends, the session is closed with it (nothing
+    /// else would close it while the node keeps the socket open).
+    pub(crate) async fn start(
+        stream: StreamHandle,
+        mut control: Control,
+        label: String,
+    ) -> Result<Http2Conn, h2::Error> {
+        let handshake = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .enable_push(false)
+            .handshake::<_, Bytes>(stream)
+            .await;
+        let (send, mut connection) = match handshake {
+            Ok(pair) => pair,
+            Err(err) => {
+                control.close().await;
+                return Err(err);
+            }
+        };
+        let closed = Arc::new(AtomicBool::new(false));
+        let closed_flag = closed.clone();
+        let pings = connection.ping_pong();
+        tokio::spawn(async move {
+            // Ends when the node closes the connection, keepalive fails, or every handle is
+            // gone (the address left DNS) and the last stream is done.
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(err) = result {
+                        tracing::debug!(target = %label, error = %err, "node connection ended");
+                    }
+                }
+                failure = keepalive(pings) => {
+                    tracing::warn!(target = %label, error = %failure, "node connection dropped");
+                }
+            }
+            closed_flag.store(true, Ordering::Release);
+            drop(connection);
+            control.close().await;
+        });
+        Ok(Http2Conn { send, closed })
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection as not to be used for new calls (it refused to open a stream).
+    pub(crate) fn retire(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// Sends `request` (its URI complete) and waits for the response head.
+    pub(crate) async fn send(
+        &self,
+        request: http::Request<RequestBody>,
+    ) -> Result<http::Response<ResponseBody>, SendError> {
+        let mut send = self.send.clone();
+        if let Err(error) = std::future::poll_fn(|cx| send.poll_ready(cx)).await {
+            return Err(SendError::NotSent {
+                error,
+                request: Some(Box::new(request)),
+            });
+        }
+        let (mut parts, body) = request.into_parts();
+        for name in CONNECTION_HEADERS {
+            parts.headers.remove(name);
+        }
+        if parts
+            .headers
+            .get(http::header::TE)
+            .is_some_and(|te| te != "trailers")
+        {
+            parts.headers.remove(http::header::TE);
+        }
+        let end_of_stream = body.is_end_stream();
+        let (response, stream) = send
+            .send_request(http::Request::from_parts(parts, ()), end_of_stream)
+            .map_err(|error| SendError::NotSent {
+                error,
+                request: None,
+            })?;
+        let mut response = response;
+        let mut pipe = (!end_of_stream).then(|| PipeBody::new(body, stream));
+        let head = std::future::poll_fn(|cx| {
+            if let Some(p) = pipe.as_mut() {
+                if Pin::new(p).poll(cx).is_ready() {
+                    pipe = None;
+                }
+            }
+            Pin::new(&mut response).poll(cx)
+        })
+        .await
+        .map_err(SendError::Failed)?;
+        if let Some(pipe) = pipe {
+            // The answer came while the request is still streaming: the rest goes on alone.
+            tokio::spawn(pipe);
+        }
+        let (parts, recv) = head.into_parts();
+        Ok(http::Response::from_parts(parts, ResponseBody::new(recv)))
+    }
+}
+
+/// Sends a ping every interval and waits for its pong; returns why it failed.
+async fn keepalive(pings: Option<h2::PingPong>) -> String {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(err)) => return format!("keepalive ping: {err}"),
+            Err(_) => return format!("no keepalive pong within {KEEPALIVE_TIMEOUT:?}"),
+        }
+    }
+}
+
+/// Writes a request body to its stream, within the stream's flow-control window.
+struct PipeBody {
+    body: RequestBody,
+    stream: h2::SendStream<Bytes>,
+    /// Data read from the body and not yet sent (waiting for window).
+    pending: Bytes,
+    /// The body ended after `pending`.
+    ended: bool,
+}
+
+impl PipeBody {
+    fn new(body: RequestBody, stream: h2::SendStream<Bytes>) -> Self {
+        PipeBody {
+            body,
+            stream,
+            pending: Bytes::new(),
+            ended: false,
+        }
+    }
+
+    fn poll_pipe(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
+        loop {
+            if !self.pending.is_empty() {
+                self.stream.reserve_capacity(self.pending.len());
+                let capacity = match ready!(self.stream.poll_capacity(cx)) {
+                    Some(capacity) => capacity?,
+                    // The stream is closed (reset by the node): nothing more to send.
+                    None => return Poll::Ready(Ok(())),
+                };
+                if capacity == 0 {
+                    continue;
+                }
+                let chunk = self.pending.split_to(capacity.min(self.pending.len()));
+                let last = self.pending.is_empty() && self.ended;
+                self.stream.send_data(chunk, last)?;
+                if last {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            if self.ended {
+                self.stream.send_data(Bytes::new(), true)?;
+                return Poll::Ready(Ok(()));
+            }
+            if let Poll::Ready(reason) = self.stream.poll_reset(cx) {
+                // The node reset the stream: it wants no more of the body.
+                let _ = reason;
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => {
+                    self.stream.send_data(Bytes::new(), true)?;
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(mut data) => {
+                        self.ended = self.body.is_end_stream();
+                        self.pending = data.copy_to_bytes(data.remaining());
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.stream.send_trailers(trailers)?;
+                        } else {
+                            self.stream.send_data(Bytes::new(), true)?;
+                        }
+                        return Poll::Ready(Ok(()));
+                    }
+                },
+                Some(Err(err)) => {
+                    tracing::debug!(error = %err, "request body failed; cancelling the call");
+                    self.stream.send_reset(h2::Reason::CANCEL);
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+}
+
+impl Future for PipeBody {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        match ready!(this.poll_pipe(cx)) {
+            Ok(()) => Poll::Ready(()),
+            Err(err) => {
+                tracing::debug!(error = %err, "sending a request body failed");
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+/// A node's response body: data frames (their window handed back as they are read), then
+/// the trailers.
+pub struct ResponseBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+    done: bool,
+}
+
+impl ResponseBody {
+    fn new(recv: h2::RecvStream) -> Self {
+        ResponseBody {
+            recv,
+            data_done: false,
+            done: false,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(err)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(err)));
+                }
+                None => this.data_done = true,
+            }
+        }
+        let trailers = ready!(this.recv.poll_trailers(cx));
+        this.done = true;
+        match trailers {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(err) => Poll::Ready(Some(Err(err))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
