@@ -2,7 +2,13 @@
 //! (FindDefaultBranchName) against any Gitaly-protocol endpoint (a gitnode or a router).
 //! Prints calls, calls per second, p50 and p99 latency. Used by `scripts/bench`.
 //!
-//! Usage: gitaly-bench ADDRESS TOKEN STORAGE RELATIVE_PATH CONCURRENCY SECONDS
+//! Usage: gitaly-bench [--plain] ADDRESS TOKEN STORAGE RELATIVE_PATH CONCURRENCY SECONDS
+//!
+//! By default it dials with the backchannel handshake (yamux over the connection), as Praefect
+//! and gitnode-ssh do. `--plain` dials plain HTTP/2 (prior knowledge, `tcp://` or `host:port`
+//! only), for proxies that know nothing of the handshake, such as nginx's `grpc_pass`. Either
+//! way all calls share one connection. 200 warm-up calls precede the timed SECONDS, which may
+//! be 0 (warm-up only).
 
 use std::time::{Duration, Instant};
 
@@ -10,24 +16,53 @@ use praefect::wire::auth::TokenInterceptor;
 use praefect::wire::backchannel::{dial, yamux_config, ClientHandler};
 use praefect::wire::proto::ref_service_client::RefServiceClient;
 use praefect::wire::proto::{FindDefaultBranchNameRequest, Repository};
+use tonic::transport::{Channel, Endpoint};
+
+const USAGE: &str =
+    "usage: gitaly-bench [--plain] ADDRESS TOKEN STORAGE RELATIVE_PATH CONCURRENCY SECONDS";
+
+/// One plain HTTP/2 connection to `address` (`tcp://host:port` or `host:port`).
+async fn dial_plain(address: &str, timeout: Duration) -> anyhow::Result<Channel> {
+    let target = address.strip_prefix("tcp://").unwrap_or(address);
+    anyhow::ensure!(
+        !target.contains("://") && !target.starts_with("unix:"),
+        "--plain dials tcp addresses only, not {address}"
+    );
+    let channel = Endpoint::from_shared(format!("http://{target}"))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    Ok(channel)
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let plain = match args.first().map(String::as_str) {
+        Some("--plain" | "-plain") => {
+            args.remove(0);
+            true
+        }
+        _ => false,
+    };
     let [address, token, storage, relative_path, concurrency, seconds] = args.as_slice() else {
-        anyhow::bail!(
-            "usage: gitaly-bench ADDRESS TOKEN STORAGE RELATIVE_PATH CONCURRENCY SECONDS"
-        );
+        anyhow::bail!(USAGE);
     };
     let concurrency: usize = concurrency.parse()?;
     let duration = Duration::from_secs_f64(seconds.parse()?);
-    let channel = dial(
-        address,
-        yamux_config(0, 256),
-        ClientHandler::default(),
-        Duration::from_secs(10),
-    )
-    .await?;
+    let timeout = Duration::from_secs(10);
+    let channel = if plain {
+        dial_plain(address, timeout).await?
+    } else {
+        dial(
+            address,
+            yamux_config(0, 256),
+            ClientHandler::default(),
+            timeout,
+        )
+        .await?
+    };
     let client = RefServiceClient::with_interceptor(channel, TokenInterceptor::new(token));
     let request = FindDefaultBranchNameRequest {
         repository: Some(Repository {
