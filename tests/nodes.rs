@@ -407,3 +407,72 @@ async fn calls_spread_over_every_address_of_a_name() {
     })
     .await;
 }
+
+/// The client's CPU per call, tonic's `Channel` (what the router used before) against
+/// `NodeChannel`, both over a backchannel to one gitnode, 64 calls in flight. A measurement,
+/// not a check: `cargo test --release --test nodes -- --ignored --nocapture client_cost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "micro-benchmark; run by hand in release"]
+async fn client_cost_per_call_tonic_channel_vs_node_channel() {
+    setup();
+    let node = GitNode::start("gitaly-1");
+    fn cpu_ticks() -> u64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+    async fn run<T>(client: RepositoryServiceClient<T>, node: &GitNode) -> (usize, Duration, u64)
+    where
+        T: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+        T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        T::ResponseBody: http_body::Body<Data = Bytes> + Send + 'static,
+        <T::ResponseBody as http_body::Body>::Error:
+            Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+        T::Future: Send,
+    {
+        let request = RepositoryExistsRequest {
+            repository: Some(node.repository("missing.git")),
+        };
+        // Warm up (connects).
+        client
+            .clone()
+            .repository_exists(request.clone())
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let ticks = cpu_ticks();
+        let calls = 30_000;
+        futures::stream::iter(0..calls)
+            .map(|_| {
+                let mut client = client.clone();
+                let request = request.clone();
+                async move { client.repository_exists(request).await.unwrap() }
+            })
+            .buffer_unordered(64)
+            .for_each(|_| async {})
+            .await;
+        (calls, started.elapsed(), cpu_ticks() - ticks)
+    }
+    let hz = 100.0; // USER_HZ
+    for round in 1..=2 {
+        let tonic_client = RepositoryServiceClient::new(node.channel());
+        let (calls, took, ticks) = run(tonic_client, &node).await;
+        println!(
+            "round {round} tonic Channel: {:.0} calls/s, {:.1} us client CPU per call",
+            calls as f64 / took.as_secs_f64(),
+            ticks as f64 / hz * 1e6 / calls as f64
+        );
+        let node_client = RepositoryServiceClient::new(open(&node.address));
+        let (calls, took, ticks) = run(node_client, &node).await;
+        println!(
+            "round {round} NodeChannel:   {:.0} calls/s, {:.1} us client CPU per call",
+            calls as f64 / took.as_secs_f64(),
+            ticks as f64 / hz * 1e6 / calls as f64
+        );
+    }
+}
