@@ -233,9 +233,8 @@ impl PipeBody {
                 self.stream.send_data(Bytes::new(), true)?;
                 return Poll::Ready(Ok(()));
             }
-            if let Poll::Ready(reason) = self.stream.poll_reset(cx) {
+            if self.stream.poll_reset(cx).is_ready() {
                 // The node reset the stream: it wants no more of the body.
-                let _ = reason;
                 return Poll::Ready(Ok(()));
             }
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
