@@ -893,3 +893,27 @@ mod elections {
         assert_eq!(valid_primaries(&store, id).await, ["g1"]);
     }
 }
+
+/// Writes acknowledged at the same time each bump the generation once: none of them is
+/// mistaken for a write to an outdated replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_each_bump_the_generation() {
+    let db = TestDb::new().await;
+    let store = db.datastore().await;
+    let id = store.reserve_repository_id("vs", "busy.git").await.unwrap();
+    store
+        .create_repository(&new_repository(id, "vs", "busy.git", "g1", &["g2"]))
+        .await
+        .unwrap();
+    let writes = (0..20).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.record_write(id, &["g1".to_string()], &[]).await })
+    });
+    let mut generations: Vec<i64> = futures::future::join_all(writes)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    generations.sort();
+    assert_eq!(generations, (1..=20).collect::<Vec<_>>());
+}

@@ -134,6 +134,20 @@ pub enum Command {
         #[arg(long, value_name = "NAME", requires = "virtual_storage")]
         storage: Option<String>,
     },
+    /// Set how many storages host a repository; the reconciler then creates or removes
+    /// replicas to match. The primary always stays assigned.
+    #[command(name = "set-replication-factor")]
+    SetReplicationFactor {
+        /// The repository's virtual storage.
+        #[arg(long, value_name = "NAME")]
+        virtual_storage: String,
+        /// The repository's relative path.
+        #[arg(long, value_name = "PATH")]
+        relative_path: String,
+        /// How many storages should host it (at least 1).
+        #[arg(long, value_name = "N")]
+        replication_factor: i32,
+    },
     /// Work with configuration files.
     Configuration {
         #[command(subcommand)]

@@ -3,6 +3,7 @@
 mod args;
 mod configuration;
 mod dial_nodes;
+mod replication_factor;
 mod serve;
 mod sql;
 mod verify;
@@ -97,6 +98,19 @@ async fn dispatch(command: Option<Command>, config: Config) -> ExitCode {
                 repository_id,
                 virtual_storage,
                 storage,
+            ))
+            .await
+        }
+        Some(Command::SetReplicationFactor {
+            virtual_storage,
+            relative_path,
+            replication_factor,
+        }) => {
+            interruptible(replication_factor::run(
+                &config,
+                virtual_storage,
+                relative_path,
+                replication_factor,
             ))
             .await
         }

@@ -17,6 +17,7 @@
 //! pool when the server turned out to be read-only or gone, which is how we survive a
 //! Patroni failover without a restart (gitlab#328493).
 
+mod assignments;
 mod cache;
 mod connect;
 mod health;
@@ -37,10 +38,10 @@ pub use health::{HealthObservation, HealthyStorage};
 pub use migrations::{
     Migration, MigrationEvent, MigrationState, MigrationStatus, MIGRATIONS_TABLE,
 };
-pub use repositories::{ConsistentStorages, NewRepository, RecordedReplicas, ValidPrimary};
 pub use queue::{ChangeType, JobState, QueuedJob, ReplicationJob};
 pub use reconcile::{ScheduledJob, StoragePair, RECONCILIATION_LOCK};
 pub use replicas::JobContext;
+pub use repositories::{ConsistentStorages, NewRepository, RecordedReplicas, ValidPrimary};
 pub use routing::{Primary, UpdateJob};
 pub use verification::{
     ReleasedLease, RemovedReplica, ReplicaSelector, VerificationJob, VerificationOutcome,

@@ -16,6 +16,9 @@ pub struct JobContext {
     pub target_generation: Option<i64>,
 }
 
+/// replica_path, relative_path, source generation, target generation.
+type ContextRow = (Option<String>, String, Option<i64>, Option<i64>);
+
 impl Datastore {
     /// The replica path and the generations of `source` and `target`; None when the
     /// repository is gone.
@@ -25,7 +28,7 @@ impl Datastore {
         source: &str,
         target: &str,
     ) -> Result<Option<JobContext>, DatastoreError> {
-        let row: Option<(Option<String>, String, Option<i64>, Option<i64>)> = self
+        let row: Option<ContextRow> = self
             .run("job_context", |pool| async move {
                 sqlx::query_as(
                     "SELECT repo.replica_path, repo.relative_path,

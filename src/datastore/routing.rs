@@ -126,10 +126,23 @@ impl Datastore {
             .run("record_write", |pool| async move {
                 let mut conn = pool.acquire().await?;
                 let mut tx = conn.begin().await?;
+                // The row lock first, in its own statement: under READ COMMITTED the next
+                // statement then reads the generations as the previous writer left them.
+                // (Locking inside the same statement would compare the replicas' old
+                // generations with the repository's new one and miss the bump.)
+                let locked: Option<i64> = sqlx::query_scalar(
+                    "SELECT repository_id FROM repositories WHERE repository_id = $1 FOR UPDATE",
+                )
+                .bind(repository_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if locked.is_none() {
+                    return Ok(None);
+                }
                 let generation: Option<Option<i64>> = sqlx::query_scalar(
                     "WITH repo AS (
                          SELECT repository_id, generation FROM repositories
-                         WHERE repository_id = $1 FOR UPDATE
+                         WHERE repository_id = $1
                      ),
                      bumped AS (
                          UPDATE storage_repositories AS replica

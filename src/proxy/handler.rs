@@ -136,6 +136,7 @@ impl Proxy {
                 server_service::SERVER_INFO => self.server_info().await,
                 server_service::DISK_STATISTICS => self.disk_statistics().await,
                 praefect_info::MARK_UNVERIFIED => self.mark_unverified(request).await,
+                praefect_info::SET_REPLICATION_FACTOR => self.set_replication_factor(request).await,
                 _ => Err(ProxyError::Unsupported(format!(
                     "{path} is answered by praefect itself and not implemented yet"
                 ))),

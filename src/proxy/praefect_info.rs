@@ -10,9 +10,13 @@ use super::handler::Proxy;
 use super::{frame, intercept};
 use crate::datastore::ReplicaSelector;
 use crate::wire::proto::mark_unverified_request::Selector;
-use crate::wire::proto::{MarkUnverifiedRequest, MarkUnverifiedResponse};
+use crate::wire::proto::{
+    MarkUnverifiedRequest, MarkUnverifiedResponse, SetReplicationFactorRequest,
+    SetReplicationFactorResponse,
+};
 
 pub const MARK_UNVERIFIED: &str = "/gitaly.PraefectInfoService/MarkUnverified";
+pub const SET_REPLICATION_FACTOR: &str = "/gitaly.PraefectInfoService/SetReplicationFactor";
 
 /// Reads and decodes the request message of a unary call the router answers itself.
 pub(super) async fn read_unary<M: Message + Default>(
@@ -40,6 +44,55 @@ impl Proxy {
         tracing::info!(selector = ?selector, replicas_marked = marked, "marked replicas unverified");
         Ok(intercept::unary_ok(&MarkUnverifiedResponse {
             replicas_marked: i64::try_from(marked).unwrap_or(i64::MAX),
+        }))
+    }
+
+    /// SetReplicationFactor: changes how many storages are assigned to a repository (the
+    /// primary stays assigned) and answers the assignments. The reconciler then creates and
+    /// removes replicas to match.
+    pub(super) async fn set_replication_factor(
+        &self,
+        request: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
+        let request: SetReplicationFactorRequest = read_unary(request).await?;
+        let configured = self.known_virtual_storage(&request.virtual_storage)?;
+        let factor = request.replication_factor;
+        if factor < 1 {
+            return Err(ProxyError::InvalidArgument(format!(
+                "set replication factor: attempted to set replication factor {factor} but minimum is 1"
+            )));
+        }
+        if usize::try_from(factor).unwrap_or(usize::MAX) > configured.len() {
+            return Err(ProxyError::InvalidArgument(format!(
+                "set replication factor: attempted to set replication factor {factor} but virtual storage only contains {} storages",
+                configured.len()
+            )));
+        }
+        let storages = self
+            .cache
+            .store()
+            .set_replication_factor(
+                &request.virtual_storage,
+                &request.relative_path,
+                i64::from(factor),
+                &configured,
+            )
+            .await?
+            .ok_or_else(|| {
+                ProxyError::InvalidArgument(format!(
+                    "set replication factor: repository {:?}/{:?} not found",
+                    request.virtual_storage, request.relative_path
+                ))
+            })?;
+        tracing::info!(
+            virtual_storage = %request.virtual_storage,
+            relative_path = %request.relative_path,
+            replication_factor = factor,
+            assignments = ?storages,
+            "replication factor set"
+        );
+        Ok(intercept::unary_ok(&SetReplicationFactorResponse {
+            storages,
         }))
     }
 

@@ -131,7 +131,6 @@ impl JobRunner<'_> {
                 relative_path: context.replica_path.clone(),
                 ..Default::default()
             }),
-            ..Default::default()
         });
         let value = servers
             .parse()

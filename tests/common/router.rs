@@ -155,7 +155,8 @@ impl Router {
     }
 
     pub fn stop(&mut self) {
-        if self.stopped {
+        if self.stopped || matches!(self.child.try_wait(), Ok(Some(_))) {
+            self.stopped = true;
             return;
         }
         self.terminate();

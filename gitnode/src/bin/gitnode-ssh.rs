@@ -36,13 +36,16 @@ fn env(name: &str) -> anyhow::Result<String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
-        Ok(code) => ExitCode::from(code),
+    let code = match run().await {
+        Ok(code) => code,
         Err(err) => {
             eprintln!("gitnode-ssh: {err:#}");
-            ExitCode::from(128)
+            128
         }
-    }
+    };
+    // Exit now rather than return: the runtime would wait on its shutdown for the thread
+    // blocked reading stdin, which git keeps open until we exit (a failed call would hang).
+    std::process::exit(i32::from(code))
 }
 
 /// The remote command git asks for: the last argument, e.g. `git-upload-pack 'path'`.

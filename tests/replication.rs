@@ -1,0 +1,479 @@
+//! The cluster converging on its own, across processes: real gitnodes, real routers running
+//! the replicator, one database. Writes reach the secondaries, a returning node catches up,
+//! a dead primary is replaced by an up-to-date replica, a job a dead router left behind is
+//! finished by another router, and a thousand writes against a stopped secondary cost a
+//! handful of replications.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::gitnode::{as_refs, git, noise, GitNode};
+use common::pg::TestDb;
+use common::router::{
+    free_port, router_git_env, sample, scrape_metrics, seed_repository, virtual_repo,
+    write_config_on, NodeEntry, Router,
+};
+use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
+use praefect::wire::proto::*;
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out after {timeout:?} waiting until {what}");
+}
+
+async fn start_router(
+    db: &TestDb,
+    dir: &std::path::Path,
+    nodes: &[&GitNode],
+    extra: &str,
+) -> Router {
+    let entries: Vec<NodeEntry> = nodes.iter().map(|n| NodeEntry::from(*n)).collect();
+    let config = write_config_on(
+        dir,
+        &db.connection(),
+        &entries,
+        &format!("127.0.0.1:{}", free_port()),
+        &format!("prometheus_listen_addr = \"127.0.0.1:0\"\n{extra}"),
+    );
+    tokio::task::spawn_blocking(move || Router::start(&config))
+        .await
+        .unwrap()
+}
+
+/// (storage, generation) of every replica, and the repository's generation.
+async fn generations(db: &TestDb, relative_path: &str) -> (i64, Vec<(String, i64)>) {
+    let mut raw = db.raw().await;
+    let repo: i64 =
+        sqlx::query_scalar("SELECT generation FROM repositories WHERE relative_path = $1")
+            .bind(relative_path)
+            .fetch_one(&mut raw)
+            .await
+            .unwrap();
+    let replicas = sqlx::query_as(
+        "SELECT storage, generation FROM storage_repositories WHERE relative_path = $1
+         ORDER BY storage",
+    )
+    .bind(relative_path)
+    .fetch_all(&mut raw)
+    .await
+    .unwrap();
+    (repo, replicas)
+}
+
+/// Whether every storage in `storages` holds the repository's latest generation.
+async fn converged(db: &TestDb, relative_path: &str, storages: &[&str]) -> bool {
+    let (latest, replicas) = generations(db, relative_path).await;
+    storages
+        .iter()
+        .all(|s| replicas.iter().any(|(st, g)| st == s && *g == latest))
+}
+
+async fn replica_path(db: &TestDb, relative_path: &str) -> String {
+    sqlx::query_scalar("SELECT replica_path FROM repositories WHERE relative_path = $1")
+        .bind(relative_path)
+        .fetch_one(&mut db.raw().await)
+        .await
+        .unwrap()
+}
+
+async fn checksum(node: &GitNode, replica_path: &str) -> String {
+    RepositoryServiceClient::new(node.channel())
+        .calculate_checksum(CalculateChecksumRequest {
+            repository: Some(node.repository(replica_path)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .checksum
+}
+
+async fn primary_of(db: &TestDb, relative_path: &str) -> String {
+    sqlx::query_scalar("SELECT \"primary\" FROM repositories WHERE relative_path = $1")
+        .bind(relative_path)
+        .fetch_one(&mut db.raw().await)
+        .await
+        .unwrap()
+}
+
+async fn metrics(router: &Router) -> String {
+    let address = router.metrics_address.clone().expect("metrics configured");
+    tokio::task::spawn_blocking(move || scrape_metrics(&address))
+        .await
+        .unwrap()
+}
+
+/// A working copy with one commit per `files` entry of `size` bytes of noise.
+fn work_tree(files: &[&str], size: usize) -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    git(
+        work.path(),
+        &["init", "--quiet", "--initial-branch=main", "."],
+        &[],
+    );
+    for (i, name) in files.iter().enumerate() {
+        std::fs::write(work.path().join(name), noise(i as u64 + 7, size)).unwrap();
+        git(work.path(), &["add", "."], &[]);
+        git(work.path(), &["commit", "--quiet", "-m", name], &[]);
+    }
+    work
+}
+
+fn commit_and_push(work: &std::path::Path, router: &Router, path: &str, name: &str) {
+    std::fs::write(work.join(name), name).unwrap();
+    git(work, &["add", "."], &[]);
+    git(work, &["commit", "--quiet", "-m", name], &[]);
+    let env = router_git_env(router, path);
+    git(
+        work,
+        &["push", "--quiet", "ssh://gitaly/x", "main"],
+        &as_refs(&env),
+    );
+}
+
+async fn create(router: &Router, path: &str) {
+    RepositoryServiceClient::new(router.channel())
+        .create_repository(CreateRepositoryRequest {
+            repository: Some(virtual_repo(path)),
+            default_branch: b"main".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_reach_every_replica_and_a_returning_node_catches_up() {
+    let db = TestDb::new().await;
+    let nodes = [
+        GitNode::start("gitaly-1"),
+        GitNode::start("gitaly-2"),
+        GitNode::start("gitaly-3"),
+    ];
+    let mut nodes = nodes;
+    let dir = tempfile::tempdir().unwrap();
+    let refs: Vec<&GitNode> = nodes.iter().collect();
+    let router = start_router(&db, dir.path(), &refs, "").await;
+    let path = "group/replicated.git";
+    let all = ["gitaly-1", "gitaly-2", "gitaly-3"];
+
+    create(&router, path).await;
+    let work = work_tree(&["a", "b"], 100_000);
+    let env = router_git_env(&router, path);
+    git(
+        work.path(),
+        &["push", "--quiet", "ssh://gitaly/x", "main"],
+        &as_refs(&env),
+    );
+    wait_until(
+        "every replica holds the push",
+        Duration::from_secs(30),
+        || converged(&db, path, &all),
+    )
+    .await;
+    let replica = replica_path(&db, path).await;
+    let sums: Vec<String> =
+        futures::future::join_all(nodes.iter().map(|n| checksum(n, &replica))).await;
+    assert!(sums.iter().all(|s| *s == sums[0]), "{sums:?}");
+    assert_ne!(sums[0], "0000000000000000000000000000000000000000");
+
+    // All three are up to date now: reads spread over all of them.
+    let before = metrics(&router).await;
+    let mut client =
+        praefect::wire::proto::ref_service_client::RefServiceClient::new(router.channel());
+    for _ in 0..60 {
+        client
+            .find_default_branch_name(FindDefaultBranchNameRequest {
+                repository: Some(virtual_repo(path)),
+                head_only: false,
+            })
+            .await
+            .unwrap();
+    }
+    let after = metrics(&router).await;
+    for storage in all {
+        let labels = [("virtual_storage", "default"), ("storage", storage)];
+        let served = sample(&after, "gitaly_praefect_read_distribution", &labels)
+            - sample(&before, "gitaly_praefect_read_distribution", &labels);
+        assert!(served > 0.0, "no read reached {storage}");
+    }
+
+    // A secondary stops; writes carry on; it comes back and catches up by itself.
+    let primary = primary_of(&db, path).await;
+    let secondary = nodes
+        .iter_mut()
+        .find(|n| n.storage != primary)
+        .expect("a secondary");
+    let secondary_name = secondary.storage.clone();
+    secondary.kill();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for name in ["c", "d", "e"] {
+        commit_and_push(work.path(), &router, path, name);
+    }
+    let (latest, replicas) = generations(&db, path).await;
+    assert!(
+        replicas
+            .iter()
+            .any(|(s, g)| *s == secondary_name && *g < latest),
+        "the stopped secondary is behind: {replicas:?}"
+    );
+    nodes
+        .iter_mut()
+        .find(|n| n.storage == secondary_name)
+        .unwrap()
+        .restart();
+    wait_until(
+        "the returning secondary caught up",
+        Duration::from_secs(40),
+        || converged(&db, path, &all),
+    )
+    .await;
+    let sums: Vec<String> =
+        futures::future::join_all(nodes.iter().map(|n| checksum(n, &replica))).await;
+    assert!(sums.iter().all(|s| *s == sums[0]), "{sums:?}");
+    let pushed = git(work.path(), &["rev-parse", "main"], &[]);
+    let on_secondary = git(
+        &nodes
+            .iter()
+            .find(|n| n.storage == secondary_name)
+            .unwrap()
+            .root
+            .join(&replica),
+        &["rev-parse", "main"],
+        &[],
+    );
+    assert_eq!(on_secondary, pushed);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_primary_is_replaced_without_losing_acknowledged_writes() {
+    let db = TestDb::new().await;
+    let mut nodes = [
+        GitNode::start("gitaly-1"),
+        GitNode::start("gitaly-2"),
+        GitNode::start("gitaly-3"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let refs: Vec<&GitNode> = nodes.iter().collect();
+    let router = start_router(&db, dir.path(), &refs, "").await;
+    let path = "group/failover.git";
+    let all = ["gitaly-1", "gitaly-2", "gitaly-3"];
+    create(&router, path).await;
+    let work = work_tree(&["a"], 50_000);
+    for name in ["b", "c"] {
+        commit_and_push(work.path(), &router, path, name);
+    }
+    wait_until(
+        "every replica holds the pushes",
+        Duration::from_secs(30),
+        || converged(&db, path, &all),
+    )
+    .await;
+    let acknowledged = git(work.path(), &["rev-parse", "main"], &[]);
+
+    let old_primary = primary_of(&db, path).await;
+    nodes
+        .iter_mut()
+        .find(|n| n.storage == old_primary)
+        .unwrap()
+        .kill();
+    let killed_at = Instant::now();
+    // Within the 10 s health window plus a round, a push succeeds on a new primary.
+    std::fs::write(work.path().join("after"), "after the failover").unwrap();
+    git(work.path(), &["add", "."], &[]);
+    git(work.path(), &["commit", "--quiet", "-m", "after"], &[]);
+    let env = router_git_env(&router, path);
+    let mut pushed = false;
+    while killed_at.elapsed() < Duration::from_secs(15) {
+        let status = std::process::Command::new("git")
+            .args(["push", "--quiet", "ssh://gitaly/x", "main"])
+            .current_dir(work.path())
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        if status.success() {
+            pushed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        pushed,
+        "no push succeeded within 15 s of the primary's death"
+    );
+    let new_primary = primary_of(&db, path).await;
+    assert_ne!(new_primary, old_primary);
+
+    // Nothing acknowledged before the kill is missing on the new primary.
+    let replica = replica_path(&db, path).await;
+    let new_node = nodes.iter().find(|n| n.storage == new_primary).unwrap();
+    let repo_dir = new_node.root.join(&replica);
+    git(
+        &repo_dir,
+        &["merge-base", "--is-ancestor", acknowledged.trim(), "main"],
+        &[],
+    );
+    let head = git(&repo_dir, &["rev-parse", "main"], &[]);
+    assert_eq!(head, git(work.path(), &["rev-parse", "main"], &[]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_router_finishes_the_job_of_a_killed_router() {
+    let db = TestDb::new().await;
+    let a = GitNode::start("gitaly-1");
+    let b = GitNode::start("gitaly-2");
+    let path = "group/heavy.git";
+    // Only gitaly-1 has the repository; gitaly-2 is behind and gets an update job.
+    seed_repository(&db, &[&a], path).await;
+    let replica = replica_path(&db, path).await;
+    let work = work_tree(&["big-1", "big-2", "big-3", "big-4"], 10_000_000);
+    let env = common::gitnode::ssh_env(&a.address, &a.storage, &replica);
+    git(
+        work.path(),
+        &["push", "--quiet", "--force", "ssh://gitaly/x", "main"],
+        &as_refs(&env),
+    );
+    let store = db.datastore().await;
+    let id: i64 =
+        sqlx::query_scalar("SELECT repository_id FROM repositories WHERE relative_path = $1")
+            .bind(path)
+            .fetch_one(&mut db.raw().await)
+            .await
+            .unwrap();
+    store
+        .enqueue(
+            &praefect::datastore::ReplicationJob {
+                repository_id: id,
+                replica_path: replica.clone(),
+                change: praefect::datastore::ChangeType::Update,
+                relative_path: path.into(),
+                target_node_storage: "gitaly-2".into(),
+                source_node_storage: "gitaly-1".into(),
+                virtual_storage: "default".into(),
+                params: None,
+            },
+            "kill-test",
+        )
+        .await
+        .unwrap();
+
+    // Router A takes the job; it is killed while the job runs.
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut router_a = start_router(&db, dir_a.path(), &[&a, &b], "").await;
+    let mut raw = db.raw().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let running: i64 = sqlx::query_scalar("SELECT count(*) FROM replication_queue_job_lock")
+            .fetch_one(&mut raw)
+            .await
+            .unwrap();
+        if running > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "router A never took the job");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    router_a.child.kill().unwrap();
+    router_a.child.wait().unwrap();
+    let state: String = sqlx::query_scalar("SELECT state::text FROM replication_queue")
+        .fetch_one(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(state, "in_progress", "the job was cut mid-way");
+
+    // Its heartbeat stops; a minute later the job counts as stale. (Time is moved forward
+    // in the database instead of waiting: the job lock is aged by two minutes.)
+    sqlx::query(
+        "UPDATE replication_queue_job_lock SET triggered_at = triggered_at - interval '2 minutes'",
+    )
+    .execute(&mut raw)
+    .await
+    .unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let _router_b = start_router(&db, dir_b.path(), &[&a, &b], "").await;
+    wait_until("router B finished the job", Duration::from_secs(60), || {
+        converged(&db, path, &["gitaly-1", "gitaly-2"])
+    })
+    .await;
+    wait_until("the queue is empty", Duration::from_secs(10), || {
+        let db = &db;
+        async move {
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM replication_queue")
+                .fetch_one(&mut db.raw().await)
+                .await
+                .unwrap();
+            left == 0
+        }
+    })
+    .await;
+    assert_eq!(checksum(&a, &replica).await, checksum(&b, &replica).await);
+    git(&b.root.join(&replica), &["fsck", "--strict"], &[]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_writes_against_a_stopped_secondary_collapse_to_a_few_replications() {
+    let db = TestDb::new().await;
+    let a = GitNode::start("gitaly-1");
+    let mut b = GitNode::start("gitaly-2");
+    let path = "group/busy.git";
+    seed_repository(&db, &[&a, &b], path).await;
+    let dir = tempfile::tempdir().unwrap();
+    let router = start_router(&db, dir.path(), &[&a, &b], "").await;
+    b.kill();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let writes = futures::stream::iter(0..1000).map(|i| {
+        let mut client = RepositoryServiceClient::new(router.channel());
+        async move {
+            client
+                .write_ref(WriteRefRequest {
+                    repository: Some(virtual_repo(path)),
+                    r#ref: format!("refs/heads/w{i}").into_bytes(),
+                    revision: b"refs/heads/main".to_vec(),
+                    old_revision: vec![],
+                })
+                .await
+                .unwrap();
+        }
+    });
+    use futures::StreamExt;
+    writes.buffer_unordered(8).collect::<Vec<()>>().await;
+    let (latest, _) = generations(&db, path).await;
+    assert_eq!(latest, 1000);
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM replication_queue")
+        .fetch_one(&mut db.raw().await)
+        .await
+        .unwrap();
+    assert_eq!(queued, 1, "the writes share one ready job");
+
+    let before = metrics(&router).await;
+    b.restart();
+    wait_until("gitaly-2 caught up", Duration::from_secs(40), || {
+        converged(&db, path, &["gitaly-1", "gitaly-2"])
+    })
+    .await;
+    let after = metrics(&router).await;
+    let runs = sample(
+        &after,
+        "gitaly_praefect_replication_latency_count",
+        &[("type", "update")],
+    ) - sample(
+        &before,
+        "gitaly_praefect_replication_latency_count",
+        &[("type", "update")],
+    );
+    assert!((1.0..=3.0).contains(&runs), "{runs} replications ran");
+    let replica = replica_path(&db, path).await;
+    assert_eq!(checksum(&a, &replica).await, checksum(&b, &replica).await);
+}
