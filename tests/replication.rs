@@ -477,3 +477,228 @@ async fn a_thousand_writes_against_a_stopped_secondary_collapse_to_a_few_replica
     let replica = replica_path(&db, path).await;
     assert_eq!(checksum(&a, &replica).await, checksum(&b, &replica).await);
 }
+
+/// Runs a praefect subcommand against the router configured in `dir`; (exit code, stdout,
+/// stderr).
+async fn praefect_cli(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let config = dir.join("praefect.toml");
+    let mut command = std::process::Command::new(common::router::BIN);
+    command.arg("-config").arg(&config).args(args);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+async fn replica_storages(db: &TestDb, relative_path: &str) -> Vec<String> {
+    generations(db, relative_path)
+        .await
+        .1
+        .into_iter()
+        .map(|(storage, _)| storage)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replication_factor_changes_are_carried_out_by_the_reconciler() {
+    let db = TestDb::new().await;
+    let nodes = [
+        GitNode::start("gitaly-1"),
+        GitNode::start("gitaly-2"),
+        GitNode::start("gitaly-3"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let refs: Vec<&GitNode> = nodes.iter().collect();
+    let router = start_router(
+        &db,
+        dir.path(),
+        &refs,
+        "[reconciliation]\nscheduling_interval = \"1s\"",
+    )
+    .await;
+    let path = "group/factor.git";
+    let all = ["gitaly-1", "gitaly-2", "gitaly-3"];
+    create(&router, path).await;
+    let work = work_tree(&["a"], 20_000);
+    commit_and_push(work.path(), &router, path, "b");
+    wait_until("three replicas", Duration::from_secs(30), || {
+        converged(&db, path, &all)
+    })
+    .await;
+    let primary = primary_of(&db, path).await;
+    let replica = replica_path(&db, path).await;
+    let set = |factor: &'static str| {
+        let dir = dir.path().to_path_buf();
+        async move {
+            praefect_cli(
+                &dir,
+                &[
+                    "set-replication-factor",
+                    "-virtual-storage",
+                    "default",
+                    "-relative-path",
+                    path,
+                    "-replication-factor",
+                    factor,
+                ],
+            )
+            .await
+        }
+    };
+
+    // 3 -> 2: the primary stays assigned; the reconciler removes the third replica.
+    let (code, out, err) = set("2").await;
+    assert_eq!(code, 0, "{err}");
+    let assigned: Vec<String> = out
+        .trim()
+        .strip_prefix("current assignments: ")
+        .unwrap_or_else(|| panic!("unexpected output {out:?}"))
+        .split(", ")
+        .map(str::to_string)
+        .collect();
+    assert_eq!(assigned.len(), 2, "{out}");
+    assert!(
+        assigned.contains(&primary),
+        "the primary stays assigned: {out}"
+    );
+    let dropped = all
+        .iter()
+        .find(|s| !assigned.contains(&s.to_string()))
+        .unwrap()
+        .to_string();
+    wait_until(
+        "the unassigned replica is removed",
+        Duration::from_secs(30),
+        || async { replica_storages(&db, path).await == assigned },
+    )
+    .await;
+    let dropped_node = nodes.iter().find(|n| n.storage == dropped).unwrap();
+    wait_until("its directory is gone", Duration::from_secs(10), || async {
+        !dropped_node.root.join(&replica).exists()
+    })
+    .await;
+    assert_eq!(primary_of(&db, path).await, primary);
+
+    // 2 -> 3: the reconciler creates it again, up to date.
+    let (code, out, err) = set("3").await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        "current assignments: gitaly-1, gitaly-2, gitaly-3"
+    );
+    wait_until("the replica is back", Duration::from_secs(30), || {
+        converged(&db, path, &all)
+    })
+    .await;
+    assert_eq!(
+        checksum(dropped_node, &replica).await,
+        checksum(
+            nodes.iter().find(|n| n.storage == primary).unwrap(),
+            &replica
+        )
+        .await
+    );
+    assert_eq!(primary_of(&db, path).await, primary);
+
+    // Out of range and unknown repositories are refused with a clear message.
+    for (factor, message) in [("0", "minimum is 1"), ("4", "only contains 3 storages")] {
+        let (code, _, err) = set(factor).await;
+        assert_eq!(code, 1);
+        assert!(err.contains(message), "{err}");
+    }
+    let (code, _, err) = praefect_cli(
+        dir.path(),
+        &[
+            "set-replication-factor",
+            "-virtual-storage",
+            "default",
+            "-relative-path",
+            "nope.git",
+            "-replication-factor",
+            "2",
+        ],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("not found"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_replica_is_found_by_the_verifier_and_recreated_by_the_reconciler() {
+    let db = TestDb::new().await;
+    let a = GitNode::start("gitaly-1");
+    let b = GitNode::start("gitaly-2");
+    let dir = tempfile::tempdir().unwrap();
+    let router = start_router(
+        &db,
+        dir.path(),
+        &[&a, &b],
+        "[reconciliation]\nscheduling_interval = \"1s\"",
+    )
+    .await;
+    let path = "group/lost.git";
+    let both = ["gitaly-1", "gitaly-2"];
+    create(&router, path).await;
+    let work = work_tree(&["a"], 20_000);
+    commit_and_push(work.path(), &router, path, "b");
+    wait_until("both replicas", Duration::from_secs(30), || {
+        converged(&db, path, &both)
+    })
+    .await;
+    let verified = || async {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM storage_repositories WHERE verified_at IS NOT NULL",
+        )
+        .fetch_one(&mut db.raw().await)
+        .await
+        .unwrap();
+        count
+    };
+    wait_until(
+        "the verifier checked both replicas",
+        Duration::from_secs(20),
+        || async { verified().await == 2 },
+    )
+    .await;
+
+    // The replica on gitaly-2 disappears behind the router's back.
+    let replica = replica_path(&db, path).await;
+    std::fs::remove_dir_all(b.root.join(&replica)).unwrap();
+    let id: i64 =
+        sqlx::query_scalar("SELECT repository_id FROM repositories WHERE relative_path = $1")
+            .bind(path)
+            .fetch_one(&mut db.raw().await)
+            .await
+            .unwrap();
+    let (code, out, err) =
+        praefect_cli(dir.path(), &["verify", "-repository-id", &id.to_string()]).await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, "2 replicas marked unverified"),
+        "{err}"
+    );
+
+    // The verifier drops its record; the reconciler schedules it again; it comes back.
+    // (Polled closely: the reconciler and replicator take well over 20 ms to bring it back.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while replica_storages(&db, path)
+        .await
+        .contains(&"gitaly-2".to_string())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the verifier never removed the record"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_until("the replica is recreated", Duration::from_secs(30), || {
+        converged(&db, path, &both)
+    })
+    .await;
+    assert!(b.root.join(&replica).exists());
+    assert_eq!(checksum(&a, &replica).await, checksum(&b, &replica).await);
+}
