@@ -247,9 +247,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if drained.is_err() {
         tracing::warn!(timeout = %config.graceful_stop_timeout, "calls still running after the graceful stop timeout; cutting them");
     }
-    // Running replication jobs finish; the health manager keeps its view until they did.
-    for task in replication_tasks {
-        let _ = task.await;
+    // Running replication jobs finish, within the graceful stop timeout too: a job stuck on an
+    // unresponsive node must not keep the process alive (its heartbeat stops, and another
+    // router takes it over after a minute).
+    let background = futures::future::join_all(replication_tasks);
+    if tokio::time::timeout(grace, background).await.is_err() {
+        tracing::warn!(timeout = %config.graceful_stop_timeout, "replication jobs still running after the graceful stop timeout; leaving them to other routers");
     }
     let _ = health_task.await;
     let _ = listener_task.await;

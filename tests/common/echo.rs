@@ -176,6 +176,9 @@ async fn echo(
         Err(_) => Bytes::new(),
     };
     let message = first_message(&data);
+    if let Some(response) = background_call(&parts).await {
+        return response;
+    }
     log.push(Received {
         node: node.to_string(),
         path: parts.uri.path().to_string(),
@@ -199,4 +202,40 @@ async fn echo(
         http::HeaderValue::from_static("application/grpc"),
     );
     response
+}
+
+/// The router's own background work reaching a node (not a client's call, which always
+/// carries the `virtual_storage` header): the verifier's RepositoryExists is answered "exists",
+/// and the replicator's ReplicateRepository never answers, so that replication jobs stay
+/// queued and the replicas the tests set up keep their generations. Neither is logged.
+async fn background_call(
+    parts: &http::request::Parts,
+) -> Option<http::Response<tonic::body::Body>> {
+    if parts.headers.contains_key("virtual_storage") {
+        return None;
+    }
+    match parts.uri.path() {
+        "/gitaly.RepositoryService/RepositoryExists" => {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            // RepositoryExistsResponse { exists: true }
+            let frames = futures::stream::iter([
+                Ok::<_, tonic::Status>(Frame::data(frame(&[0x08, 0x01]))),
+                Ok(Frame::trailers(trailers)),
+            ]);
+            let mut response = http::Response::new(tonic::body::Body::new(
+                http_body_util::StreamBody::new(frames),
+            ));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            Some(response)
+        }
+        "/gitaly.RepositoryService/ReplicateRepository" => {
+            std::future::pending::<()>().await;
+            None
+        }
+        _ => None,
+    }
 }
