@@ -32,7 +32,9 @@ use praefect::proxy::registry::{MethodInfo, OpType, Registry, Scope};
 use praefect::proxy::rewrite;
 use praefect::routing::{pool_replica_path, replica_path};
 use praefect::wire::auth;
-use praefect::wire::proto::{RemoveRepositoryRequest, Repository, RepositoryExistsResponse};
+use praefect::wire::proto::{
+    RemoveRepositoryRequest, Repository, RepositoryExistsResponse, WalkReposResponse,
+};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
@@ -79,6 +81,7 @@ const REMOVE_REPOSITORY: &str = "/gitaly.RepositoryService/RemoveRepository";
 const FIND_DEFAULT_BRANCH: &str = "/gitaly.RefService/FindDefaultBranchName";
 const WRITE_REF: &str = "/gitaly.RepositoryService/WriteRef";
 const WALK_REPOS: &str = "/gitaly.InternalGitaly/WalkRepos";
+const DELETE_OBJECT_POOL: &str = "/gitaly.ObjectPoolService/DeleteObjectPool";
 const LINK_TO_POOL: &str = "/gitaly.ObjectPoolService/LinkRepositoryToObjectPool";
 const CREATE_POOL: &str = "/gitaly.ObjectPoolService/CreateObjectPool";
 
@@ -506,6 +509,29 @@ fn check_row(
         }
         return Outcome::Answered;
     }
+    if name == WALK_REPOS {
+        // Answered from the database, with virtual relative paths.
+        reply.assert_status(Code::Ok, "", name);
+        assert!(received.is_empty(), "{name} reached a node: {received:?}");
+        let paths: BTreeSet<String> = reply
+            .messages
+            .iter()
+            .map(|m| WalkReposResponse::decode(&m[..]).unwrap().relative_path)
+            .collect();
+        assert!(
+            paths.contains(TARGET) && paths.contains(OTHER),
+            "{name}: {paths:?}"
+        );
+        return Outcome::Answered;
+    }
+    if name == DELETE_OBJECT_POOL {
+        // Answered by the router, which only deletes Rails pool paths (TARGET is not one).
+        return refused(
+            Code::InvalidArgument,
+            "delete object pool: invalid object pool path",
+            Outcome::Answered,
+        );
+    }
     match m.scope {
         Scope::Partition => {
             return refused(
@@ -777,24 +803,26 @@ async fn every_registry_row_reaches_a_node_rewritten() {
     assert_eq!(registry.len(), 168);
     // 94 repository-scoped accessors, less RepositoryExists (answered from the database).
     assert_eq!(count(Outcome::Accessor), 93);
-    // 45 repository-scoped mutators, less RemoveRepository (answered) and the 6 creations that
-    // fail on an existing repository (CreateObjectPool too: its origin only places the new
-    // pool). ReplicateRepository and RestoreRepository are upserts: they reach the primary.
-    assert_eq!(count(Outcome::Mutator), 38);
+    // 45 repository-scoped mutators, less RemoveRepository and DeleteObjectPool (answered)
+    // and the 6 creations that fail on an existing repository (CreateObjectPool too: its
+    // origin only places the new pool). ReplicateRepository and RestoreRepository are upserts: they reach the primary.
+    assert_eq!(count(Outcome::Mutator), 37);
     assert_eq!(count(Outcome::AlreadyExists), 6);
     // OptimizeRepository and PruneUnreachableObjects reach both replicas.
     assert_eq!(count(Outcome::Maintenance), 2);
-    // 14 storage-scoped RPCs: 8 accessors with a storage field...
-    assert_eq!(count(Outcome::StorageAccessor), 8);
+    // 14 storage-scoped RPCs: 7 accessors with a storage field (WalkRepos, the 8th, is
+    // answered from the database)...
+    assert_eq!(count(Outcome::StorageAccessor), 7);
     // ...4 mutators refused by design (with the one partition-scoped RPC)...
     assert_eq!(count(Outcome::NotRoutable), 4 + 1);
     // ...and the 2 Raft accessors without a storage field (GetPartitions, GetClusterInfo).
     assert_eq!(count(Outcome::NoStorageField), 2);
-    // RepositoryExists, RemoveRepository, ServerInfo and DiskStatistics are answered by the
-    // router; the other 10 intercepted RPCs (PraefectInfoService, ReadinessCheck,
-    // ServerSignature, RefTransaction) are not implemented yet, or answered once they are.
-    assert!(count(Outcome::Answered) >= 4, "{outcomes:?}");
-    assert_eq!(count(Outcome::Answered) + count(Outcome::NotYet), 2 + 12);
+    // RepositoryExists, RemoveRepository, WalkRepos, DeleteObjectPool, ServerInfo and
+    // DiskStatistics are answered by the router; the other 10 intercepted RPCs
+    // (PraefectInfoService, ReadinessCheck, ServerSignature, RefTransaction) are not
+    // implemented yet, or answered once they are.
+    assert!(count(Outcome::Answered) >= 6, "{outcomes:?}");
+    assert_eq!(count(Outcome::Answered) + count(Outcome::NotYet), 4 + 12);
     // Reads are spread over both up-to-date replicas.
     assert_eq!(read_nodes.len(), 2, "{read_nodes:?}");
 

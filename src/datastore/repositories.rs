@@ -295,3 +295,29 @@ impl Datastore {
         )
     }
 }
+
+impl Datastore {
+    /// Up to `limit` repositories of a virtual storage with an id above `after`, by id:
+    /// (repository_id, relative_path). Keyset pages keep a walk over millions of repositories
+    /// in bounded memory.
+    pub async fn relative_paths_page(
+        &self,
+        virtual_storage: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, String)>, DatastoreError> {
+        self.run("relative_paths_page", |pool| async move {
+            sqlx::query_as(
+                "SELECT repository_id, relative_path FROM repositories
+                 WHERE virtual_storage = $1 AND repository_id > $2
+                 ORDER BY repository_id LIMIT $3",
+            )
+            .bind(virtual_storage)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&pool)
+            .await
+        })
+        .await
+    }
+}

@@ -14,16 +14,11 @@ use rand::seq::SliceRandom;
 use tower::ServiceExt;
 
 use super::error::ProxyError;
-use super::{finalize, frame, intercept, praefect_info, server_service};
+use super::{finalize, frame, intercept, praefect_info, removal, server_service, walk};
 use crate::metrics;
-use crate::wire::proto::repository_service_client::RepositoryServiceClient;
-use crate::wire::proto::{
-    RemoveRepositoryRequest, RemoveRepositoryResponse, Repository, RepositoryExistsRequest,
-    RepositoryExistsResponse,
-};
+use crate::wire::proto::{RepositoryExistsRequest, RepositoryExistsResponse};
 
 const REPOSITORY_EXISTS: &str = "/gitaly.RepositoryService/RepositoryExists";
-const REMOVE_REPOSITORY: &str = "/gitaly.RepositoryService/RemoveRepository";
 use super::registry::{MethodInfo, OpType, Registry, Scope};
 use super::rewrite;
 use crate::config::Config;
@@ -164,7 +159,9 @@ impl Proxy {
         };
         match path.as_str() {
             REPOSITORY_EXISTS => return self.repository_exists(&first.message).await,
-            REMOVE_REPOSITORY => return self.remove_repository(&first.message).await,
+            removal::REMOVE_REPOSITORY => return self.remove_repository(&first.message).await,
+            removal::DELETE_OBJECT_POOL => return self.delete_object_pool(&first.message).await,
+            walk::WALK_REPOS => return self.walk_repos(&first.message).await,
             _ => {}
         }
         metrics::METHOD_TYPES
@@ -307,45 +304,6 @@ impl Proxy {
             .repository_exists(&repo.storage_name, &repo.relative_path)
             .await?;
         Ok(intercept::unary_ok(&RepositoryExistsResponse { exists }))
-    }
-
-    /// RemoveRepository deletes the records first, then the replicas (best effort, 10 s).
-    async fn remove_repository(
-        &self,
-        message: &Bytes,
-    ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
-        let request: RemoveRepositoryRequest = intercept::decode(message)?;
-        let repo = request.repository.ok_or(ProxyError::RepositoryNotSet)?;
-        self.check_repository(&repo.storage_name, &repo.relative_path)?;
-        let (replica_path, storages) = self
-            .cache
-            .store()
-            .delete_repository(&repo.storage_name, &repo.relative_path)
-            .await?
-            .ok_or(ProxyError::RepositoryDoesNotExist)?;
-        let removals = storages.iter().filter_map(|storage| {
-            let channel = self.nodes.channel(&repo.storage_name, storage)?.clone();
-            let request = RemoveRepositoryRequest {
-                repository: Some(Repository {
-                    storage_name: storage.clone(),
-                    relative_path: replica_path.clone(),
-                    ..Default::default()
-                }),
-            };
-            Some(async move {
-                let mut client = RepositoryServiceClient::new(channel);
-                let call = client.remove_repository(request);
-                match tokio::time::timeout(std::time::Duration::from_secs(10), call).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(status)) => {
-                        tracing::warn!(storage = %storage, error = %status.message(), "removing a replica failed")
-                    }
-                    Err(_) => tracing::warn!(storage = %storage, "removing a replica timed out"),
-                }
-            })
-        });
-        futures::future::join_all(removals).await;
-        Ok(intercept::unary_ok(&RemoveRepositoryResponse {}))
     }
 
     async fn route(

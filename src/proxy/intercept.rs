@@ -24,6 +24,10 @@ pub fn unary_ok(message: &impl Message) -> http::Response<tonic::body::Body> {
 }
 
 /// Decodes the first request message of an intercepted call.
+/// A message that does not decode is reported like one the pass-through cannot read.
 pub fn decode<M: Message + Default>(message: &Bytes) -> Result<M, super::ProxyError> {
-    M::decode(message.as_ref()).map_err(|e| super::ProxyError::Malformed(e.to_string()))
+    M::decode(message.as_ref()).map_err(|err| {
+        tracing::debug!(error = %err, "undecodable request message");
+        super::ProxyError::Malformed("malformed protobuf message".into())
+    })
 }

@@ -10,9 +10,11 @@ mod maintenance;
 mod mutator;
 mod praefect_info;
 pub mod registry;
+mod removal;
 pub mod rewrite;
 mod server_service;
 mod sidechannel;
+mod walk;
 
 pub use error::ProxyError;
 pub use handler::Proxy;

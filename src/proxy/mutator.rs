@@ -80,11 +80,6 @@ fn jobs_for(
         .collect()
 }
 
-/// Object pools created by Rails live at `@pools/xx/yy/<64 hex>.git`.
-fn is_pool_path(relative_path: &str) -> bool {
-    relative_path.starts_with("@pools/") && relative_path.ends_with(".git")
-}
-
 impl Proxy {
     pub(super) async fn route_write(
         &self,
@@ -260,7 +255,7 @@ impl Proxy {
                 (primary, others, factor > 0)
             }
         };
-        let replica = if is_pool_path(&repo.relative_path) {
+        let replica = if super::removal::is_rails_pool_path(&repo.relative_path) {
             pool_replica_path(repository_id)
         } else {
             replica_path(repository_id)
