@@ -1,0 +1,512 @@
+//! A benchmark of the replication queue alone (spec §5), on the real PostgreSQL of the test
+//! harness: enqueue rate, the latency of one dequeue with a large backlog, and the rate at
+//! which several workers drain that backlog through dequeue + acknowledge. It prints figures
+//! and asserts only correctness (the queue ends empty, every lock released, no job taken
+//! twice). Run it by hand, in release:
+//!
+//! ```sh
+//! cargo test --release --test queue_bench -- --ignored --nocapture
+//! ```
+//!
+//! `QUEUE_BENCH_REPOS` (default 1000) and `QUEUE_BENCH_TARGETS` (default 100) set the shape:
+//! one `update` job per (repository, target). `QUEUE_BENCH_EXPLAIN=1` prints the plans of the
+//! dequeue and of the acknowledgement's redundant-job delete even when the dequeue is fast.
+//! To try a schema change without a migration, `QUEUE_BENCH_SQL` is run against the fresh
+//! database before anything is queued (e.g. `CREATE INDEX ON replication_queue (lock_id)`).
+//! Once the backlog is queued the benchmark runs `ANALYZE` (what autovacuum does to a backlog
+//! that stays for a minute), so that the plans are those of a steady state rather than a
+//! matter of whether autovacuum got there first; `QUEUE_BENCH_ANALYZE=0` skips it (the plans
+//! of a sudden burst, with the statistics of a small queue).
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::pg::TestDb;
+use praefect::datastore::{ChangeType, Datastore, JobState, PoolSettings, ReplicationJob};
+
+const VIRTUAL_STORAGE: &str = "default";
+/// The replicator's default `batch_size`.
+const BATCH: i64 = 10;
+const ENQUEUE_TASKS: usize = 16;
+const DRAIN_WORKERS: usize = 4;
+const DEQUEUE_SAMPLES: usize = 20;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn target_name(target: usize) -> String {
+    format!("gitaly-{target:03}")
+}
+
+fn bench_job(repo: usize, target: usize, targets: usize) -> ReplicationJob {
+    ReplicationJob {
+        repository_id: repo as i64 + 1,
+        replica_path: format!("@cluster/repositories/bench/{}", repo + 1),
+        change: ChangeType::Update,
+        relative_path: format!("bench/repo-{repo:05}.git"),
+        target_node_storage: target_name(target),
+        source_node_storage: target_name((target + 1) % targets),
+        virtual_storage: VIRTUAL_STORAGE.to_string(),
+        params: None,
+    }
+}
+
+/// min / median / p95 / max in milliseconds.
+struct Stats {
+    count: usize,
+    min: f64,
+    median: f64,
+    p95: f64,
+    max: f64,
+}
+
+fn stats(samples: &[Duration]) -> Stats {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if ms.is_empty() {
+            return f64::NAN;
+        }
+        ms[((ms.len() - 1) as f64 * q).round() as usize]
+    };
+    Stats {
+        count: ms.len(),
+        min: at(0.0),
+        median: at(0.5),
+        p95: at(0.95),
+        max: at(1.0),
+    }
+}
+
+fn stats_line(label: &str, samples: &[Duration]) -> String {
+    let s = stats(samples);
+    format!(
+        "{label:<34} n={:<6} min {:>8.2}  median {:>8.2}  p95 {:>8.2}  max {:>8.2} ms",
+        s.count, s.min, s.median, s.p95, s.max
+    )
+}
+
+/// The dequeue statement of `Datastore::dequeue` (src/datastore/queue.rs), copied for
+/// `EXPLAIN` only: keep it in step with queue.rs when reading its plan.
+const DEQUEUE_SQL: &str = "WITH free_lock AS (
+         SELECT lock.id FROM replication_queue_lock AS lock
+         WHERE lock.id LIKE $1 AND NOT lock.acquired
+           AND NOT EXISTS (SELECT 1 FROM replication_queue_job_lock AS job_lock
+                           WHERE job_lock.lock_id = lock.id)
+         FOR UPDATE SKIP LOCKED
+     ),
+     candidate AS (
+         SELECT queue.id FROM replication_queue AS queue
+         WHERE queue.id IN (
+             SELECT DISTINCT FIRST_VALUE(oldest.id) OVER (
+                 PARTITION BY oldest.lock_id, oldest.job ->> 'change'
+                 ORDER BY oldest.created_at, oldest.id)
+             FROM replication_queue AS oldest
+             JOIN free_lock ON free_lock.id = oldest.lock_id
+             WHERE oldest.state IN ('ready', 'failed'))
+         ORDER BY queue.created_at, queue.id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED
+     ),
+     taken AS (
+         UPDATE replication_queue AS queue
+         SET state = 'in_progress',
+             updated_at = now() AT TIME ZONE 'UTC',
+             attempt = CASE WHEN queue.job ->> 'change' = 'delete_replica'
+                            THEN queue.attempt ELSE queue.attempt - 1 END
+         FROM candidate WHERE queue.id = candidate.id
+         RETURNING queue.id, queue.state, queue.attempt, queue.lock_id,
+                   queue.job, queue.meta, queue.created_at, queue.updated_at
+     ),
+     job_lock AS (
+         INSERT INTO replication_queue_job_lock (job_id, lock_id, triggered_at)
+         SELECT taken.id, taken.lock_id, now() AT TIME ZONE 'UTC' FROM taken
+         RETURNING lock_id
+     ),
+     acquired AS (
+         UPDATE replication_queue_lock AS lock SET acquired = true
+         WHERE lock.id IN (SELECT lock_id FROM job_lock)
+     )
+     SELECT * FROM taken ORDER BY created_at, id";
+
+/// The first statement of `acknowledge(Completed, ..)` that reads the queue beyond the
+/// acknowledged ids (src/datastore/queue.rs), copied for `EXPLAIN` only.
+const REDUNDANT_DELETE_SQL: &str = "DELETE FROM replication_queue AS redundant
+     USING replication_queue AS done
+     WHERE done.id = ANY($1)
+       AND redundant.state = 'ready'
+       AND redundant.lock_id = done.lock_id
+       AND redundant.job ->> 'change' = done.job ->> 'change'
+       AND COALESCE(redundant.job ->> 'source_node_storage', '')
+           = COALESCE(done.job ->> 'source_node_storage', '')
+       AND redundant.created_at < done.updated_at";
+
+fn print_plan(title: &str, plan: &[String]) {
+    println!("\n{title}:");
+    for line in plan {
+        println!("  {line}");
+    }
+    println!();
+}
+
+/// Prints the plans of one dequeue for `target` and of the redundant-job delete that
+/// acknowledging its batch runs. Both statements run (EXPLAIN ANALYZE) in a transaction that
+/// is rolled back, so the queue is left as it was.
+async fn explain_dequeue_and_acknowledge(db: &TestDb, target: &str) {
+    let mut raw = db.raw().await;
+    sqlx::query("BEGIN").execute(&mut raw).await.unwrap();
+    let pattern = format!("{VIRTUAL_STORAGE}|{target}|%");
+    let plan: Vec<String> =
+        sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {DEQUEUE_SQL}"))
+            .bind(&pattern)
+            .bind(BATCH)
+            .fetch_all(&mut raw)
+            .await
+            .unwrap();
+    print_plan(
+        &format!("EXPLAIN (ANALYZE, BUFFERS) of one dequeue for {target}"),
+        &plan,
+    );
+    let taken: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM replication_queue WHERE state = 'in_progress' AND lock_id LIKE $1",
+    )
+    .bind(&pattern)
+    .fetch_all(&mut raw)
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(&format!(
+        "EXPLAIN (ANALYZE, BUFFERS) {REDUNDANT_DELETE_SQL}"
+    ))
+    .bind(&taken)
+    .fetch_all(&mut raw)
+    .await
+    .unwrap();
+    print_plan(
+        &format!(
+            "EXPLAIN (ANALYZE, BUFFERS) of acknowledge's redundant-job delete for those {} jobs",
+            taken.len()
+        ),
+        &plan,
+    );
+    sqlx::query("ROLLBACK").execute(&mut raw).await.unwrap();
+}
+
+async fn count(raw: &mut sqlx::PgConnection, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(raw).await.unwrap()
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run by hand in release with --ignored --nocapture"]
+async fn replication_queue_throughput_and_dequeue_latency() {
+    let repos = env_usize("QUEUE_BENCH_REPOS", 1000);
+    let targets = env_usize("QUEUE_BENCH_TARGETS", 100);
+    let total = repos * targets;
+    assert!(targets > DEQUEUE_SAMPLES, "need more targets than samples");
+    println!(
+        "replication queue benchmark: {total} update jobs = {repos} repositories x {targets} \
+         targets, virtual storage {VIRTUAL_STORAGE:?}; load average at start {}",
+        load_average()
+    );
+
+    let db = TestDb::new().await;
+    // A longer statement timeout than the router's 5 s, so that a slow statement is measured
+    // rather than failed.
+    let store = Datastore::connect(
+        &db.connection(),
+        PoolSettings {
+            max_connections: ENQUEUE_TASKS as u32 + 4,
+            query_timeout: Duration::from_secs(300),
+            application_name: "queue_bench".into(),
+            ..PoolSettings::default()
+        },
+    )
+    .await
+    .expect("connecting the datastore");
+    let mut raw = db.raw().await;
+    let mut summary: Vec<(String, String)> = Vec::new();
+    if let Ok(sql) = std::env::var("QUEUE_BENCH_SQL") {
+        println!("running QUEUE_BENCH_SQL first: {sql}");
+        sqlx::raw_sql(&sql)
+            .execute(&mut raw)
+            .await
+            .expect("QUEUE_BENCH_SQL");
+        summary.push(("QUEUE_BENCH_SQL".into(), sql));
+    }
+
+    // 1. Enqueue, repository by repository (the order mutators and the reconciler produce),
+    // from 16 tasks at once.
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..ENQUEUE_TASKS {
+        let (store, next) = (store.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return latencies;
+                }
+                let job = bench_job(i / targets, i % targets, targets);
+                let call = Instant::now();
+                let id = store.enqueue(&job, "bench").await.expect("enqueue");
+                latencies.push(call.elapsed());
+                assert!(id.is_some(), "job {i} reported as a duplicate");
+            }
+        }));
+    }
+    let mut enqueue_latencies = Vec::with_capacity(total);
+    for task in tasks {
+        enqueue_latencies.extend(task.await.unwrap());
+    }
+    let enqueue_time = started.elapsed();
+    let enqueue_rate = total as f64 / enqueue_time.as_secs_f64();
+    println!(
+        "enqueue: {total} jobs in {:.1} s = {enqueue_rate:.0} jobs/s ({ENQUEUE_TASKS} tasks)",
+        enqueue_time.as_secs_f64()
+    );
+    println!("{}", stats_line("  enqueue latency", &enqueue_latencies));
+    assert_eq!(
+        count(
+            &mut raw,
+            "SELECT count(*) FROM replication_queue WHERE state = 'ready'"
+        )
+        .await,
+        total as i64
+    );
+    summary.push((
+        format!("enqueue {total} ({ENQUEUE_TASKS} tasks)"),
+        format!(
+            "{enqueue_rate:.0} jobs/s, {:.1} s total, median {:.2} ms",
+            enqueue_time.as_secs_f64(),
+            stats(&enqueue_latencies).median
+        ),
+    ));
+    if std::env::var("QUEUE_BENCH_ANALYZE").as_deref() == Ok("0") {
+        summary.push((
+            "QUEUE_BENCH_ANALYZE=0".into(),
+            "no ANALYZE after the enqueue".into(),
+        ));
+    } else {
+        sqlx::query("ANALYZE replication_queue, replication_queue_lock")
+            .execute(&mut raw)
+            .await
+            .unwrap();
+    }
+    let analyzed: Option<chrono::NaiveDateTime> = sqlx::query_scalar(
+        "SELECT GREATEST(last_analyze, last_autoanalyze)::timestamp FROM pg_stat_user_tables
+         WHERE relname = 'replication_queue'",
+    )
+    .fetch_one(&mut raw)
+    .await
+    .unwrap();
+    println!(
+        "  replication_queue statistics: {}",
+        analyzed.map_or("never analyzed".to_string(), |t| format!(
+            "last analyzed {t} UTC"
+        ))
+    );
+
+    // 2. Single dequeues with the whole backlog in place, one per target, each batch then
+    // acknowledged completed.
+    let mut dequeue_latencies = Vec::new();
+    let mut ack_latencies = Vec::new();
+    let mut taken_in_samples = 0;
+    for target in 0..DEQUEUE_SAMPLES {
+        let call = Instant::now();
+        let jobs = store
+            .dequeue(VIRTUAL_STORAGE, &target_name(target), BATCH)
+            .await
+            .expect("dequeue");
+        dequeue_latencies.push(call.elapsed());
+        assert_eq!(jobs.len(), BATCH as usize, "a full batch for every target");
+        let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+        let call = Instant::now();
+        let acked = store
+            .acknowledge(JobState::Completed, &ids)
+            .await
+            .expect("acknowledge");
+        ack_latencies.push(call.elapsed());
+        assert_eq!(acked.len(), ids.len());
+        taken_in_samples += ids.len();
+    }
+    let dequeue_stats = stats(&dequeue_latencies);
+    println!(
+        "single dequeue({VIRTUAL_STORAGE:?}, target, {BATCH}) with {total} jobs queued, \
+         one per target:"
+    );
+    println!("{}", stats_line("  dequeue", &dequeue_latencies));
+    println!("{}", stats_line("  acknowledge completed", &ack_latencies));
+    summary.push((
+        format!("one dequeue of {BATCH}, {total} queued"),
+        format!(
+            "median {:.2} ms, p95 {:.2} ms, max {:.2} ms",
+            dequeue_stats.median, dequeue_stats.p95, dequeue_stats.max
+        ),
+    ));
+    let ack_stats = stats(&ack_latencies);
+    summary.push((
+        format!("one acknowledge of {BATCH}, {total} queued"),
+        format!(
+            "median {:.2} ms, p95 {:.2} ms, max {:.2} ms",
+            ack_stats.median, ack_stats.p95, ack_stats.max
+        ),
+    ));
+    if dequeue_stats.median > 20.0 || std::env::var_os("QUEUE_BENCH_EXPLAIN").is_some() {
+        explain_dequeue_and_acknowledge(&db, &target_name(DEQUEUE_SAMPLES)).await;
+    }
+
+    // 3. Drain: workers that each own a share of the targets dequeue and acknowledge, round
+    // robin over their targets, until a whole round finds nothing.
+    let remaining = Arc::new(AtomicUsize::new(total - taken_in_samples));
+    let progress = {
+        let remaining = remaining.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_secs(15)).await;
+                println!(
+                    "  draining: {} jobs left after {:.0} s (load {})",
+                    remaining.load(Ordering::Relaxed),
+                    started.elapsed().as_secs_f64(),
+                    load_average()
+                );
+            }
+        })
+    };
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..DRAIN_WORKERS {
+        let (store, remaining) = (store.clone(), remaining.clone());
+        let owned: Vec<String> = (worker..targets)
+            .step_by(DRAIN_WORKERS)
+            .map(target_name)
+            .collect();
+        workers.push(tokio::spawn(async move {
+            let mut dequeues = Vec::new();
+            let mut acks = Vec::new();
+            let mut ids = Vec::new();
+            loop {
+                let mut found = false;
+                for target in &owned {
+                    let call = Instant::now();
+                    let jobs = store
+                        .dequeue(VIRTUAL_STORAGE, target, BATCH)
+                        .await
+                        .expect("dequeue");
+                    dequeues.push(call.elapsed());
+                    if jobs.is_empty() {
+                        continue;
+                    }
+                    found = true;
+                    let batch: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+                    let call = Instant::now();
+                    let acked = store
+                        .acknowledge(JobState::Completed, &batch)
+                        .await
+                        .expect("acknowledge");
+                    acks.push(call.elapsed());
+                    assert_eq!(acked.len(), batch.len());
+                    remaining.fetch_sub(batch.len(), Ordering::Relaxed);
+                    ids.extend(batch);
+                }
+                if !found {
+                    return (dequeues, acks, ids);
+                }
+            }
+        }));
+    }
+    let mut drain_dequeues = Vec::new();
+    let mut drain_acks = Vec::new();
+    let mut drained_ids = Vec::new();
+    for worker in workers {
+        let (dequeues, acks, ids) = worker.await.unwrap();
+        drain_dequeues.extend(dequeues);
+        drain_acks.extend(acks);
+        drained_ids.extend(ids);
+    }
+    let drain_time = started.elapsed();
+    progress.abort();
+    let secs = drain_time.as_secs_f64();
+    let dequeue_rate = drain_dequeues.len() as f64 / secs;
+    let job_rate = drained_ids.len() as f64 / secs;
+    println!(
+        "drain: {} jobs in {secs:.1} s by {DRAIN_WORKERS} workers ({} targets each, batch \
+         {BATCH}): {} dequeue calls = {dequeue_rate:.0} dequeues/s, {} acknowledge calls, \
+         {job_rate:.0} jobs acknowledged/s",
+        drained_ids.len(),
+        targets / DRAIN_WORKERS,
+        drain_dequeues.len(),
+        drain_acks.len(),
+    );
+    println!(
+        "{}",
+        stats_line("  dequeue (drain, all calls)", &drain_dequeues)
+    );
+    println!("{}", stats_line("  acknowledge (drain)", &drain_acks));
+    summary.push((
+        format!(
+            "drain, {DRAIN_WORKERS} workers x {} targets",
+            targets / DRAIN_WORKERS
+        ),
+        format!("{dequeue_rate:.0} dequeues/s, {job_rate:.0} jobs acknowledged/s, {secs:.1} s"),
+    ));
+    let drain_deq = stats(&drain_dequeues);
+    summary.push((
+        "  dequeue latency while draining".into(),
+        format!(
+            "median {:.2} ms, p95 {:.2} ms, max {:.2} ms",
+            drain_deq.median, drain_deq.p95, drain_deq.max
+        ),
+    ));
+    let drain_ack = stats(&drain_acks);
+    summary.push((
+        "  acknowledge latency while draining".into(),
+        format!(
+            "median {:.2} ms, p95 {:.2} ms, max {:.2} ms",
+            drain_ack.median, drain_ack.p95, drain_ack.max
+        ),
+    ));
+
+    // Correctness: every job taken exactly once, nothing left, every lock released.
+    let unique: HashSet<i64> = drained_ids.iter().copied().collect();
+    assert_eq!(unique.len(), drained_ids.len(), "a job was dequeued twice");
+    assert_eq!(drained_ids.len() + taken_in_samples, total);
+    let left = count(&mut raw, "SELECT count(*) FROM replication_queue").await;
+    let job_locks = count(&mut raw, "SELECT count(*) FROM replication_queue_job_lock").await;
+    let acquired = count(
+        &mut raw,
+        "SELECT count(*) FROM replication_queue_lock WHERE acquired",
+    )
+    .await;
+    println!(
+        "after the drain: {left} rows in replication_queue, {job_locks} job locks, \
+         {acquired} acquired locks"
+    );
+    assert_eq!(left, 0, "replication_queue is not empty");
+    assert_eq!(job_locks, 0, "job locks remain");
+    assert_eq!(acquired, 0, "locks remain acquired");
+
+    let load = load_average();
+    summary.push(("load average at the end (1/5/15 min)".into(), load));
+    let width = summary.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    println!("\nsummary");
+    for (key, value) in &summary {
+        println!("  {key:<width$}  {value}");
+    }
+    store.close().await;
+}
