@@ -7,8 +7,11 @@
 //! in-flight calls finish for up to `graceful_stop_timeout`, then exits.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -181,13 +184,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let fallback = tower::service_fn(move |request: http::Request<axum::body::Body>| {
-        let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(request).await) }
-    });
-    let mut routes = tonic::service::Routes::new(health_service);
-    let router = std::mem::take(routes.axum_router_mut()).fallback_service(fallback);
-    *routes.axum_router_mut() = router;
+    let dispatch = Dispatch {
+        health: health_service,
+        proxy,
+    };
 
     let auth = AuthLayer::new(AuthConfig::new(
         &config.auth.token,
@@ -212,12 +212,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         )))
     };
     for listener in bind(&config).await? {
-        let server = tonic::transport::Server::builder()
-            .layer(auth.clone())
-            .add_routes(routes.clone());
+        let server = tonic::transport::Server::builder().layer(auth.clone());
         let stream = incoming(listener, sessions.clone(), yamux);
         let mut stop = stop_rx.clone();
         servers.push(tokio::spawn(server.serve_with_incoming_shutdown(
+            dispatch.clone(),
             stream,
             async move {
                 let _ = stop.wait_for(|stopped| *stopped).await;
@@ -265,4 +264,54 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("praefect stopped");
     Ok(())
+}
+
+/// The gRPC health service's calls; everything else goes to the proxy.
+const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+
+/// The router's service: gRPC health checks to `health`, every other call to the proxy,
+/// without a routing table in between (the proxy looks methods up itself).
+#[derive(Clone)]
+struct Dispatch<H> {
+    health: H,
+    proxy: Arc<Proxy>,
+}
+
+type ProxyFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<tonic::body::Body>, Infallible>> + Send>>;
+
+impl<H> tower::Service<http::Request<tonic::body::Body>> for Dispatch<H>
+where
+    H: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    H::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = futures::future::Either<H::Future, ProxyFuture>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The health service is always ready, and the proxy has no queue of its own.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let health = request
+            .uri()
+            .path()
+            .strip_prefix(HEALTH_PREFIX)
+            .is_some_and(|method| !method.is_empty());
+        if health {
+            // A clone that is ready, as tower wants (generated services always are).
+            let mut service = self.health.clone();
+            return futures::future::Either::Left(service.call(request));
+        }
+        let proxy = self.proxy.clone();
+        futures::future::Either::Right(Box::pin(async move { Ok(proxy.handle(request).await) }))
+    }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -66,6 +66,8 @@ pub struct StorageCache {
     epoch: AtomicU64,
     evicted_at: Mutex<HashMap<(String, String), u64>>,
     pub stats: CacheStats,
+    /// The `hit` counter of each virtual storage, looked up once (hits are every read).
+    hit_counters: HashMap<String, OnceLock<prometheus::IntCounter>>,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +91,10 @@ impl StorageCache {
             .iter()
             .map(|vs| (vs.clone(), moka::future::Cache::new(capacity)))
             .collect();
+        let hit_counters = virtual_storages
+            .iter()
+            .map(|vs| (vs.clone(), OnceLock::new()))
+            .collect();
         Arc::new(StorageCache {
             store,
             caches,
@@ -96,6 +102,7 @@ impl StorageCache {
             epoch: AtomicU64::new(0),
             evicted_at: Mutex::new(HashMap::new()),
             stats: CacheStats::default(),
+            hit_counters,
         })
     }
 
@@ -106,6 +113,17 @@ impl StorageCache {
 
     pub fn is_enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
+    }
+
+    fn count_hit(&self, virtual_storage: &str) {
+        self.stats.hits.fetch_add(1, Ordering::Relaxed);
+        match self.hit_counters.get(virtual_storage) {
+            // Looked up on the first hit, so the series appears only once counted, as before.
+            Some(counter) => counter
+                .get_or_init(|| metrics::CACHE_ACCESS.with_label_values(&[virtual_storage, "hit"]))
+                .inc(),
+            None => self.count(virtual_storage, "hit"),
+        }
     }
 
     fn count(&self, virtual_storage: &str, kind: &str) {
@@ -131,6 +149,11 @@ impl StorageCache {
                     .map(Arc::new));
             }
         };
+        // A hit needs neither an owned key nor the shared-miss machinery of `try_get_with`.
+        if let Some(value) = cache.get(relative_path).await {
+            self.count_hit(virtual_storage);
+            return Ok(Some(value));
+        }
         let populated = AtomicBool::new(false);
         let started_at = self.epoch.load(Ordering::Acquire);
         let result = cache
@@ -166,8 +189,7 @@ impl StorageCache {
                 }
             }
         } else {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
-            self.count(virtual_storage, "hit");
+            self.count_hit(virtual_storage);
         }
         match result {
             Ok(value) => Ok(Some(value)),

@@ -46,9 +46,47 @@ fn sidechannel_id(headers: &http::HeaderMap) -> Result<Option<u64>, ProxyError> 
 }
 
 /// Metadata naming the virtual storage of a repository-scoped call, for the node's logs.
-const VIRTUAL_STORAGE_HEADER: &str = "virtual_storage";
+const VIRTUAL_STORAGE_NAME: http::HeaderName = http::HeaderName::from_static("virtual_storage");
 /// GitLab's correlation id, kept from the client or generated.
 pub const CORRELATION_HEADER: &str = "x-gitlab-correlation-id";
+const CORRELATION_NAME: http::HeaderName = http::HeaderName::from_static(CORRELATION_HEADER);
+
+/// A new correlation id: a random (v4) UUID without hyphens. The bytes come from the thread's
+/// CSPRNG (seeded from the OS, reseeded periodically) rather than a `getrandom` system call
+/// per call, as `Uuid::new_v4` makes.
+fn new_correlation_id() -> http::HeaderValue {
+    let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut text = [0u8; uuid::fmt::Simple::LENGTH];
+    let text = uuid.simple().encode_lower(&mut text);
+    http::HeaderValue::from_str(text).expect("hex digits are a valid header value")
+}
+
+/// The URI a forwarded call is sent with: the client's path, without its scheme and
+/// authority (the node's channel sets its own). A clone of the parsed path, not a new parse.
+fn outgoing_uri(uri: &http::Uri, path: &str) -> http::Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = match uri.path_and_query() {
+        Some(pq) if pq.query().is_none() => Some(pq.clone()),
+        _ => http::uri::PathAndQuery::try_from(path).ok(),
+    };
+    http::Uri::from_parts(parts).unwrap_or_else(|_| http::Uri::from_static("/"))
+}
+
+/// Counts a routed call by its operation type (each type's counter looked up once, on its
+/// first call, so that a type appears in the metrics only once counted, as before).
+fn count_method_type(op_type: OpType) {
+    static COUNTERS: [std::sync::OnceLock<prometheus::IntCounter>; 4] =
+        [const { std::sync::OnceLock::new() }; 4];
+    let index = match op_type {
+        OpType::Accessor => 0,
+        OpType::Mutator => 1,
+        OpType::Maintenance => 2,
+        OpType::Unknown => 3,
+    };
+    COUNTERS[index]
+        .get_or_init(|| metrics::METHOD_TYPES.with_label_values(&[op_type.metric_label()]))
+        .inc();
+}
 
 /// Reads whose answer must come from the primary (sizes differ between replicas).
 const FORCED_PRIMARY_METHODS: &[&str] = &[
@@ -56,7 +94,8 @@ const FORCED_PRIMARY_METHODS: &[&str] = &[
     "/gitaly.RepositoryService/GetObjectDirectorySize",
 ];
 /// Metadata with which a client asks for a read from the primary.
-const ACCESSOR_POLICY_HEADER: &str = "gitaly-route-repository-accessor-policy";
+const ACCESSOR_POLICY_NAME: http::HeaderName =
+    http::HeaderName::from_static("gitaly-route-repository-accessor-policy");
 
 /// An additional repository must be on the target's virtual storage and name a path.
 pub(super) fn check_additional(
@@ -78,7 +117,7 @@ pub(super) fn check_additional(
 fn forced_primary(method: &MethodInfo, headers: &http::HeaderMap) -> bool {
     FORCED_PRIMARY_METHODS.contains(&method.full_name.as_str())
         || headers
-            .get(ACCESSOR_POLICY_HEADER)
+            .get(&ACCESSOR_POLICY_NAME)
             .is_some_and(|v| v.as_bytes() == b"primary-only")
 }
 
@@ -105,13 +144,14 @@ impl Proxy {
     /// Serves one call; failures become gRPC statuses.
     pub async fn handle(
         &self,
-        request: http::Request<axum::body::Body>,
+        request: http::Request<tonic::body::Body>,
     ) -> http::Response<tonic::body::Body> {
-        let path = request.uri().path().to_string();
+        // A clone of the request's URI shares its bytes: no copy of the path per call.
+        let uri = request.uri().clone();
         match self.forward(request).await {
             Ok(response) => response,
             Err(err) => {
-                tracing::info!(grpc.method = %path, error = %err, "call not routed");
+                tracing::info!(grpc.method = %uri.path(), error = %err, "call not routed");
                 err.to_status().into_http()
             }
         }
@@ -119,15 +159,17 @@ impl Proxy {
 
     async fn forward(
         &self,
-        request: http::Request<axum::body::Body>,
+        request: http::Request<tonic::body::Body>,
     ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
-        let path = request.uri().path().to_string();
+        let uri = request.uri().clone();
+        let path = uri.path();
         let method = self
             .registry
-            .lookup(&path)
-            .ok_or_else(|| ProxyError::UnknownMethod(path.clone()))?;
+            .lookup(path)
+            .ok_or_else(|| ProxyError::UnknownMethod(path.to_string()))?;
         if method.intercepted {
-            return match path.as_str() {
+            let request = request.map(axum::body::Body::new);
+            return match path {
                 server_service::SERVER_INFO => self.server_info().await,
                 server_service::DISK_STATISTICS => self.disk_statistics().await,
                 praefect_info::MARK_UNVERIFIED => self.mark_unverified(request).await,
@@ -144,35 +186,32 @@ impl Proxy {
             other => ProxyError::Malformed(other.to_string()),
         })?;
         let mut headers = parts.headers;
-        let correlation_id = match headers
-            .get(CORRELATION_HEADER)
+        let has_correlation_id = headers
+            .get(&CORRELATION_NAME)
             .and_then(|v| v.to_str().ok())
-        {
-            Some(id) if !id.is_empty() => id.to_string(),
-            _ => {
-                let id = uuid::Uuid::new_v4().simple().to_string();
-                if let Ok(value) = http::HeaderValue::from_str(&id) {
-                    headers.insert(CORRELATION_HEADER, value);
-                }
-                id
-            }
-        };
-        match path.as_str() {
+            .is_some_and(|id| !id.is_empty());
+        if !has_correlation_id {
+            headers.insert(CORRELATION_NAME, new_correlation_id());
+        }
+        match path {
             REPOSITORY_EXISTS => return self.repository_exists(&first.message).await,
             removal::REMOVE_REPOSITORY => return self.remove_repository(&first.message).await,
             removal::DELETE_OBJECT_POOL => return self.delete_object_pool(&first.message).await,
             walk::WALK_REPOS => return self.walk_repos(&first.message).await,
             _ => {}
         }
-        metrics::METHOD_TYPES
-            .with_label_values(&[method.op_type.metric_label()])
-            .inc();
+        count_method_type(method.op_type);
         if method.scope == Scope::Repository && method.op_type == OpType::Maintenance {
             let routes = self.route_maintenance(method, &first.message).await?;
-            return self.fan_out(&path, &headers, routes).await;
+            return self.fan_out(path, &headers, routes).await;
         }
         let (route, after) =
             if method.scope == Scope::Repository && method.op_type == OpType::Mutator {
+                let correlation_id = headers
+                    .get(&CORRELATION_NAME)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
                 let write = self
                     .route_write(method, &first.message, &correlation_id, &mut headers)
                     .await?;
@@ -217,7 +256,9 @@ impl Proxy {
             // open when the answer is complete gets reset, and a node counts resets.)
             tonic::body::Body::new(http_body_util::Full::new(first_frame))
         };
-        let response = self.send(&path, headers, &route, outgoing_body).await?;
+        let response = self
+            .send_to(outgoing_uri(&uri, path), headers, &route, outgoing_body)
+            .await?;
         let (parts, body) = response.into_parts();
         let Some(after) = after else {
             return Ok(http::Response::from_parts(parts, body));
@@ -251,6 +292,18 @@ impl Proxy {
     pub(super) async fn send(
         &self,
         path: &str,
+        headers: http::HeaderMap,
+        route: &Route,
+        body: tonic::body::Body,
+    ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
+        let uri = http::Uri::try_from(path).map_err(|e| ProxyError::Malformed(e.to_string()))?;
+        self.send_to(uri, headers, route, body).await
+    }
+
+    /// [`Proxy::send`] with the request's URI already made.
+    async fn send_to(
+        &self,
+        uri: http::Uri,
         mut headers: http::HeaderMap,
         route: &Route,
         body: tonic::body::Body,
@@ -265,17 +318,15 @@ impl Proxy {
         headers.remove(http::header::CONTENT_LENGTH);
         if route.repository_scoped {
             if let Ok(value) = http::HeaderValue::from_str(&route.virtual_storage) {
-                headers.insert(VIRTUAL_STORAGE_HEADER, value);
+                headers.insert(VIRTUAL_STORAGE_NAME, value);
             }
         }
-        let mut outgoing = http::Request::builder()
-            .method(http::Method::POST)
-            .version(http::Version::HTTP_2)
-            .uri(path)
-            .body(body)
-            .map_err(|e| ProxyError::Malformed(e.to_string()))?;
+        let mut outgoing = http::Request::new(body);
+        *outgoing.method_mut() = http::Method::POST;
+        *outgoing.version_mut() = http::Version::HTTP_2;
+        *outgoing.uri_mut() = uri;
         *outgoing.headers_mut() = headers;
-        tracing::debug!(grpc.method = %path, storage = %route.storage, "forwarding");
+        tracing::debug!(grpc.method = %outgoing.uri().path(), storage = %route.storage, "forwarding");
         let response = channel.oneshot(outgoing).await.map_err(|err| {
             ProxyError::NodeUnavailable(format!(
                 "forwarding to {}: {}",

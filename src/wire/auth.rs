@@ -5,7 +5,7 @@
 //! server's clock. Callers sign a fresh token per call ([`TokenInterceptor`]); servers check it
 //! in a tower layer ([`AuthLayer`]) with Praefect's exact codes and messages.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -83,11 +83,23 @@ pub fn bearer(secret: &[u8]) -> String {
 
 /// Checks an `authorization` metadata value against `secret` at time `now`.
 pub fn check_v2(secret: &[u8], header: Option<&str>, now: SystemTime) -> Result<(), AuthError> {
-    let token = header
+    let issued = verify_signature(secret, bearer_token(header)?)?;
+    check_window(issued, now)
+}
+
+/// The token of an `authorization` metadata value.
+fn bearer_token(header: Option<&str>) -> Result<&str, AuthError> {
+    header
         .and_then(|h| h.strip_prefix("Bearer "))
-        .ok_or(AuthError::Missing)?;
-    let parts: Vec<&str> = token.split('.').collect();
-    let [version, signature, timestamp] = parts[..] else {
+        .ok_or(AuthError::Missing)
+}
+
+/// Checks a token's shape, version and signature: its timestamp if they are right.
+fn verify_signature(secret: &[u8], token: &str) -> Result<i64, AuthError> {
+    let mut parts = token.split('.');
+    let (Some(version), Some(signature), Some(timestamp), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(AuthError::Missing);
     };
     if version != "v2" {
@@ -97,9 +109,13 @@ pub fn check_v2(secret: &[u8], header: Option<&str>, now: SystemTime) -> Result<
     if !bool::from(expected.as_bytes().ct_eq(signature.as_bytes())) {
         return Err(AuthError::WrongSignature);
     }
-    let issued: i64 = timestamp
+    timestamp
         .parse()
-        .map_err(|e: std::num::ParseIntError| AuthError::BadTimestamp(e.to_string()))?;
+        .map_err(|e: std::num::ParseIntError| AuthError::BadTimestamp(e.to_string()))
+}
+
+/// Checks that a token issued at `issued` (unix seconds) is valid at `now`.
+fn check_window(issued: i64, now: SystemTime) -> Result<(), AuthError> {
     let now = unix_seconds(now);
     let window = TOKEN_VALIDITY.as_secs() as i64;
     if issued < now - window {
@@ -111,12 +127,52 @@ pub fn check_v2(secret: &[u8], header: Option<&str>, now: SystemTime) -> Result<
     Ok(())
 }
 
+/// The last token whose signature a server verified, and its timestamp. A client signs a new
+/// token per call, but a token only carries whole seconds, so within a second its calls bring
+/// the same token again: one that is byte for byte the remembered one (compared in constant
+/// time) has the same, valid, signature, and only its validity window is left to check. Any
+/// other token gets the full check.
+#[derive(Debug, Default)]
+struct LastVerified(Mutex<Option<Verified>>);
+
+#[derive(Debug)]
+struct Verified {
+    /// The secret it was verified with.
+    secret: Arc<[u8]>,
+    token: Box<str>,
+    issued: i64,
+}
+
+impl LastVerified {
+    /// The timestamp of `token` if it is the one remembered for `secret`. A lock held by
+    /// another call is not waited for: the full check is done instead.
+    fn issued(&self, secret: &[u8], token: &str) -> Option<i64> {
+        let guard = self.0.try_lock().ok()?;
+        let known = guard.as_ref()?;
+        let same =
+            *known.secret == *secret && bool::from(known.token.as_bytes().ct_eq(token.as_bytes()));
+        same.then_some(known.issued)
+    }
+
+    fn remember(&self, secret: &Arc<[u8]>, token: &str, issued: i64) {
+        if let Ok(mut guard) = self.0.try_lock() {
+            *guard = Some(Verified {
+                secret: secret.clone(),
+                token: token.into(),
+                issued,
+            });
+        }
+    }
+}
+
 /// How a server checks tokens. No secret means authentication is disabled.
 #[derive(Clone, Debug, Default)]
 pub struct AuthConfig {
     pub secret: Option<Arc<[u8]>>,
     /// Check and log, but never refuse (for rolling a token out).
     pub transitioning: bool,
+    /// Shared by the clones of this configuration (one per connection and call).
+    last_verified: Arc<LastVerified>,
 }
 
 impl AuthConfig {
@@ -124,7 +180,27 @@ impl AuthConfig {
         AuthConfig {
             secret: (!token.is_empty()).then(|| Arc::from(token.as_bytes())),
             transitioning,
+            last_verified: Arc::default(),
         }
+    }
+
+    /// [`check_v2`], remembering the last verified token (see [`LastVerified`]).
+    fn check(
+        &self,
+        secret: &Arc<[u8]>,
+        header: Option<&str>,
+        now: SystemTime,
+    ) -> Result<(), AuthError> {
+        let token = bearer_token(header)?;
+        let issued = match self.last_verified.issued(secret, token) {
+            Some(issued) => issued,
+            None => {
+                let issued = verify_signature(secret, token)?;
+                self.last_verified.remember(secret, token, issued);
+                issued
+            }
+        };
+        check_window(issued, now)
     }
 
     /// The verdict for one call: Ok to serve it, or the status to answer with.
@@ -135,7 +211,7 @@ impl AuthConfig {
         if EXEMPT_PREFIXES.iter().any(|p| path.starts_with(p)) {
             return Ok(());
         }
-        match check_v2(secret, header, SystemTime::now()) {
+        match self.check(secret, header, SystemTime::now()) {
             Ok(()) => Ok(()),
             Err(err) if self.transitioning => {
                 tracing::warn!(grpc.method = path, error = %err, "authentication would have failed");
@@ -174,8 +250,6 @@ pub struct AuthService<S> {
     config: AuthConfig,
 }
 
-type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-
 impl<S, B> Service<http::Request<B>> for AuthService<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
@@ -183,7 +257,9 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+    /// The service's own future (not boxed again), or the refusal.
+    type Future =
+        futures::future::Either<S::Future, std::future::Ready<Result<Self::Response, Self::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -195,10 +271,9 @@ where
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         match self.config.authorize(request.uri().path(), header) {
-            Ok(()) => Box::pin(self.inner.call(request)),
+            Ok(()) => futures::future::Either::Left(self.inner.call(request)),
             Err(status) => {
-                let response = status.into_http();
-                Box::pin(async move { Ok(response) })
+                futures::future::Either::Right(std::future::ready(Ok(status.into_http())))
             }
         }
     }
@@ -318,6 +393,50 @@ mod tests {
         assert_eq!(
             AuthError::WrongSignature.to_status().message(),
             "permission denied: wrong hmac signature"
+        );
+    }
+
+    #[test]
+    fn a_remembered_token_is_checked_as_strictly() {
+        let config = AuthConfig::new("secret", false);
+        let secret = config.secret.clone().unwrap();
+        let token = header(&sign_v2(SECRET, at(1_000_000)));
+        // Verified once, then remembered: the window is still checked on every call.
+        for now in [1_000_000, 1_000_030, 1_000_000 - 30] {
+            assert_eq!(config.check(&secret, Some(&token), at(now)), Ok(()));
+        }
+        assert_eq!(
+            config.check(&secret, Some(&token), at(1_000_031)),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(
+            config.check(&secret, Some(&token), at(1_000_000 - 31)),
+            Err(AuthError::InFuture)
+        );
+        // Other tokens, and the same token under another secret, get the full check.
+        let forged = header(&sign_v2(b"other", at(1_000_000)));
+        assert_eq!(
+            config.check(&secret, Some(&forged), at(1_000_000)),
+            Err(AuthError::WrongSignature)
+        );
+        assert_eq!(config.check(&secret, Some(&token), at(1_000_000)), Ok(()));
+        let other_secret: Arc<[u8]> = Arc::from(&b"other"[..]);
+        assert_eq!(
+            config.check(&other_secret, Some(&token), at(1_000_000)),
+            Err(AuthError::WrongSignature)
+        );
+        let truncated = &token[..token.len() - 1];
+        assert_eq!(
+            config.check(&secret, Some(truncated), at(1_000_000)),
+            Err(AuthError::WrongSignature)
+        );
+        assert_eq!(
+            config.check(
+                &secret,
+                Some(&token.replace("Bearer ", "Basic ")),
+                at(1_000_000)
+            ),
+            Err(AuthError::Missing)
         );
     }
 
