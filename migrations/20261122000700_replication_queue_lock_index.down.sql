@@ -1,0 +1,2 @@
+DROP INDEX replication_queue_lock_id_pattern_idx;
+DROP INDEX replication_queue_lock_id_idx;
