@@ -98,7 +98,7 @@ fn stats_line(label: &str, samples: &[Duration]) -> String {
 /// `EXPLAIN` only: keep it in step with queue.rs when reading its plan.
 const DEQUEUE_SQL: &str = "WITH free_lock AS (
          SELECT lock.id FROM replication_queue_lock AS lock
-         WHERE lock.id LIKE $1 AND NOT lock.acquired
+         WHERE lock.id ~>=~ $1 AND lock.id ~<~ $3 AND NOT lock.acquired
            AND NOT EXISTS (SELECT 1 FROM replication_queue_job_lock AS job_lock
                            WHERE job_lock.lock_id = lock.id)
          FOR UPDATE SKIP LOCKED
@@ -163,11 +163,14 @@ fn print_plan(title: &str, plan: &[String]) {
 async fn explain_dequeue_and_acknowledge(db: &TestDb, target: &str) {
     let mut raw = db.raw().await;
     sqlx::query("BEGIN").execute(&mut raw).await.unwrap();
-    let pattern = format!("{VIRTUAL_STORAGE}|{target}|%");
+    let lower = format!("{VIRTUAL_STORAGE}|{target}|");
+    let upper = format!("{VIRTUAL_STORAGE}|{target}}}");
+    let pattern = format!("{lower}%");
     let plan: Vec<String> =
         sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {DEQUEUE_SQL}"))
-            .bind(&pattern)
+            .bind(&lower)
             .bind(BATCH)
+            .bind(&upper)
             .fetch_all(&mut raw)
             .await
             .unwrap();

@@ -135,17 +135,18 @@ fn to_queued(row: JobRow) -> Option<QueuedJob> {
     })
 }
 
-/// Escapes LIKE's wildcards in a literal prefix (storage names may contain `_`).
-fn like_prefix(prefix: &str) -> String {
-    let mut escaped = String::with_capacity(prefix.len() + 1);
-    for c in prefix.chars() {
-        if matches!(c, '\\' | '%' | '_') {
-            escaped.push('\\');
-        }
-        escaped.push(c);
+/// The byte range of lock ids that start with `prefix` (which ends in `|`): compared with
+/// the pattern operators `~>=~`/`~<~`, which the `text_pattern_ops` index serves whatever
+/// the database's collation, and which need no escaping of `%` or `_` in storage names.
+fn lock_id_range(prefix: &str) -> (String, String) {
+    let mut upper = prefix.to_string();
+    // '|' + 1 = '}': every id with the prefix sorts below it, byte-wise.
+    if upper.pop() == Some('|') {
+        upper.push('}');
+    } else {
+        upper = format!("{prefix}\u{10ffff}");
     }
-    escaped.push('%');
-    escaped
+    (prefix.to_string(), upper)
 }
 
 /// Inserts a job unless a `ready` job for the same replica and change is queued already (the
@@ -208,13 +209,13 @@ impl Datastore {
         target: &str,
         count: i64,
     ) -> Result<Vec<QueuedJob>, DatastoreError> {
-        let pattern = like_prefix(&format!("{virtual_storage}|{target}|"));
+        let (lower, upper) = lock_id_range(&format!("{virtual_storage}|{target}|"));
         let rows: Vec<JobRow> = self
             .run("dequeue", |pool| async move {
                 sqlx::query_as(
                     "WITH free_lock AS (
                          SELECT lock.id FROM replication_queue_lock AS lock
-                         WHERE lock.id LIKE $1 AND NOT lock.acquired
+                         WHERE lock.id ~>=~ $1 AND lock.id ~<~ $3 AND NOT lock.acquired
                            AND NOT EXISTS (SELECT 1 FROM replication_queue_job_lock AS job_lock
                                            WHERE job_lock.lock_id = lock.id)
                          FOR UPDATE SKIP LOCKED
@@ -253,8 +254,9 @@ impl Datastore {
                      )
                      SELECT * FROM taken ORDER BY created_at, id",
                 )
-                .bind(&pattern)
+                .bind(&lower)
                 .bind(count)
+                .bind(&upper)
                 .fetch_all(&pool)
                 .await
             })
@@ -442,9 +444,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn like_prefix_escapes_wildcards() {
-        assert_eq!(like_prefix("vs|gitaly_1|"), "vs|gitaly\\_1|%");
-        assert_eq!(like_prefix("a%b\\c|"), "a\\%b\\\\c|%");
+    fn lock_id_ranges_cover_exactly_the_prefix() {
+        let (lower, upper) = lock_id_range("vs|gitaly_1|");
+        assert_eq!(
+            (lower.as_str(), upper.as_str()),
+            ("vs|gitaly_1|", "vs|gitaly_1}")
+        );
+        let inside = "vs|gitaly_1|group/project.git";
+        assert!(inside >= lower.as_str() && inside < upper.as_str());
+        for outside in ["vs|gitaly_10|x", "vs|gitaly_1", "vs|gitalyX1|x"] {
+            assert!(
+                !(outside >= lower.as_str() && outside < upper.as_str()),
+                "{outside}"
+            );
+        }
     }
 
     #[test]
