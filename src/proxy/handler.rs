@@ -22,7 +22,7 @@ const REPOSITORY_EXISTS: &str = "/gitaly.RepositoryService/RepositoryExists";
 use super::registry::{MethodInfo, OpType, Registry, Scope};
 use super::rewrite;
 use crate::config::Config;
-use crate::datastore::StorageCache;
+use crate::datastore::{ConsistentStorages, StorageCache};
 use crate::health::HealthManager;
 use crate::nodes::NodePool;
 use crate::wire::backchannel::{PeerInfo, SessionRegistry};
@@ -436,8 +436,15 @@ impl Proxy {
         self.check_repository(&repo.storage_name, &repo.relative_path)?;
         let healthy = self.healthy(&repo.storage_name)?;
         let (storage, replica_path) = if forced_primary(method, headers) {
-            self.primary_for_read(&repo.storage_name, &repo.relative_path, &healthy)
-                .await?
+            let (entry, primary) = self
+                .healthy_primary(
+                    &repo.storage_name,
+                    &repo.relative_path,
+                    &healthy,
+                    ProxyError::RepositoryNotFound,
+                )
+                .await?;
+            (primary, entry.replica_path)
         } else {
             let entry = self
                 .cache
@@ -483,19 +490,21 @@ impl Proxy {
         })
     }
 
-    /// The primary and replica path of a repository, for reads that must see the primary:
-    /// elected if needed (the database is asked every time), and locally healthy.
-    async fn primary_for_read(
+    /// A repository's up-to-date storages and its primary, which must be locally healthy:
+    /// elected if needed (the database is asked every time, never the read cache). `missing`
+    /// is the error for an untracked repository.
+    pub(super) async fn healthy_primary(
         &self,
         virtual_storage: &str,
         relative_path: &str,
         healthy: &[String],
-    ) -> Result<(String, String), ProxyError> {
+        missing: ProxyError,
+    ) -> Result<(ConsistentStorages, String), ProxyError> {
         let store = self.cache.store();
         let entry = store
             .consistent_storages(virtual_storage, relative_path)
             .await?
-            .ok_or(ProxyError::RepositoryNotFound)?;
+            .ok_or(missing)?;
         let primary = store
             .get_primary(entry.repository_id)
             .await?
@@ -504,7 +513,7 @@ impl Proxy {
         if !healthy.contains(&primary) {
             return Err(ProxyError::PrimaryUnhealthy);
         }
-        Ok((primary, entry.replica_path))
+        Ok((entry, primary))
     }
 
     /// The storages assigned to host a repository: its assignments that are still configured,
@@ -514,24 +523,33 @@ impl Proxy {
         virtual_storage: &str,
         repository_id: i64,
     ) -> Result<Vec<String>, ProxyError> {
+        Ok(self.assignments(virtual_storage, repository_id).await?.0)
+    }
+
+    /// [`Proxy::assigned_storages`], and whether the repository has explicit assignments
+    /// at all (configured or not), from one query.
+    pub(super) async fn assignments(
+        &self,
+        virtual_storage: &str,
+        repository_id: i64,
+    ) -> Result<(Vec<String>, bool), ProxyError> {
         let configured: Vec<String> = self
             .config
             .virtual_storage(virtual_storage)
             .map(|vs| vs.node.iter().map(|n| n.storage.clone()).collect())
             .unwrap_or_default();
-        let assigned: Vec<String> = self
-            .cache
-            .store()
-            .assignments(repository_id)
-            .await?
+        let recorded = self.cache.store().assignments(repository_id).await?;
+        let explicit = !recorded.is_empty();
+        let assigned: Vec<String> = recorded
             .into_iter()
             .filter(|s| configured.contains(s))
             .collect();
-        Ok(if assigned.is_empty() {
+        let storages = if assigned.is_empty() {
             configured
         } else {
             assigned
-        })
+        };
+        Ok((storages, explicit))
     }
 
     /// Storage-scoped reads go to any healthy node of the virtual storage.

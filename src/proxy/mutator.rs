@@ -118,18 +118,14 @@ impl Proxy {
         correlation_id: &str,
     ) -> Result<WriteRoute, ProxyError> {
         let store = self.cache.store();
-        let entry = store
-            .consistent_storages(&repo.storage_name, &repo.relative_path)
-            .await?
-            .ok_or(ProxyError::RepositoryNotFound)?;
-        let primary = store
-            .get_primary(entry.repository_id)
-            .await?
-            .storage
-            .ok_or(ProxyError::NoPrimary)?;
-        if !healthy.contains(&primary) {
-            return Err(ProxyError::PrimaryUnhealthy);
-        }
+        let (entry, primary) = self
+            .healthy_primary(
+                &repo.storage_name,
+                &repo.relative_path,
+                healthy,
+                ProxyError::RepositoryNotFound,
+            )
+            .await?;
         if !entry.storages.contains(&primary) {
             return Err(ProxyError::ReadOnly);
         }
@@ -317,22 +313,16 @@ impl Proxy {
         healthy: &[String],
     ) -> Result<Placement, ProxyError> {
         check_additional(repo, other)?;
-        let store = self.cache.store();
-        let entry = store
-            .consistent_storages(&other.storage_name, &other.relative_path)
-            .await?
-            .ok_or(ProxyError::AdditionalRepositoryNotFound)?;
-        let primary = store
-            .get_primary(entry.repository_id)
-            .await?
-            .storage
-            .ok_or(ProxyError::NoPrimary)?;
-        if !healthy.contains(&primary) {
-            return Err(ProxyError::PrimaryUnhealthy);
-        }
-        let explicit = !store.assignments(entry.repository_id).await?.is_empty();
-        let assigned = self
-            .assigned_storages(&other.storage_name, entry.repository_id)
+        let (entry, primary) = self
+            .healthy_primary(
+                &other.storage_name,
+                &other.relative_path,
+                healthy,
+                ProxyError::AdditionalRepositoryNotFound,
+            )
+            .await?;
+        let (assigned, explicit) = self
+            .assignments(&other.storage_name, entry.repository_id)
             .await?;
         Ok(Placement {
             others: assigned.into_iter().filter(|s| *s != primary).collect(),
