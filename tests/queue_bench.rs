@@ -94,61 +94,6 @@ fn stats_line(label: &str, samples: &[Duration]) -> String {
     )
 }
 
-/// The dequeue statement of `Datastore::dequeue` (src/datastore/queue.rs), copied for
-/// `EXPLAIN` only: keep it in step with queue.rs when reading its plan.
-const DEQUEUE_SQL: &str = "WITH free_lock AS (
-         SELECT lock.id FROM replication_queue_lock AS lock
-         WHERE lock.id ~>=~ $1 AND lock.id ~<~ $3 AND NOT lock.acquired
-           AND NOT EXISTS (SELECT 1 FROM replication_queue_job_lock AS job_lock
-                           WHERE job_lock.lock_id = lock.id)
-         FOR UPDATE SKIP LOCKED
-     ),
-     candidate AS (
-         SELECT queue.id FROM replication_queue AS queue
-         WHERE queue.id IN (
-             SELECT DISTINCT FIRST_VALUE(oldest.id) OVER (
-                 PARTITION BY oldest.lock_id, oldest.job ->> 'change'
-                 ORDER BY oldest.created_at, oldest.id)
-             FROM replication_queue AS oldest
-             JOIN free_lock ON free_lock.id = oldest.lock_id
-             WHERE oldest.state IN ('ready', 'failed'))
-         ORDER BY queue.created_at, queue.id
-         LIMIT $2
-         FOR UPDATE SKIP LOCKED
-     ),
-     taken AS (
-         UPDATE replication_queue AS queue
-         SET state = 'in_progress',
-             updated_at = now() AT TIME ZONE 'UTC',
-             attempt = CASE WHEN queue.job ->> 'change' = 'delete_replica'
-                            THEN queue.attempt ELSE queue.attempt - 1 END
-         FROM candidate WHERE queue.id = candidate.id
-         RETURNING queue.id, queue.state, queue.attempt, queue.lock_id,
-                   queue.job, queue.meta, queue.created_at, queue.updated_at
-     ),
-     job_lock AS (
-         INSERT INTO replication_queue_job_lock (job_id, lock_id, triggered_at)
-         SELECT taken.id, taken.lock_id, now() AT TIME ZONE 'UTC' FROM taken
-         RETURNING lock_id
-     ),
-     acquired AS (
-         UPDATE replication_queue_lock AS lock SET acquired = true
-         WHERE lock.id IN (SELECT lock_id FROM job_lock)
-     )
-     SELECT * FROM taken ORDER BY created_at, id";
-
-/// The first statement of `acknowledge(Completed, ..)` that reads the queue beyond the
-/// acknowledged ids (src/datastore/queue.rs), copied for `EXPLAIN` only.
-const REDUNDANT_DELETE_SQL: &str = "DELETE FROM replication_queue AS redundant
-     USING replication_queue AS done
-     WHERE done.id = ANY($1)
-       AND redundant.state = 'ready'
-       AND redundant.lock_id = done.lock_id
-       AND redundant.job ->> 'change' = done.job ->> 'change'
-       AND COALESCE(redundant.job ->> 'source_node_storage', '')
-           = COALESCE(done.job ->> 'source_node_storage', '')
-       AND redundant.created_at < done.updated_at";
-
 fn print_plan(title: &str, plan: &[String]) {
     println!("\n{title}:");
     for line in plan {
@@ -166,14 +111,16 @@ async fn explain_dequeue_and_acknowledge(db: &TestDb, target: &str) {
     let lower = format!("{VIRTUAL_STORAGE}|{target}|");
     let upper = format!("{VIRTUAL_STORAGE}|{target}}}");
     let pattern = format!("{lower}%");
-    let plan: Vec<String> =
-        sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {DEQUEUE_SQL}"))
-            .bind(&lower)
-            .bind(BATCH)
-            .bind(&upper)
-            .fetch_all(&mut raw)
-            .await
-            .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(&format!(
+        "EXPLAIN (ANALYZE, BUFFERS) {}",
+        praefect::datastore::DEQUEUE_SQL
+    ))
+    .bind(&lower)
+    .bind(BATCH)
+    .bind(&upper)
+    .fetch_all(&mut raw)
+    .await
+    .unwrap();
     print_plan(
         &format!("EXPLAIN (ANALYZE, BUFFERS) of one dequeue for {target}"),
         &plan,
@@ -186,7 +133,8 @@ async fn explain_dequeue_and_acknowledge(db: &TestDb, target: &str) {
     .await
     .unwrap();
     let plan: Vec<String> = sqlx::query_scalar(&format!(
-        "EXPLAIN (ANALYZE, BUFFERS) {REDUNDANT_DELETE_SQL}"
+        "EXPLAIN (ANALYZE, BUFFERS) {}",
+        praefect::datastore::REDUNDANT_DELETE_SQL
     ))
     .bind(&taken)
     .fetch_all(&mut raw)

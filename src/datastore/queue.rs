@@ -185,35 +185,9 @@ pub(super) async fn enqueue_in(
     .await
 }
 
-impl Datastore {
-    /// Queues one job; None if an equivalent `ready` job was queued already.
-    pub async fn enqueue(
-        &self,
-        job: &ReplicationJob,
-        correlation_id: &str,
-    ) -> Result<Option<i64>, DatastoreError> {
-        self.run("enqueue", |pool| async move {
-            let mut conn = pool.acquire().await?;
-            enqueue_in(&mut conn, job, correlation_id).await
-        })
-        .await
-    }
-
-    /// Takes up to `count` jobs for `target` of `virtual_storage`, in one statement: only
-    /// jobs whose replica lock is free, only the oldest per (replica, change), oldest first.
-    /// They become `in_progress` with one attempt used (`delete_replica` never uses attempts,
-    /// so it never dies), and their locks are acquired.
-    pub async fn dequeue(
-        &self,
-        virtual_storage: &str,
-        target: &str,
-        count: i64,
-    ) -> Result<Vec<QueuedJob>, DatastoreError> {
-        let (lower, upper) = lock_id_range(&format!("{virtual_storage}|{target}|"));
-        let rows: Vec<JobRow> = self
-            .run("dequeue", |pool| async move {
-                sqlx::query_as(
-                    "WITH free_lock AS (
+/// The dequeue statement: $1 and $3 bound the target's lock ids, $2 is the batch size.
+/// Public so that the queue benchmark can show its plan.
+pub const DEQUEUE_SQL: &str = "WITH free_lock AS (
                          SELECT lock.id FROM replication_queue_lock AS lock
                          WHERE lock.id ~>=~ $1 AND lock.id ~<~ $3 AND NOT lock.acquired
                            AND NOT EXISTS (SELECT 1 FROM replication_queue_job_lock AS job_lock
@@ -252,13 +226,53 @@ impl Datastore {
                          UPDATE replication_queue_lock AS lock SET acquired = true
                          WHERE lock.id IN (SELECT lock_id FROM job_lock)
                      )
-                     SELECT * FROM taken ORDER BY created_at, id",
-                )
-                .bind(&lower)
-                .bind(count)
-                .bind(&upper)
-                .fetch_all(&pool)
-                .await
+                     SELECT * FROM taken ORDER BY created_at, id";
+
+/// Deletes the `ready` jobs that the completed jobs $1 made redundant (same replica, change
+/// and source, queued before the completed job started). Public for the queue benchmark.
+pub const REDUNDANT_DELETE_SQL: &str = "DELETE FROM replication_queue AS redundant
+                         USING replication_queue AS done
+                         WHERE done.id = ANY($1)
+                           AND redundant.state = 'ready'
+                           AND redundant.lock_id = done.lock_id
+                           AND redundant.job ->> 'change' = done.job ->> 'change'
+                           AND COALESCE(redundant.job ->> 'source_node_storage', '')
+                               = COALESCE(done.job ->> 'source_node_storage', '')
+                           AND redundant.created_at < done.updated_at";
+
+impl Datastore {
+    /// Queues one job; None if an equivalent `ready` job was queued already.
+    pub async fn enqueue(
+        &self,
+        job: &ReplicationJob,
+        correlation_id: &str,
+    ) -> Result<Option<i64>, DatastoreError> {
+        self.run("enqueue", |pool| async move {
+            let mut conn = pool.acquire().await?;
+            enqueue_in(&mut conn, job, correlation_id).await
+        })
+        .await
+    }
+
+    /// Takes up to `count` jobs for `target` of `virtual_storage`, in one statement: only
+    /// jobs whose replica lock is free, only the oldest per (replica, change), oldest first.
+    /// They become `in_progress` with one attempt used (`delete_replica` never uses attempts,
+    /// so it never dies), and their locks are acquired.
+    pub async fn dequeue(
+        &self,
+        virtual_storage: &str,
+        target: &str,
+        count: i64,
+    ) -> Result<Vec<QueuedJob>, DatastoreError> {
+        let (lower, upper) = lock_id_range(&format!("{virtual_storage}|{target}|"));
+        let rows: Vec<JobRow> = self
+            .run("dequeue", |pool| async move {
+                sqlx::query_as(DEQUEUE_SQL)
+                    .bind(&lower)
+                    .bind(count)
+                    .bind(&upper)
+                    .fetch_all(&pool)
+                    .await
             })
             .await?;
         Ok(rows.into_iter().filter_map(to_queued).collect())
@@ -295,20 +309,10 @@ impl Datastore {
                 .await?;
             match state {
                 JobState::Completed => {
-                    sqlx::query(
-                        "DELETE FROM replication_queue AS redundant
-                         USING replication_queue AS done
-                         WHERE done.id = ANY($1)
-                           AND redundant.state = 'ready'
-                           AND redundant.lock_id = done.lock_id
-                           AND redundant.job ->> 'change' = done.job ->> 'change'
-                           AND COALESCE(redundant.job ->> 'source_node_storage', '')
-                               = COALESCE(done.job ->> 'source_node_storage', '')
-                           AND redundant.created_at < done.updated_at",
-                    )
-                    .bind(&acked_ids)
-                    .execute(&mut *tx)
-                    .await?;
+                    sqlx::query(REDUNDANT_DELETE_SQL)
+                        .bind(&acked_ids)
+                        .execute(&mut *tx)
+                        .await?;
                     sqlx::query("DELETE FROM replication_queue WHERE id = ANY($1)")
                         .bind(&acked_ids)
                         .execute(&mut *tx)
