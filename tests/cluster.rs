@@ -13,25 +13,11 @@ use common::router::{
     free_port, router_git_env, sample, seed_repository, virtual_repo, write_config_on,
     write_config_with, NodeEntry, Router,
 };
+use common::wait::wait_until;
 use praefect::wire::proto::ref_service_client::RefServiceClient;
 use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
 use praefect::wire::proto::*;
 use tonic::Code;
-
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
 
 /// Starts a router in a blocking thread (startup reads its log synchronously).
 async fn start_router(config: std::path::PathBuf) -> Router {
@@ -156,19 +142,23 @@ async fn two_routers_serve_one_cluster() {
     // The replicators bring the secondaries up to date; then router B spreads reads over
     // all three. (That reads never reach an outdated replica is tests/router.rs's business.)
     let primary = primary_of(&db, path).await;
-    wait_until("every replica holds the push", || async {
-        let mut raw = db.raw().await;
-        let behind: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM repositories AS repo
+    wait_until(
+        "every replica holds the push",
+        Duration::from_secs(30),
+        || async {
+            let mut raw = db.raw().await;
+            let behind: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM repositories AS repo
              JOIN storage_repositories AS replica USING (repository_id)
              WHERE repo.relative_path = $1 AND replica.generation = repo.generation",
-        )
-        .bind(path)
-        .fetch_one(&mut raw)
-        .await
-        .unwrap();
-        behind == 3
-    })
+            )
+            .bind(path)
+            .fetch_one(&mut raw)
+            .await
+            .unwrap();
+            behind == 3
+        },
+    )
     .await;
     let mut refs_b = RefServiceClient::new(router_b.channel());
     let before = scrape(&router_b).await;
@@ -319,9 +309,11 @@ async fn health_quorum_across_routers_decides_the_primary() {
         }
     };
     // Two of three routers see gitaly-3: healthy by quorum, and it stays the primary.
-    wait_until("gitaly-3 is healthy by quorum", || {
-        healthy_by_quorum("gitaly-3")
-    })
+    wait_until(
+        "gitaly-3 is healthy by quorum",
+        Duration::from_secs(30),
+        || healthy_by_quorum("gitaly-3"),
+    )
     .await;
     let write = |name: &str| WriteRefRequest {
         repository: Some(virtual_repo(path)),
@@ -343,9 +335,11 @@ async fn health_quorum_across_routers_decides_the_primary() {
     // Router B stops: its observations expire, one router of three (still active) sees
     // gitaly-3, below the quorum. The next write through A elects another up-to-date replica.
     router_b.stop();
-    wait_until("gitaly-3 drops out of the quorum", || async {
-        !healthy_by_quorum("gitaly-3").await
-    })
+    wait_until(
+        "gitaly-3 drops out of the quorum",
+        Duration::from_secs(30),
+        || async { !healthy_by_quorum("gitaly-3").await },
+    )
     .await;
     RepositoryServiceClient::new(router_a.channel())
         .write_ref(write("from-a"))

@@ -14,23 +14,9 @@ use common::router::{
     free_port, router_git_env, sample, scrape_metrics, seed_repository, virtual_repo,
     write_config_on, NodeEntry, Router,
 };
+use common::wait::wait_until;
 use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
 use praefect::wire::proto::*;
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out after {timeout:?} waiting until {what}");
-}
 
 async fn start_router(
     db: &TestDb,

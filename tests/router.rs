@@ -3,13 +3,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::gitnode::GitNode;
 use common::pg::TestDb;
 use common::router::{
     router_git_env, seed_repository, virtual_repo, write_config_with, NodeEntry, Router,
 };
+use common::wait::wait_until;
 use praefect::config::DatabaseConnection;
 
 fn write_config(dir: &Path, db: &DatabaseConnection, nodes: &[&GitNode]) -> PathBuf {
@@ -39,21 +40,6 @@ async fn node_status(db: &TestDb) -> Vec<Status> {
     .unwrap()
 }
 
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn health_rounds_are_recorded_and_follow_nodes_down_and_up() {
     let db = TestDb::new().await;
@@ -75,12 +61,16 @@ async fn health_rounds_are_recorded_and_follow_nodes_down_and_up() {
     for row in &rows {
         assert_eq!(row.praefect_name, name);
     }
-    wait_until("both nodes are seen healthy", || async {
-        node_status(&db)
-            .await
-            .iter()
-            .all(|r| r.since_seen.is_some_and(|s| s < 2.0))
-    })
+    wait_until(
+        "both nodes are seen healthy",
+        Duration::from_secs(20),
+        || async {
+            node_status(&db)
+                .await
+                .iter()
+                .all(|r| r.since_seen.is_some_and(|s| s < 2.0))
+        },
+    )
     .await;
     let store = db.datastore().await;
     assert_eq!(store.healthy_storages().await.unwrap().len(), 2);
@@ -95,11 +85,15 @@ async fn health_rounds_are_recorded_and_follow_nodes_down_and_up() {
 
     // It comes back: recovery is seen too.
     b.restart();
-    wait_until("gitaly-2 is seen healthy again", || async {
-        node_status(&db).await[1]
-            .since_seen
-            .is_some_and(|s| s < 2.0)
-    })
+    wait_until(
+        "gitaly-2 is seen healthy again",
+        Duration::from_secs(20),
+        || async {
+            node_status(&db).await[1]
+                .since_seen
+                .is_some_and(|s| s < 2.0)
+        },
+    )
     .await;
 
     // A restarted router keeps its name: the same rows are updated, none added.

@@ -13,3 +13,4 @@ pub mod echo;
 pub mod gitnode;
 pub mod pg;
 pub mod router;
+pub mod wait;
