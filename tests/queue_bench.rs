@@ -17,6 +17,9 @@
 //! that stays for a minute), so that the plans are those of a steady state rather than a
 //! matter of whether autovacuum got there first; `QUEUE_BENCH_ANALYZE=0` skips it (the plans
 //! of a sudden burst, with the statistics of a small queue).
+// Tests read and write the database directly (not through PgBouncer), so the
+// datastore's rule about unnamed statements (clippy.toml) does not apply here.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 

@@ -3,16 +3,19 @@
 //! a dead primary is replaced by an up-to-date replica, a job a dead router left behind is
 //! finished by another router, and a thousand writes against a stopped secondary cost a
 //! handful of replications.
+// Tests read and write the database directly (not through PgBouncer), so the
+// datastore's rule about unnamed statements (clippy.toml) does not apply here.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::gitnode::{as_refs, git, noise, GitNode};
+use common::gitnode::{as_refs, git, GitNode};
 use common::pg::TestDb;
 use common::router::{
-    free_port, router_git_env, sample, scrape_metrics, seed_repository, virtual_repo,
-    write_config_on, NodeEntry, Router,
+    commit_and_push, free_port, praefect_cli, router_git_env, sample, scrape_metrics,
+    seed_repository, virtual_repo, work_tree, write_config_on, NodeEntry, Router,
 };
 use common::wait::wait_until;
 use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
@@ -97,34 +100,6 @@ async fn metrics(router: &Router) -> String {
     tokio::task::spawn_blocking(move || scrape_metrics(&address))
         .await
         .unwrap()
-}
-
-/// A working copy with one commit per `files` entry of `size` bytes of noise.
-fn work_tree(files: &[&str], size: usize) -> tempfile::TempDir {
-    let work = tempfile::tempdir().unwrap();
-    git(
-        work.path(),
-        &["init", "--quiet", "--initial-branch=main", "."],
-        &[],
-    );
-    for (i, name) in files.iter().enumerate() {
-        std::fs::write(work.path().join(name), noise(i as u64 + 7, size)).unwrap();
-        git(work.path(), &["add", "."], &[]);
-        git(work.path(), &["commit", "--quiet", "-m", name], &[]);
-    }
-    work
-}
-
-fn commit_and_push(work: &std::path::Path, router: &Router, path: &str, name: &str) {
-    std::fs::write(work.join(name), name).unwrap();
-    git(work, &["add", "."], &[]);
-    git(work, &["commit", "--quiet", "-m", name], &[]);
-    let env = router_git_env(router, path);
-    git(
-        work,
-        &["push", "--quiet", "ssh://gitaly/x", "main"],
-        &as_refs(&env),
-    );
 }
 
 async fn create(router: &Router, path: &str) {
@@ -462,22 +437,6 @@ async fn a_thousand_writes_against_a_stopped_secondary_collapse_to_a_few_replica
     assert!((1.0..=3.0).contains(&runs), "{runs} replications ran");
     let replica = replica_path(&db, path).await;
     assert_eq!(checksum(&a, &replica).await, checksum(&b, &replica).await);
-}
-
-/// Runs a praefect subcommand against the router configured in `dir`; (exit code, stdout,
-/// stderr).
-async fn praefect_cli(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let config = dir.join("praefect.toml");
-    let mut command = std::process::Command::new(common::router::BIN);
-    command.arg("-config").arg(&config).args(args);
-    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 async fn replica_storages(db: &TestDb, relative_path: &str) -> Vec<String> {

@@ -126,7 +126,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .iter()
         .map(|vs| vs.name.clone())
         .collect();
-    let cache = StorageCache::new(store.clone(), &virtual_storages);
+    let cache = StorageCache::with_settings(
+        store.clone(),
+        &virtual_storages,
+        crate::datastore::CACHE_CAPACITY,
+        config.database.stale_read_window(),
+    );
     let listener_task = tokio::spawn(cache.clone().listen(
         ListenerSettings {
             connection: config.direct_database(),
@@ -186,7 +191,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await;
     let dispatch = Dispatch {
         health: health_service,
-        proxy,
+        proxy: proxy.clone(),
     };
 
     let auth = AuthLayer::new(AuthConfig::new(
@@ -209,6 +214,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Some(tokio::spawn(crate::metrics::serve(
             listener,
             stop_rx.clone(),
+            readiness_route(proxy.clone()),
         )))
     };
     for listener in bind(&config).await? {
@@ -264,6 +270,33 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("praefect stopped");
     Ok(())
+}
+
+/// HTTP `/readiness`: 200 when every readiness check passes, 503 with the failed checks
+/// otherwise (JSON either way). See `health::readiness` for what to point a load balancer at.
+fn readiness_route(proxy: Arc<Proxy>) -> axum::Router {
+    axum::Router::new().route(
+        "/readiness",
+        axum::routing::get(move || {
+            let failed = proxy.failed_readiness_checks();
+            async move {
+                let status = if failed.is_empty() {
+                    http::StatusCode::OK
+                } else {
+                    http::StatusCode::SERVICE_UNAVAILABLE
+                };
+                let report = crate::health::readiness::ReadinessReport {
+                    ready: failed.is_empty(),
+                    failed_checks: failed,
+                };
+                (
+                    status,
+                    [(http::header::CONTENT_TYPE, "application/json")],
+                    serde_json::to_string(&report).unwrap_or_default(),
+                )
+            }
+        }),
+    )
 }
 
 /// The gRPC health service's calls; everything else goes to the proxy.

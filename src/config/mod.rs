@@ -216,9 +216,24 @@ pub struct Database {
     #[serde(deserialize_with = "load::port_from_int_or_string")]
     pub port_no_proxy: String,
     pub session_pooled: DatabaseConnection,
+    /// praefect-rs: how long a read-cache entry may still answer reads while the database is
+    /// unavailable (counted from the last moment it was known fresh); "0" turns such reads
+    /// off. Unset: [`Database::DEFAULT_STALE_READ_WINDOW`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_read_window: Option<GoDuration>,
 }
 
 impl Database {
+    /// The stale-read window when `stale_read_window` is not set.
+    pub const DEFAULT_STALE_READ_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+    /// The stale-read window in effect.
+    pub fn stale_read_window(&self) -> std::time::Duration {
+        self.stale_read_window
+            .map(GoDuration::to_std)
+            .unwrap_or(Self::DEFAULT_STALE_READ_WINDOW)
+    }
+
     /// The settings of the main (possibly transaction-pooled) connection.
     pub fn connection(&self) -> DatabaseConnection {
         DatabaseConnection {

@@ -2,9 +2,7 @@
 //! factor only changes the assignments; the reconciler then creates the replicas of new
 //! assignments and removes the unassigned ones.
 
-use sqlx::Connection;
-
-use super::{Datastore, DatastoreError};
+use super::{sql, Datastore, DatastoreError};
 
 impl Datastore {
     /// Sets a repository's assignments to `factor` storages among `configured` and returns
@@ -19,25 +17,24 @@ impl Datastore {
         factor: i64,
         configured: &[String],
     ) -> Result<Option<Vec<String>>, DatastoreError> {
-        self.run("set_replication_factor", |pool| async move {
-            let mut conn = pool.acquire().await?;
-            let mut tx = conn.begin().await?;
-            // Lock first, in its own statement, so the assignments read next are those the
-            // previous holder of the lock left.
-            let repo: Option<(i64, Option<String>)> = sqlx::query_as(
-                "SELECT repository_id, \"primary\" FROM repositories
+        self.run("set_replication_factor", |conn| {
+            Box::pin(async move {
+                // Lock first, in its own statement, so the assignments read next are those the
+                // previous holder of the lock left.
+                let repo: Option<(i64, Option<String>)> = sql::query_as(
+                    "SELECT repository_id, \"primary\" FROM repositories
                  WHERE virtual_storage = $1 AND relative_path = $2
                  FOR UPDATE",
-            )
-            .bind(virtual_storage)
-            .bind(relative_path)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((repository_id, primary)) = repo else {
-                return Ok(None);
-            };
-            let assigned: Vec<String> = sqlx::query_scalar(
-                "WITH existing AS (
+                )
+                .bind(virtual_storage)
+                .bind(relative_path)
+                .fetch_optional(&mut *conn)
+                .await?;
+                let Some((repository_id, primary)) = repo else {
+                    return Ok(None);
+                };
+                let assigned: Vec<String> = sql::query_scalar(
+                    "WITH existing AS (
                      SELECT storage FROM repository_assignments
                      WHERE repository_id = $1 AND storage = ANY($2)
                  ),
@@ -77,15 +74,16 @@ impl Datastore {
                  UNION
                  SELECT storage FROM added
                  ORDER BY 1",
-            )
-            .bind(repository_id)
-            .bind(configured)
-            .bind(factor)
-            .bind(primary)
-            .fetch_all(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok(Some(assigned))
+                )
+                .bind(repository_id)
+                .bind(configured)
+                .bind(factor)
+                .bind(primary)
+                .fetch_all(&mut *conn)
+                .await?;
+
+                Ok(Some(assigned))
+            })
         })
         .await
     }

@@ -5,20 +5,34 @@
 //! hold its latest generation. Concurrent misses on one key share one query. Entries are
 //! evicted by PostgreSQL NOTIFY (`storage_repositories_updates`, `repositories_updates`, sent
 //! by the triggers of the schema), received on a dedicated session connection (LISTEN does not
-//! survive a transaction pooler). While that connection is down the cache is purged and
-//! bypassed, because notifications sent meanwhile are lost; the listener reconnects every
-//! 5 seconds and re-enables the cache once it listens again.
+//! survive a transaction pooler), which must be on the server that accepts writes (NOTIFY is
+//! delivered only on the server where the writing transaction committed).
+//!
+//! **While the listener is down** notifications sent meanwhile are lost, so the cache is not
+//! trusted: every read asks the database, and the answer refreshes the entry. Only when the
+//! database itself is unavailable (no writer known: a switchover, a failover, PostgreSQL
+//! stopped) does a read fall back to the entry it has, and only if that entry was confirmed
+//! less than `stale_read_window` ago, counting an entry that was kept fresh by the listener
+//! as confirmed until the moment the listener went down. What this accepts: during such an
+//! outage no router can record a write (writes need the database before they reach a node),
+//! so the entries stay right, except when only this router lost the database while others
+//! still write; then a read may be served by a replica that misses writes made in the last
+//! `stale_read_window` at most.
+//!
+//! The listener reconnects quickly (250 ms, doubling to 5 s), checks every second that its
+//! server still accepts writes (a demoted server never notifies again), and **flushes the
+//! cache on every reconnect**, since whatever changed while it was away was never notified.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 
-use super::connect::{find_writable, lazy_pool, targets, PoolSettings};
+use super::connect::{find_writable, lazy_pool, listener_is_writable, targets, PoolSettings};
 use super::{ConsistentStorages, Datastore, DatastoreError};
 use crate::config::DatabaseConnection;
 use crate::metrics;
@@ -28,12 +42,19 @@ pub const CACHE_CAPACITY: u64 = 2_097_152;
 /// The channels the schema's triggers notify.
 pub const CHANNELS: [&str; 2] = ["storage_repositories_updates", "repositories_updates"];
 
+/// How long a cache entry may serve reads while the database is unavailable, by default.
+pub const DEFAULT_STALE_READ_WINDOW: Duration = crate::config::Database::DEFAULT_STALE_READ_WINDOW;
+/// How often the listener checks that its server still accepts writes.
+const LISTENER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// The first wait before reconnecting the listener; it doubles up to `ListenerSettings::retry`.
+const LISTENER_FIRST_RETRY: Duration = Duration::from_millis(250);
+
 /// How the listener connects.
 #[derive(Clone, Debug)]
 pub struct ListenerSettings {
     /// The direct (session) connection: `[database.session_pooled]` falling back to `[database]`.
     pub connection: DatabaseConnection,
-    /// Wait between reconnection attempts.
+    /// The longest wait between reconnection attempts.
     pub retry: Duration,
 }
 
@@ -45,10 +66,23 @@ pub struct CacheStats {
     pub evictions: AtomicU64,
     /// Reads while the cache was disabled (each one a query).
     pub bypassed: AtomicU64,
+    /// Reads served from an entry while the database was unavailable.
+    pub stale: AtomicU64,
+    /// Times the listener connected (the cache was flushed each time).
+    pub listener_connects: AtomicU64,
 }
 
 type Key = String;
 type Value = Arc<ConsistentStorages>;
+
+/// A cache entry: the storages and when the database last confirmed them without a
+/// listener to keep them fresh (entries made while listening carry the time they were made,
+/// which is older than the moment the listener was lost).
+#[derive(Clone)]
+struct Cached {
+    storages: Value,
+    confirmed_at: Instant,
+}
 
 /// Why a lookup failed; errors are never cached.
 #[derive(Clone, Debug)]
@@ -59,8 +93,14 @@ enum LookupError {
 
 pub struct StorageCache {
     store: Datastore,
-    caches: HashMap<String, moka::future::Cache<Key, Value>>,
+    caches: HashMap<String, moka::future::Cache<Key, Cached>>,
     enabled: AtomicBool,
+    /// Bumped each time the listener (re)connects, so that a read that queried before a
+    /// reconnect does not put its result into the freshly flushed cache.
+    connects: AtomicU64,
+    /// When the listener was lost (None while it listens).
+    listener_lost_at: Mutex<Option<Instant>>,
+    stale_read_window: Duration,
     /// Bumped by every eviction; with `evicted_at`, a query that raced with a notification does
     /// not leave its stale result in the cache.
     epoch: AtomicU64,
@@ -79,13 +119,20 @@ struct Change {
 impl StorageCache {
     /// A cache for the given virtual storages, disabled until the listener runs.
     pub fn new(store: Datastore, virtual_storages: &[String]) -> Arc<Self> {
-        Self::with_capacity(store, virtual_storages, CACHE_CAPACITY)
+        Self::with_settings(
+            store,
+            virtual_storages,
+            CACHE_CAPACITY,
+            DEFAULT_STALE_READ_WINDOW,
+        )
     }
 
-    pub fn with_capacity(
+    /// A cache with its capacity per virtual storage and its stale-read window.
+    pub fn with_settings(
         store: Datastore,
         virtual_storages: &[String],
         capacity: u64,
+        stale_read_window: Duration,
     ) -> Arc<Self> {
         let caches = virtual_storages
             .iter()
@@ -99,6 +146,10 @@ impl StorageCache {
             store,
             caches,
             enabled: AtomicBool::new(false),
+            connects: AtomicU64::new(0),
+            // Not listening yet: nothing cached to trust either.
+            listener_lost_at: Mutex::new(Some(Instant::now())),
+            stale_read_window,
             epoch: AtomicU64::new(0),
             evicted_at: Mutex::new(HashMap::new()),
             stats: CacheStats::default(),
@@ -138,24 +189,27 @@ impl StorageCache {
         virtual_storage: &str,
         relative_path: &str,
     ) -> Result<Option<Value>, DatastoreError> {
-        let cache = match self.caches.get(virtual_storage) {
-            Some(cache) if self.is_enabled() => cache,
-            _ => {
-                self.stats.bypassed.fetch_add(1, Ordering::Relaxed);
-                return Ok(self
-                    .store
-                    .consistent_storages(virtual_storage, relative_path)
-                    .await?
-                    .map(Arc::new));
-            }
+        let Some(cache) = self.caches.get(virtual_storage) else {
+            self.stats.bypassed.fetch_add(1, Ordering::Relaxed);
+            return Ok(self
+                .store
+                .consistent_storages(virtual_storage, relative_path)
+                .await?
+                .map(Arc::new));
         };
+        if !self.is_enabled() {
+            return self
+                .get_unconfirmed(cache, virtual_storage, relative_path)
+                .await;
+        }
         // A hit needs neither an owned key nor the shared-miss machinery of `try_get_with`.
-        if let Some(value) = cache.get(relative_path).await {
+        if let Some(cached) = cache.get(relative_path).await {
             self.count_hit(virtual_storage);
-            return Ok(Some(value));
+            return Ok(Some(cached.storages));
         }
         let populated = AtomicBool::new(false);
         let started_at = self.epoch.load(Ordering::Acquire);
+        let connects = self.connects.load(Ordering::Acquire);
         let result = cache
             .try_get_with(relative_path.to_string(), async {
                 populated.store(true, Ordering::Relaxed);
@@ -164,7 +218,10 @@ impl StorageCache {
                     .consistent_storages(virtual_storage, relative_path)
                     .await
                 {
-                    Ok(Some(found)) => Ok(Arc::new(found)),
+                    Ok(Some(found)) => Ok(Cached {
+                        storages: Arc::new(found),
+                        confirmed_at: Instant::now(),
+                    }),
                     Ok(None) => Err(LookupError::NotFound),
                     Err(err) => Err(LookupError::Database(Arc::new(err))),
                 }
@@ -176,7 +233,8 @@ impl StorageCache {
             if result.is_ok() {
                 self.count(virtual_storage, "populate");
                 // A notification for this key that arrived while we queried means our result
-                // may predate the change: do not keep it.
+                // may predate the change: do not keep it. Nor when the listener was lost or
+                // reconnected meanwhile.
                 let key = (virtual_storage.to_string(), relative_path.to_string());
                 let raced = self
                     .evicted_at
@@ -184,7 +242,8 @@ impl StorageCache {
                     .unwrap_or_else(|p| p.into_inner())
                     .get(&key)
                     .is_some_and(|at| *at > started_at);
-                if raced || !self.is_enabled() {
+                if raced || !self.is_enabled() || self.connects.load(Ordering::Acquire) != connects
+                {
                     cache.invalidate(relative_path).await;
                 }
             }
@@ -192,12 +251,97 @@ impl StorageCache {
             self.count_hit(virtual_storage);
         }
         match result {
-            Ok(value) => Ok(Some(value)),
+            Ok(cached) => Ok(Some(cached.storages)),
             Err(err) => match err.as_ref() {
                 LookupError::NotFound => Ok(None),
-                LookupError::Database(db) => Err(DatastoreError::Shared(db.clone())),
+                LookupError::Database(db) => match self
+                    .stale_fallback(cache, virtual_storage, relative_path, db)
+                    .await
+                {
+                    Some(value) => Ok(Some(value)),
+                    None => Err(DatastoreError::Shared(db.clone())),
+                },
             },
         }
+    }
+
+    /// A read while the listener is down: the database decides, and its answer refreshes
+    /// the entry; if the database is unavailable, a recent enough entry answers.
+    async fn get_unconfirmed(
+        &self,
+        cache: &moka::future::Cache<Key, Cached>,
+        virtual_storage: &str,
+        relative_path: &str,
+    ) -> Result<Option<Value>, DatastoreError> {
+        self.stats.bypassed.fetch_add(1, Ordering::Relaxed);
+        let connects = self.connects.load(Ordering::Acquire);
+        match self
+            .store
+            .consistent_storages(virtual_storage, relative_path)
+            .await
+        {
+            Ok(Some(found)) => {
+                let value = Arc::new(found);
+                // Not across a reconnect: the cache was flushed then and listens again.
+                if !self.is_enabled() && self.connects.load(Ordering::Acquire) == connects {
+                    cache
+                        .insert(
+                            relative_path.to_string(),
+                            Cached {
+                                storages: value.clone(),
+                                confirmed_at: Instant::now(),
+                            },
+                        )
+                        .await;
+                }
+                Ok(Some(value))
+            }
+            Ok(None) => {
+                cache.invalidate(relative_path).await;
+                Ok(None)
+            }
+            Err(err) => match self
+                .stale_fallback(cache, virtual_storage, relative_path, &err)
+                .await
+            {
+                Some(value) => Ok(Some(value)),
+                None => Err(err),
+            },
+        }
+    }
+
+    /// The entry to serve when the database failed with `err`: only when the database is
+    /// unavailable (not for a statement error) and the entry is within the stale-read
+    /// window.
+    async fn stale_fallback(
+        &self,
+        cache: &moka::future::Cache<Key, Cached>,
+        virtual_storage: &str,
+        relative_path: &str,
+        err: &DatastoreError,
+    ) -> Option<Value> {
+        if !err.is_unavailable() {
+            return None;
+        }
+        let cached = cache.get(relative_path).await?;
+        let lost_at = *self
+            .listener_lost_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Kept fresh by the listener until it was lost; confirmed by a query at
+        // `confirmed_at` otherwise.
+        let fresh_until = match lost_at {
+            Some(lost_at) => cached.confirmed_at.max(lost_at),
+            None => Instant::now(),
+        };
+        if fresh_until.elapsed() > self.stale_read_window {
+            return None;
+        }
+        self.stats.stale.fetch_add(1, Ordering::Relaxed);
+        metrics::CACHE_STALE_READS
+            .with_label_values(&[virtual_storage])
+            .inc();
+        Some(cached.storages)
     }
 
     /// Evicts the paths a notification names.
@@ -246,78 +390,173 @@ impl StorageCache {
         }
     }
 
-    fn set_enabled(&self, enabled: bool) {
-        if !enabled {
-            self.purge();
-        }
-        self.enabled.store(enabled, Ordering::Release);
+    /// The listener connected: everything cached may have changed unnoticed, so flush,
+    /// then trust notifications again.
+    fn listener_connected(&self) {
+        self.connects.fetch_add(1, Ordering::AcqRel);
+        self.purge();
+        *self
+            .listener_lost_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        self.enabled.store(true, Ordering::Release);
+        self.stats.listener_connects.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Listens for changes until `shutdown`, keeping the cache enabled only while listening.
+    /// The listener is gone: keep the entries (they may serve reads through a database
+    /// outage, within the stale-read window) but stop trusting them.
+    fn listener_lost(&self) {
+        let was_enabled = self.enabled.swap(false, Ordering::AcqRel);
+        if was_enabled {
+            *self
+                .listener_lost_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+    }
+
+    /// When the listener was lost, if it is down.
+    pub fn listener_down_for(&self) -> Option<Duration> {
+        self.listener_lost_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|at| at.elapsed())
+    }
+
+    /// Listens for changes until `shutdown`, trusting the cache only while listening. One
+    /// log line when the listener is lost, one when it is back (with how long it was away).
     pub async fn listen(
         self: Arc<Self>,
         settings: ListenerSettings,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let mut delay = LISTENER_FIRST_RETRY;
+        let mut down_since: Option<(Instant, String)> = None;
         loop {
-            match self.listen_once(&settings, &mut shutdown).await {
-                Ok(()) => {
-                    self.set_enabled(false);
-                    return;
-                }
-                Err(err) => {
-                    self.set_enabled(false);
-                    metrics::NOTIFICATION_RECONNECTS
-                        .with_label_values(&["disconnected"])
-                        .inc();
-                    tracing::warn!(error = %err, "change listener disconnected; read cache disabled");
+            let outcome = self
+                .listen_once(&settings, &mut shutdown, &mut down_since)
+                .await;
+            self.listener_lost();
+            match outcome {
+                Ok(()) => return,
+                Err(ListenError { err, was_listening }) => {
+                    if was_listening {
+                        delay = LISTENER_FIRST_RETRY;
+                        metrics::NOTIFICATION_RECONNECTS
+                            .with_label_values(&["disconnected"])
+                            .inc();
+                    }
+                    if down_since.is_none() {
+                        tracing::warn!(error = %err, "change listener disconnected; reads check the database until it is back");
+                        down_since = Some((Instant::now(), err.to_string()));
+                    } else {
+                        tracing::debug!(error = %err, "change listener still disconnected");
+                    }
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(settings.retry) => {}
+                _ = tokio::time::sleep(delay) => {}
                 _ = stopped(&mut shutdown) => return,
             }
+            delay = (delay * 2).min(settings.retry.max(LISTENER_FIRST_RETRY));
         }
     }
 
-    /// One connection's life: Ok when shut down, Err when the connection failed.
+    /// One connection's life: Ok when shut down, Err when the connection failed or its
+    /// server stopped accepting writes.
     async fn listen_once(
         &self,
         settings: &ListenerSettings,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), DatastoreError> {
-        let candidates = targets(&settings.connection)?;
+        down_since: &mut Option<(Instant, String)>,
+    ) -> Result<(), ListenError> {
+        let not_listening = |err| ListenError {
+            err,
+            was_listening: false,
+        };
+        let candidates = targets(&settings.connection).map_err(not_listening)?;
         let pool_settings = PoolSettings {
             max_connections: 1,
             application_name: "praefect-listener".to_string(),
+            connect_timeout: Duration::from_secs(2),
             ..PoolSettings::default()
         };
-        let target = find_writable(&candidates, pool_settings.connect_timeout).await?;
+        let target = find_writable(&candidates, pool_settings.connect_timeout)
+            .await
+            .map_err(not_listening)?;
         let pool = lazy_pool(&target, &pool_settings);
         let query_error = |source| DatastoreError::Query {
             op: "listen",
             source,
         };
-        let mut listener = PgListener::connect_with(&pool).await.map_err(query_error)?;
-        listener.listen_all(CHANNELS).await.map_err(query_error)?;
-        self.set_enabled(true);
+        let mut listener = PgListener::connect_with(&pool)
+            .await
+            .map_err(|e| not_listening(query_error(e)))?;
+        listener
+            .listen_all(CHANNELS)
+            .await
+            .map_err(|e| not_listening(query_error(e)))?;
+        self.listener_connected();
         metrics::NOTIFICATION_RECONNECTS
             .with_label_values(&["connected"])
             .inc();
-        tracing::info!(target = %target.describe(), "change listener connected; read cache enabled");
+        match down_since.take() {
+            Some((since, _)) => tracing::info!(
+                target = %target.describe(),
+                outage_s = since.elapsed().as_secs_f64(),
+                "change listener reconnected after {:.2}s; read cache flushed and trusted again",
+                since.elapsed().as_secs_f64()
+            ),
+            None => {
+                tracing::info!(target = %target.describe(), "change listener connected; read cache enabled")
+            }
+        }
+        let lost = |err| ListenError {
+            err,
+            was_listening: true,
+        };
+        let mut check = tokio::time::interval(LISTENER_CHECK_INTERVAL);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.tick().await;
         loop {
             tokio::select! {
                 received = listener.try_recv() => match received {
                     Ok(Some(notification)) => self.on_notification(notification.payload()).await,
                     Ok(None) => {
-                        return Err(query_error(sqlx::Error::Protocol("listener connection lost".into())));
+                        return Err(lost(query_error(sqlx::Error::Protocol("listener connection lost".into()))));
                     }
-                    Err(source) => return Err(query_error(source)),
+                    Err(source) => return Err(lost(query_error(source))),
                 },
+                _ = check.tick() => {
+                    // A server that was demoted (or an address that now leads to a replica)
+                    // will never notify us of a write again.
+                    let checked = tokio::time::timeout(
+                        pool_settings.connect_timeout,
+                        listener_is_writable(&mut listener),
+                    ).await;
+                    match checked {
+                        Ok(Ok(true)) => {}
+                        Ok(Ok(false)) => return Err(lost(DatastoreError::NoWritableHost(format!(
+                            "{}: the listener's server no longer accepts writes", target.describe()
+                        )))),
+                        Ok(Err(source)) => return Err(lost(query_error(source))),
+                        Err(_) => return Err(lost(DatastoreError::Timeout {
+                            op: "listener_check",
+                            timeout: pool_settings.connect_timeout,
+                        })),
+                    }
+                }
                 _ = stopped(shutdown) => return Ok(()),
             }
         }
     }
+}
+
+/// Why one listener connection ended.
+struct ListenError {
+    err: DatastoreError,
+    /// Whether it had been listening (the cache was trusted) before it failed.
+    was_listening: bool,
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).

@@ -2,7 +2,11 @@
 //! list several servers (as libpq allows), and we only ever talk to the one that accepts
 //! writes. sqlx has no `target_session_attrs`, so every new connection checks
 //! `pg_is_in_recovery()` and `transaction_read_only` itself, and a connection that reports a
-//! read-only or shutdown error makes the whole pool be rebuilt against the current writer.
+//! read-only or shutdown error makes the writer be searched for again (see `writer.rs`).
+//!
+//! Connections may go through PgBouncer in `pool_mode = transaction`: the startup packet
+//! carries only parameters PgBouncer tracks (no `extra_float_digits`), and the role check
+//! uses the simple query protocol, which needs no statement to survive between messages.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -63,7 +67,10 @@ impl Default for PoolSettings {
 /// back to the PG* environment variables and libpq's defaults, as libpq does.
 pub fn targets(conn: &DatabaseConnection) -> Result<Vec<Target>, DatastoreError> {
     let invalid = |message: String| DatastoreError::Settings(message);
-    let mut base = PgConnectOptions::new();
+    // `extra_float_digits` is not a parameter PgBouncer tracks: sending it makes PgBouncer
+    // refuse the connection unless `ignore_startup_parameters` lists it. We never read floats
+    // whose last digits matter.
+    let mut base = PgConnectOptions::new().extra_float_digits(None);
     if !conn.user.is_empty() {
         base = base.username(&conn.user);
     }
@@ -116,6 +123,8 @@ pub fn targets(conn: &DatabaseConnection) -> Result<Vec<Target>, DatastoreError>
         .enumerate()
         .map(|(i, host)| {
             let port = if ports.len() == 1 { ports[0] } else { ports[i] };
+            // The name is kept, not resolved: sqlx resolves it again at every new connection,
+            // so a DNS name that moves to another server (Consul) is followed.
             let mut options = base.clone().host(&host).port(port);
             if host.starts_with('/') {
                 options = options.socket(&host);
@@ -129,22 +138,42 @@ pub fn targets(conn: &DatabaseConnection) -> Result<Vec<Target>, DatastoreError>
         .collect())
 }
 
-/// Whether the server behind `conn` accepts writes.
+/// Whether the server behind `conn` accepts writes. Simple protocol, one round trip, so it
+/// works through a transaction pooler too.
+/// (A `&str` without arguments runs as a simple query.)
 pub async fn is_writable(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
-    let (in_recovery, read_only): (bool, String) =
-        sqlx::query_as("SELECT pg_is_in_recovery(), current_setting('transaction_read_only')")
-            .fetch_one(conn)
-            .await?;
-    Ok(!in_recovery && read_only != "on")
+    use sqlx::Executor;
+    writable_row(conn.fetch_one(WRITABLE_SQL).await?)
 }
 
-/// Opens one connection to `target` within `timeout`.
-pub async fn connect_one(
-    target: &Target,
-    timeout: Duration,
-) -> Result<PgConnection, DatastoreError> {
-    match tokio::time::timeout(timeout, target.options.connect()).await {
-        Ok(Ok(conn)) => Ok(conn),
+/// [`is_writable`] on the listener's connection.
+pub async fn listener_is_writable(
+    listener: &mut sqlx::postgres::PgListener,
+) -> Result<bool, sqlx::Error> {
+    use sqlx::Executor;
+    writable_row(listener.fetch_one(WRITABLE_SQL).await?)
+}
+
+const WRITABLE_SQL: &str =
+    "SELECT pg_is_in_recovery()::text, current_setting('transaction_read_only')";
+
+fn writable_row(row: sqlx::postgres::PgRow) -> Result<bool, sqlx::Error> {
+    use sqlx::Row;
+    let in_recovery: String = row.try_get(0)?;
+    let read_only: String = row.try_get(1)?;
+    Ok(in_recovery != "true" && read_only != "on")
+}
+
+/// Connects to `target` and tells whether it accepts writes, all within `timeout`.
+pub async fn probe_writable(target: &Target, timeout: Duration) -> Result<bool, DatastoreError> {
+    let probe = async {
+        let mut conn = target.options.connect().await?;
+        let writable = is_writable(&mut conn).await;
+        let _ = conn.close().await;
+        writable
+    };
+    match tokio::time::timeout(timeout, probe).await {
+        Ok(Ok(writable)) => Ok(writable),
         Ok(Err(source)) => Err(DatastoreError::Connect {
             target: target.describe(),
             source,
@@ -156,43 +185,35 @@ pub async fn connect_one(
     }
 }
 
-/// Finds the first target that accepts writes. With a single target, a read-only server is
-/// still an error: we never write through a replica.
+/// Finds the first target (in configured order) that accepts writes, probing them all at
+/// once so that one unreachable server does not delay finding another. With a single
+/// target, a read-only server is still an error: we never write through a replica.
 pub async fn find_writable(
     targets: &[Target],
     timeout: Duration,
 ) -> Result<Target, DatastoreError> {
-    if let [only] = targets {
+    let outcomes =
+        futures::future::join_all(targets.iter().map(|t| probe_writable(t, timeout))).await;
+    if let ([only], [outcome]) = (targets, outcomes.as_slice()) {
         // One host: its own error says it best.
-        let mut conn = connect_one(only, timeout).await?;
-        let writable = is_writable(&mut conn).await;
-        let _ = conn.close().await;
-        return match writable {
+        return match outcome {
             Ok(true) => Ok(only.clone()),
             Ok(false) => Err(DatastoreError::NoWritableHost(format!(
                 "{}: server is read-only",
                 only.describe()
             ))),
-            Err(source) => Err(DatastoreError::Connect {
-                target: only.describe(),
-                source,
-            }),
+            Err(_) => Err(outcomes
+                .into_iter()
+                .next()
+                .and_then(Result::err)
+                .unwrap_or(DatastoreError::NoWritableHost(only.describe()))),
         };
     }
     let mut failures = Vec::new();
-    for target in targets {
-        match connect_one(target, timeout).await {
-            Ok(mut conn) => {
-                let writable = is_writable(&mut conn).await;
-                let _ = conn.close().await;
-                match writable {
-                    Ok(true) => return Ok(target.clone()),
-                    Ok(false) => {
-                        failures.push(format!("{}: server is read-only", target.describe()))
-                    }
-                    Err(err) => failures.push(format!("{}: {err}", target.describe())),
-                }
-            }
+    for (target, outcome) in targets.iter().zip(outcomes) {
+        match outcome {
+            Ok(true) => return Ok(target.clone()),
+            Ok(false) => failures.push(format!("{}: server is read-only", target.describe())),
             Err(err) => failures.push(err.to_string()),
         }
     }
@@ -242,8 +263,14 @@ pub fn is_read_only_error(err: &sqlx::Error) -> bool {
     }
 }
 
-/// Whether an error is about reaching the server rather than about the statement.
+/// Whether an error is about reaching the server rather than about the statement: a broken
+/// or refused socket, a pool that could not connect in time, a connection-exception SQLSTATE
+/// (class 08), or a read-only/shutdown answer. Any of them may mean the writer moved.
 pub fn is_connection_error(err: &sqlx::Error) -> bool {
+    let connection_class = match err {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| code.starts_with("08")),
+        _ => false,
+    };
     matches!(
         err,
         sqlx::Error::Io(_)
@@ -251,7 +278,9 @@ pub fn is_connection_error(err: &sqlx::Error) -> bool {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
-    ) || is_read_only_error(err)
+            | sqlx::Error::Protocol(_)
+    ) || connection_class
+        || is_read_only_error(err)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Health observations of the routers (`node_status`) and their cluster-wide verdict (the
 //! `healthy_storages` view).
 
-use super::{Datastore, DatastoreError};
+use super::{sql, Datastore, DatastoreError};
 
 /// The result of one health check by this router.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,10 +32,10 @@ impl Datastore {
             .collect();
         let storages: Vec<&str> = observations.iter().map(|o| o.storage.as_str()).collect();
         let healthy: Vec<bool> = observations.iter().map(|o| o.healthy).collect();
-        self.run("record_health", |pool| async move {
+        self.run("record_health", |conn| Box::pin(async move {
             // Rows are written in a fixed order so that routers upserting at the same time
             // cannot deadlock on each other's rows.
-            sqlx::query(
+            sql::query(
                 "INSERT INTO node_status
                      (praefect_name, shard_name, node_name, last_contact_attempt_at, last_seen_active_at)
                  SELECT $1, observed.shard_name, observed.node_name, now(),
@@ -52,22 +52,24 @@ impl Datastore {
             .bind(&virtual_storages)
             .bind(&storages)
             .bind(&healthy)
-            .execute(&pool)
+            .execute(&mut *conn)
             .await
             .map(|_| ())
-        })
+        }))
         .await
     }
 
     /// The storages a quorum of active routers currently sees as healthy, sorted.
     pub async fn healthy_storages(&self) -> Result<Vec<HealthyStorage>, DatastoreError> {
         let rows: Vec<(String, String)> = self
-            .run("healthy_storages", |pool| async move {
-                sqlx::query_as(
-                    "SELECT virtual_storage, storage FROM healthy_storages ORDER BY 1, 2",
-                )
-                .fetch_all(&pool)
-                .await
+            .run("healthy_storages", |conn| {
+                Box::pin(async move {
+                    sql::query_as(
+                        "SELECT virtual_storage, storage FROM healthy_storages ORDER BY 1, 2",
+                    )
+                    .fetch_all(&mut *conn)
+                    .await
+                })
             })
             .await?;
         Ok(rows

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::migrate::{MigrationType, Migrator};
 use sqlx::Connection;
 
-use super::{Datastore, DatastoreError};
+use super::{sql, Datastore, DatastoreError};
 
 /// Where applied migrations are recorded.
 pub const MIGRATIONS_TABLE: &str = "schema_migrations";
@@ -95,23 +95,25 @@ pub enum MigrationEvent<'a> {
 
 impl Datastore {
     async fn ensure_migrations_table(&self) -> Result<(), DatastoreError> {
-        self.run("ensure_migrations_table", |pool| async move {
-            sqlx::query(
+        self.run("ensure_migrations_table", |conn| Box::pin(async move {
+            sql::query(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (id text PRIMARY KEY, applied_at timestamp with time zone)",
             )
-            .execute(&pool)
+            .execute(&mut *conn)
             .await
             .map(|_| ())
-        })
+        }))
         .await
     }
 
     async fn applied_migrations(&self) -> Result<HashMap<String, DateTime<Utc>>, DatastoreError> {
         let rows: Vec<(String, Option<DateTime<Utc>>)> = self
-            .run("applied_migrations", |pool| async move {
-                sqlx::query_as("SELECT id, applied_at FROM schema_migrations")
-                    .fetch_all(&pool)
-                    .await
+            .run("applied_migrations", |conn| {
+                Box::pin(async move {
+                    sql::query_as("SELECT id, applied_at FROM schema_migrations")
+                        .fetch_all(&mut *conn)
+                        .await
+                })
             })
             .await?;
         Ok(rows
@@ -170,7 +172,7 @@ impl Datastore {
         self.ensure_migrations_table().await?;
         let known = known_migrations();
         let mut conn = self.lock_for_migrations().await?;
-        let applied: Vec<(String,)> = sqlx::query_as("SELECT id FROM schema_migrations")
+        let applied: Vec<(String,)> = sql::query_as("SELECT id FROM schema_migrations")
             .fetch_all(&mut *conn)
             .await
             .map_err(|source| DatastoreError::Query {
@@ -253,12 +255,15 @@ impl Datastore {
     async fn lock_for_migrations(
         &self,
     ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, DatastoreError> {
-        self.run_with_timeout("migration_lock", MIGRATION_TIMEOUT, |pool| async move {
+        // A session of its own (not `run`'s transaction): the lock must outlive the statement.
+        // Through a transaction pooler it would not; run `sql-migrate` against a direct
+        // connection there (README, "PgBouncer").
+        self.run_on_pool("migration_lock", MIGRATION_TIMEOUT, |pool| async move {
             let mut conn = pool.acquire().await?;
             // The lock is a session lock: closing the connection when it is dropped releases
             // it on every path, errors included.
             conn.close_on_drop();
-            sqlx::query("SELECT pg_advisory_lock($1)")
+            sql::query("SELECT pg_advisory_lock($1)")
                 .bind(MIGRATION_LOCK_KEY)
                 .execute(&mut *conn)
                 .await?;
@@ -278,11 +283,11 @@ impl Record<'_> {
     async fn write(&self, conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
         let query = match self {
             Record::Applied(id) => {
-                sqlx::query("INSERT INTO schema_migrations (id, applied_at) VALUES ($1, now())")
+                sql::query("INSERT INTO schema_migrations (id, applied_at) VALUES ($1, now())")
                     .bind(*id)
             }
             Record::RolledBack(id) => {
-                sqlx::query("DELETE FROM schema_migrations WHERE id = $1").bind(*id)
+                sql::query("DELETE FROM schema_migrations WHERE id = $1").bind(*id)
             }
         };
         query.execute(conn).await.map(|_| ())

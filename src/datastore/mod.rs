@@ -12,27 +12,33 @@
 //! every health round), the up-to-date-storages cache of the read path (rebuilt on a miss,
 //! dropped on NOTIFY or when the LISTEN connection is down), and open connections.
 //!
-//! Every query goes through [`Datastore::run`], which names it with an operation label (used
-//! for the timing metric and in logs), bounds it with a timeout, and rebuilds the connection
-//! pool when the server turned out to be read-only or gone, which is how we survive a
-//! Patroni failover without a restart (gitlab#328493).
+//! Every operation goes through [`Datastore::run`], which names it with an operation label
+//! (used for the timing metric and in logs), runs it in one transaction (so that it works
+//! through PgBouncer in transaction mode, see `sql.rs`), bounds it with a timeout, and
+//! reports a read-only or unreachable server to the writer tracker (`writer.rs`), which finds
+//! the new writer: that is how we survive a Patroni switchover or failover without a restart
+//! (gitlab#328493). While no writer is known, operations fail at once with
+//! [`DatastoreError::Unavailable`].
 
 mod assignments;
 mod cache;
 mod connect;
 mod health;
 pub mod migrations;
+pub mod outage;
 mod queue;
 mod reconcile;
 mod replicas;
 mod repositories;
 mod routing;
+pub mod sql;
 mod verification;
+mod writer;
 
-pub use cache::{CacheStats, ListenerSettings, StorageCache};
+pub use cache::{CacheStats, ListenerSettings, StorageCache, CACHE_CAPACITY};
 pub use connect::{
-    find_writable, is_connection_error, is_read_only_error, targets, PoolSettings, Target,
-    READ_ONLY_SQLSTATES,
+    find_writable, is_connection_error, is_read_only_error, probe_writable, targets, PoolSettings,
+    Target, READ_ONLY_SQLSTATES,
 };
 pub use health::{HealthObservation, HealthyStorage};
 pub use migrations::{
@@ -49,11 +55,13 @@ pub use verification::{
     ReleasedLease, RemovedReplica, ReplicaSelector, VerificationJob, VerificationOutcome,
     VerificationResult,
 };
+pub use writer::{WriterState, WriterStatus, LOST_GRACE, PROBE_INTERVAL};
 
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use sqlx::PgPool;
 
 use crate::config::DatabaseConnection;
@@ -100,6 +108,9 @@ pub enum DatastoreError {
     Shared(Arc<DatastoreError>),
     #[error("the database has {0} pending migration(s): run `praefect -config FILE sql-migrate`")]
     PendingMigrations(usize),
+    /// No server accepting writes is known right now; the operation was not attempted.
+    #[error("database unavailable: no server accepts writes: {0}")]
+    Unavailable(String),
 }
 
 impl DatastoreError {
@@ -111,6 +122,7 @@ impl DatastoreError {
             DatastoreError::Connect { .. }
             | DatastoreError::ConnectTimeout { .. }
             | DatastoreError::NoWritableHost(_)
+            | DatastoreError::Unavailable(_)
             | DatastoreError::Timeout { .. } => true,
             DatastoreError::Shared(inner) => inner.is_unavailable(),
             _ => false,
@@ -125,16 +137,15 @@ pub struct Datastore {
 }
 
 struct Inner {
-    targets: Vec<Target>,
+    writer: Arc<writer::Writer>,
     settings: PoolSettings,
-    pool: RwLock<PgPool>,
-    /// Serialises pool rebuilds and remembers the last one, so a burst of failing queries
-    /// triggers one rediscovery, not hundreds.
-    last_rebuild: tokio::sync::Mutex<Instant>,
 }
 
-/// The least time between two pool rebuilds.
-const REBUILD_INTERVAL: Duration = Duration::from_secs(1);
+/// One operation's work: given a connection inside a transaction, the statements to run.
+/// Boxed so that the borrow of the connection can be named (`BoxFuture<'c, _>`).
+pub type Operation<'c, T> = BoxFuture<'c, Result<T, sqlx::Error>>;
+
+pub use sql::Tx;
 
 impl Datastore {
     /// Connects once: finds the writable host among the configured ones and checks it answers.
@@ -144,14 +155,11 @@ impl Datastore {
     ) -> Result<Self, DatastoreError> {
         let targets = targets(conn)?;
         let writer = find_writable(&targets, settings.connect_timeout).await?;
-        let pool = connect::lazy_pool(&writer, &settings);
         tracing::debug!(target = %writer.describe(), "database pool bound to writable host");
         Ok(Datastore {
             inner: Arc::new(Inner {
-                targets,
+                writer: writer::Writer::start(targets, settings.clone(), &writer),
                 settings,
-                pool: RwLock::new(pool),
-                last_rebuild: tokio::sync::Mutex::new(Instant::now()),
             }),
         })
     }
@@ -179,28 +187,58 @@ impl Datastore {
         }
     }
 
-    /// The current pool. Cheap: a pool is a reference-counted handle.
-    pub fn pool(&self) -> PgPool {
-        self.inner
-            .pool
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+    /// Where the writer is (or why none is known), for readiness and status reports.
+    pub fn writer_status(&self) -> WriterStatus {
+        self.inner.writer.status()
     }
 
-    /// Runs one named database operation with the query timeout, records its duration, and
-    /// rebuilds the pool if the server was read-only or unreachable.
-    pub async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, DatastoreError>
+    /// Whether a server accepting writes is known right now.
+    pub fn is_writable(&self) -> bool {
+        self.inner.writer.state().is_connected()
+    }
+
+    /// Follows the writer's state: a change each time it is lost or found.
+    pub fn watch_writer(&self) -> tokio::sync::watch::Receiver<WriterState> {
+        self.inner.writer.subscribe()
+    }
+
+    /// Runs one named database operation in one transaction, with the query timeout; records
+    /// its duration; reports a failure that may mean the writer moved.
+    pub async fn run<'env, T, F>(&self, op: &'static str, f: F) -> Result<T, DatastoreError>
     where
-        F: FnOnce(PgPool) -> Fut,
-        Fut: Future<Output = Result<T, sqlx::Error>>,
+        T: Send,
+        F: for<'c> FnOnce(&'c mut Tx<'env>) -> Operation<'c, T> + Send,
     {
         self.run_with_timeout(op, self.inner.settings.query_timeout, f)
             .await
     }
 
-    /// [`Datastore::run`] with an explicit timeout, for the few long operations (migrations).
-    pub async fn run_with_timeout<T, F, Fut>(
+    /// [`Datastore::run`] with an explicit timeout.
+    pub async fn run_with_timeout<'env, T, F>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        f: F,
+    ) -> Result<T, DatastoreError>
+    where
+        T: Send,
+        F: for<'c> FnOnce(&'c mut Tx<'env>) -> Operation<'c, T> + Send,
+    {
+        self.run_on_pool(op, timeout, |pool| async move {
+            let mut tx = Tx {
+                tx: pool.begin().await?,
+                env: std::marker::PhantomData,
+            };
+            let value = f(&mut tx).await?;
+            tx.tx.commit().await?;
+            Ok(value)
+        })
+        .await
+    }
+
+    /// Runs an operation on the pool itself, outside any transaction: only for the few
+    /// operations that need a session of their own (the migration lock).
+    pub async fn run_on_pool<T, F, Fut>(
         &self,
         op: &'static str,
         timeout: Duration,
@@ -211,62 +249,44 @@ impl Datastore {
         Fut: Future<Output = Result<T, sqlx::Error>>,
     {
         let started = Instant::now();
-        let outcome = tokio::time::timeout(timeout, f(self.pool())).await;
-        let elapsed = started.elapsed();
-        let result = match outcome {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => {
-                if is_connection_error(&source) {
-                    self.rebuild_pool().await;
+        let result = match self.inner.writer.pool().await {
+            Err(err) => Err(err),
+            Ok((pool, generation)) => match tokio::select! {
+                outcome = tokio::time::timeout(timeout, f(pool)) => outcome,
+                // Someone found the writer gone: do not wait for this operation's own timeout.
+                _ = self.inner.writer.replaced(generation) => {
+                    Ok(Err(sqlx::Error::PoolClosed))
                 }
-                Err(DatastoreError::Query { op, source })
-            }
-            Err(_) => Err(DatastoreError::Timeout { op, timeout }),
+            } {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(source)) => {
+                    if is_connection_error(&source) {
+                        self.inner
+                            .writer
+                            .lost(generation, format!("{op}: {source}"));
+                    }
+                    Err(DatastoreError::Query { op, source })
+                }
+                Err(_) => {
+                    self.inner
+                        .writer
+                        .lost(generation, format!("{op}: timed out after {timeout:?}"));
+                    Err(DatastoreError::Timeout { op, timeout })
+                }
+            },
         };
-        metrics::observe_db_query(op, result.is_ok(), elapsed);
+        metrics::observe_db_query(op, result.is_ok(), started.elapsed());
         if let Err(err) = &result {
             tracing::debug!(db.operation = op, error = %err, "database operation failed");
         }
         result
     }
 
-    /// Replaces the pool with one bound to the host that accepts writes now. The old pool is
-    /// closed in the background once its checked-out connections come back.
-    pub async fn rebuild_pool(&self) {
-        let mut last = self.inner.last_rebuild.lock().await;
-        if last.elapsed() < REBUILD_INTERVAL {
-            return;
-        }
-        *last = Instant::now();
-        let target =
-            match find_writable(&self.inner.targets, self.inner.settings.connect_timeout).await {
-                Ok(target) => target,
-                Err(err) => {
-                    tracing::warn!(error = %err, "no writable database host found; will retry");
-                    // Still drop the old connections: they point at a server that failed us.
-                    self.inner.targets[0].clone()
-                }
-            };
-        let new_pool = connect::lazy_pool(&target, &self.inner.settings);
-        let old = std::mem::replace(
-            &mut *self
-                .inner
-                .pool
-                .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-            new_pool,
-        );
-        tracing::info!(target = %target.describe(), "database pool rebuilt");
-        tokio::spawn(async move { old.close().await });
-    }
-
     /// `SHOW server_version_num`.
     pub async fn server_version_num(&self) -> Result<i64, DatastoreError> {
         let text: String = self
-            .run("server_version_num", |pool| async move {
-                sqlx::query_scalar("SHOW server_version_num")
-                    .fetch_one(&pool)
-                    .await
+            .run("server_version_num", |conn| {
+                Box::pin(sql::query_scalar("SHOW server_version_num").fetch_one(conn))
             })
             .await?;
         text.trim().parse().map_err(|_| {
@@ -285,6 +305,6 @@ impl Datastore {
 
     /// Closes every connection.
     pub async fn close(&self) {
-        self.pool().close().await;
+        self.inner.writer.close().await;
     }
 }

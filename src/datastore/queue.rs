@@ -9,9 +9,8 @@
 //! released, so another router can take it.
 
 use serde::{Deserialize, Serialize};
-use sqlx::Connection;
 
-use super::{Datastore, DatastoreError};
+use super::{sql, Datastore, DatastoreError};
 
 /// What a job does to its target replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -70,7 +69,8 @@ impl ReplicationJob {
     }
 }
 
-/// A job's state (`replication_job_state`).
+/// A job's state (`replication_job_state`). The datastore passes and reads it as text (see
+/// `sql.rs`); the sqlx derive is for tests that read the table directly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, sqlx::Type)]
 #[sqlx(type_name = "replication_job_state", rename_all = "snake_case")]
 pub enum JobState {
@@ -80,6 +80,34 @@ pub enum JobState {
     Cancelled,
     Failed,
     Dead,
+}
+
+impl JobState {
+    /// The enum label in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Ready => "ready",
+            JobState::InProgress => "in_progress",
+            JobState::Completed => "completed",
+            JobState::Cancelled => "cancelled",
+            JobState::Failed => "failed",
+            JobState::Dead => "dead",
+        }
+    }
+
+    /// The state of a database label.
+    pub fn from_label(label: &str) -> Option<Self> {
+        [
+            JobState::Ready,
+            JobState::InProgress,
+            JobState::Completed,
+            JobState::Cancelled,
+            JobState::Failed,
+            JobState::Dead,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == label)
+    }
 }
 
 /// A job as dequeued.
@@ -98,7 +126,7 @@ pub struct QueuedJob {
 
 type JobRow = (
     i64,
-    JobState,
+    String,
     i32,
     Option<String>,
     Option<sqlx::types::Json<serde_json::Value>>,
@@ -110,6 +138,10 @@ type JobRow = (
 /// A row whose job JSON we cannot read is skipped (logged) rather than failing the batch.
 fn to_queued(row: JobRow) -> Option<QueuedJob> {
     let (id, state, attempt, lock_id, job, meta, created_at, updated_at) = row;
+    let Some(state) = JobState::from_label(&state) else {
+        tracing::error!(job_id = id, state, "replication job in an unknown state");
+        return None;
+    };
     let job = match job.map(|j| serde_json::from_value::<ReplicationJob>(j.0)) {
         Some(Ok(job)) => job,
         other => {
@@ -162,7 +194,7 @@ pub(super) async fn enqueue_in(
 ) -> Result<Option<i64>, sqlx::Error> {
     let payload = serde_json::to_value(job).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let meta = serde_json::json!({ "correlation_id": correlation_id });
-    sqlx::query_scalar(
+    sql::query_scalar(
         "WITH lock AS (
              INSERT INTO replication_queue_lock (id) VALUES ($1)
              ON CONFLICT (id) DO UPDATE SET acquired = replication_queue_lock.acquired
@@ -214,7 +246,7 @@ pub const DEQUEUE_SQL: &str = "WITH free_lock AS (
                              attempt = CASE WHEN queue.job ->> 'change' = 'delete_replica'
                                             THEN queue.attempt ELSE queue.attempt - 1 END
                          FROM candidate WHERE queue.id = candidate.id
-                         RETURNING queue.id, queue.state, queue.attempt, queue.lock_id,
+                         RETURNING queue.id, queue.state::text, queue.attempt, queue.lock_id,
                                    queue.job, queue.meta, queue.created_at, queue.updated_at
                      ),
                      job_lock AS (
@@ -247,9 +279,8 @@ impl Datastore {
         job: &ReplicationJob,
         correlation_id: &str,
     ) -> Result<Option<i64>, DatastoreError> {
-        self.run("enqueue", |pool| async move {
-            let mut conn = pool.acquire().await?;
-            enqueue_in(&mut conn, job, correlation_id).await
+        self.run("enqueue", |conn| {
+            Box::pin(async move { enqueue_in(conn, job, correlation_id).await })
         })
         .await
     }
@@ -266,13 +297,15 @@ impl Datastore {
     ) -> Result<Vec<QueuedJob>, DatastoreError> {
         let (lower, upper) = lock_id_range(&format!("{virtual_storage}|{target}|"));
         let rows: Vec<JobRow> = self
-            .run("dequeue", |pool| async move {
-                sqlx::query_as(DEQUEUE_SQL)
-                    .bind(&lower)
-                    .bind(count)
-                    .bind(&upper)
-                    .fetch_all(&pool)
-                    .await
+            .run("dequeue", |conn| {
+                Box::pin(async move {
+                    sql::query_as(DEQUEUE_SQL)
+                        .bind(&lower)
+                        .bind(count)
+                        .bind(&upper)
+                        .fetch_all(&mut *conn)
+                        .await
+                })
             })
             .await?;
         Ok(rows.into_iter().filter_map(to_queued).collect())
@@ -290,70 +323,70 @@ impl Datastore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        self.run("acknowledge", |pool| async move {
-            let mut conn = pool.acquire().await?;
-            let mut tx = conn.begin().await?;
-            let acked: Vec<(i64, String)> = sqlx::query_as(
+        self.run("acknowledge", |conn| Box::pin(async move {
+            let acked: Vec<(i64, String)> = sql::query_as(
                 "SELECT id, lock_id FROM replication_queue
                  WHERE id = ANY($1) AND state = 'in_progress'
                  ORDER BY id FOR UPDATE",
             )
             .bind(ids)
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *conn)
             .await?;
             let acked_ids: Vec<i64> = acked.iter().map(|(id, _)| *id).collect();
             let lock_ids: Vec<String> = acked.iter().map(|(_, lock)| lock.clone()).collect();
-            sqlx::query("DELETE FROM replication_queue_job_lock WHERE job_id = ANY($1)")
+            sql::query("DELETE FROM replication_queue_job_lock WHERE job_id = ANY($1)")
                 .bind(&acked_ids)
-                .execute(&mut *tx)
+                .execute(&mut *conn)
                 .await?;
             match state {
                 JobState::Completed => {
-                    sqlx::query(REDUNDANT_DELETE_SQL)
+                    sql::query(REDUNDANT_DELETE_SQL)
                         .bind(&acked_ids)
-                        .execute(&mut *tx)
+                        .execute(&mut *conn)
                         .await?;
-                    sqlx::query("DELETE FROM replication_queue WHERE id = ANY($1)")
+                    sql::query("DELETE FROM replication_queue WHERE id = ANY($1)")
                         .bind(&acked_ids)
-                        .execute(&mut *tx)
+                        .execute(&mut *conn)
                         .await?;
                 }
                 JobState::Dead => {
-                    sqlx::query("DELETE FROM replication_queue WHERE id = ANY($1)")
+                    sql::query("DELETE FROM replication_queue WHERE id = ANY($1)")
                         .bind(&acked_ids)
-                        .execute(&mut *tx)
+                        .execute(&mut *conn)
                         .await?;
                 }
                 other => {
-                    sqlx::query(
+                    sql::query(
                         "UPDATE replication_queue
-                         SET state = $2, updated_at = now() AT TIME ZONE 'UTC'
+                         SET state = $2::replication_job_state, updated_at = now() AT TIME ZONE 'UTC'
                          WHERE id = ANY($1)",
                     )
                     .bind(&acked_ids)
-                    .bind(other)
-                    .execute(&mut *tx)
+                    .bind(other.as_str())
+                    .execute(&mut *conn)
                     .await?;
                 }
             }
-            release_locks(&mut tx, &lock_ids).await?;
-            tx.commit().await?;
+            release_locks(&mut *conn, &lock_ids).await?;
+
             Ok(acked_ids)
-        })
+        }))
         .await
     }
 
     /// Refreshes the heartbeat of running jobs.
     pub async fn refresh_job_locks(&self, ids: &[i64]) -> Result<u64, DatastoreError> {
-        self.run("refresh_job_locks", |pool| async move {
-            sqlx::query(
-                "UPDATE replication_queue_job_lock SET triggered_at = now() AT TIME ZONE 'UTC'
+        self.run("refresh_job_locks", |conn| {
+            Box::pin(async move {
+                sql::query(
+                    "UPDATE replication_queue_job_lock SET triggered_at = now() AT TIME ZONE 'UTC'
                  WHERE job_id = ANY($1)",
-            )
-            .bind(ids)
-            .execute(&pool)
-            .await
-            .map(|done| done.rows_affected())
+                )
+                .bind(ids)
+                .execute(&mut *conn)
+                .await
+                .map(|done| done.rows_affected())
+            })
         })
         .await
     }
@@ -365,49 +398,48 @@ impl Datastore {
         stale_after: std::time::Duration,
     ) -> Result<u64, DatastoreError> {
         let seconds = stale_after.as_secs_f64();
-        self.run("release_stale_jobs", |pool| async move {
-            let mut conn = pool.acquire().await?;
-            let mut tx = conn.begin().await?;
-            let stale: Vec<(i64, String)> = sqlx::query_as(
+        self.run("release_stale_jobs", |conn| Box::pin(async move {
+            let stale: Vec<(i64, String)> = sql::query_as(
                 "DELETE FROM replication_queue_job_lock
                  WHERE triggered_at < now() AT TIME ZONE 'UTC' - make_interval(secs => $1)
                  RETURNING job_id, lock_id",
             )
             .bind(seconds)
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *conn)
             .await?;
             if stale.is_empty() {
                 return Ok(0);
             }
             let job_ids: Vec<i64> = stale.iter().map(|(id, _)| *id).collect();
             let lock_ids: Vec<String> = stale.iter().map(|(_, lock)| lock.clone()).collect();
-            sqlx::query(
+            sql::query(
                 "UPDATE replication_queue SET state = 'failed', updated_at = now() AT TIME ZONE 'UTC'
                  WHERE id = ANY($1) AND state = 'in_progress' AND attempt >= 1",
             )
             .bind(&job_ids)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
-            sqlx::query(
+            sql::query(
                 "DELETE FROM replication_queue
                  WHERE id = ANY($1) AND state = 'in_progress' AND attempt < 1",
             )
             .bind(&job_ids)
-            .execute(&mut *tx)
+            .execute(&mut *conn)
             .await?;
-            release_locks(&mut tx, &lock_ids).await?;
-            tx.commit().await?;
+            release_locks(&mut *conn, &lock_ids).await?;
+
             Ok(stale.len() as u64)
-        })
+        }))
         .await
     }
 
     /// Deletes up to `limit` lock rows nothing uses any more (not acquired, no job, no job
     /// lock). Returns how many.
     pub async fn delete_orphan_locks(&self, limit: i64) -> Result<u64, DatastoreError> {
-        self.run("delete_orphan_locks", |pool| async move {
-            sqlx::query(
-                "DELETE FROM replication_queue_lock WHERE id IN (
+        self.run("delete_orphan_locks", |conn| {
+            Box::pin(async move {
+                sql::query(
+                    "DELETE FROM replication_queue_lock WHERE id IN (
                      SELECT lock.id FROM replication_queue_lock AS lock
                      WHERE NOT lock.acquired
                        AND NOT EXISTS (SELECT 1 FROM replication_queue AS queue
@@ -416,11 +448,12 @@ impl Datastore {
                                        WHERE job_lock.lock_id = lock.id)
                      LIMIT $1
                      FOR UPDATE SKIP LOCKED)",
-            )
-            .bind(limit)
-            .execute(&pool)
-            .await
-            .map(|done| done.rows_affected())
+                )
+                .bind(limit)
+                .execute(&mut *conn)
+                .await
+                .map(|done| done.rows_affected())
+            })
         })
         .await
     }
@@ -431,7 +464,7 @@ async fn release_locks(
     conn: &mut sqlx::PgConnection,
     lock_ids: &[String],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sql::query(
         "UPDATE replication_queue_lock AS lock SET acquired = false
          WHERE lock.id = ANY($1)
            AND NOT EXISTS (SELECT 1 FROM replication_queue_job_lock AS job_lock

@@ -3,7 +3,7 @@
 //! that are safe to drop. A transaction-scoped advisory lock lets one router schedule at a
 //! time; the others' statements do nothing.
 
-use super::{Datastore, DatastoreError};
+use super::{sql, Datastore, DatastoreError};
 
 /// The advisory lock key the reconciler holds while scheduling.
 pub const RECONCILIATION_LOCK: i64 = 1;
@@ -37,9 +37,10 @@ impl Datastore {
         let (configured_vs, configured_storage): (Vec<String>, Vec<String>) =
             configured.iter().cloned().unzip();
         let row: (bool, sqlx::types::Json<Vec<ScheduledJob>>) = self
-            .run("schedule_reconciliation", |pool| async move {
-                sqlx::query_as(
-                    "WITH reconciliation_lock AS (
+            .run("schedule_reconciliation", |conn| {
+                Box::pin(async move {
+                    sql::query_as(
+                        "WITH reconciliation_lock AS (
                          SELECT pg_try_advisory_xact_lock($5) AS acquired
                      ),
                      healthy AS (
@@ -171,14 +172,15 @@ impl Datastore {
                      )
                      SELECT (SELECT acquired FROM reconciliation_lock),
                             COALESCE((SELECT jsonb_agg(job) FROM inserted), '[]'::jsonb)",
-                )
-                .bind(&healthy_vs)
-                .bind(&healthy_storage)
-                .bind(&configured_vs)
-                .bind(&configured_storage)
-                .bind(RECONCILIATION_LOCK)
-                .fetch_one(&pool)
-                .await
+                    )
+                    .bind(&healthy_vs)
+                    .bind(&healthy_storage)
+                    .bind(&configured_vs)
+                    .bind(&configured_storage)
+                    .bind(RECONCILIATION_LOCK)
+                    .fetch_one(&mut *conn)
+                    .await
+                })
             })
             .await?;
         Ok(row.0.then_some(row.1 .0))

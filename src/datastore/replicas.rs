@@ -1,9 +1,7 @@
 //! What the replicator reads and writes about one replica: its generation before a job, the
 //! generation it reached after one, and its record once it is gone.
 
-use sqlx::Connection;
-
-use super::{Datastore, DatastoreError};
+use super::{sql, Datastore, DatastoreError};
 
 /// The state a replication job starts from, re-read from the database when the job runs
 /// (a queued job's copy of the replica path may be stale).
@@ -29,20 +27,22 @@ impl Datastore {
         target: &str,
     ) -> Result<Option<JobContext>, DatastoreError> {
         let row: Option<ContextRow> = self
-            .run("job_context", |pool| async move {
-                sqlx::query_as(
-                    "SELECT repo.replica_path, repo.relative_path,
+            .run("job_context", |conn| {
+                Box::pin(async move {
+                    sql::query_as(
+                        "SELECT repo.replica_path, repo.relative_path,
                             (SELECT generation FROM storage_repositories
                              WHERE repository_id = repo.repository_id AND storage = $2),
                             (SELECT generation FROM storage_repositories
                              WHERE repository_id = repo.repository_id AND storage = $3)
                      FROM repositories AS repo WHERE repo.repository_id = $1",
-                )
-                .bind(repository_id)
-                .bind(source)
-                .bind(target)
-                .fetch_optional(&pool)
-                .await
+                    )
+                    .bind(repository_id)
+                    .bind(source)
+                    .bind(target)
+                    .fetch_optional(&mut *conn)
+                    .await
+                })
             })
             .await?;
         Ok(row.map(
@@ -63,41 +63,41 @@ impl Datastore {
         storage: &str,
         generation: i64,
     ) -> Result<(), DatastoreError> {
-        self.run("set_replica_generation", |pool| async move {
-            let mut conn = pool.acquire().await?;
-            let mut tx = conn.begin().await?;
-            let found: Option<i64> = sqlx::query_scalar(
-                "SELECT repository_id FROM repositories WHERE repository_id = $1 FOR UPDATE",
-            )
-            .bind(repository_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if found.is_none() {
-                // Deleted meanwhile: nothing to record.
-                return Ok(());
-            }
-            sqlx::query(
-                "INSERT INTO storage_repositories
+        self.run("set_replica_generation", |conn| {
+            Box::pin(async move {
+                let found: Option<i64> = sql::query_scalar(
+                    "SELECT repository_id FROM repositories WHERE repository_id = $1 FOR UPDATE",
+                )
+                .bind(repository_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                if found.is_none() {
+                    // Deleted meanwhile: nothing to record.
+                    return Ok(());
+                }
+                sql::query(
+                    "INSERT INTO storage_repositories
                      (repository_id, virtual_storage, relative_path, storage, generation)
                  SELECT repository_id, virtual_storage, relative_path, $2, $3
                  FROM repositories WHERE repository_id = $1
                  ON CONFLICT (virtual_storage, relative_path, storage) DO UPDATE
                  SET generation = GREATEST(storage_repositories.generation, EXCLUDED.generation)",
-            )
-            .bind(repository_id)
-            .bind(storage)
-            .bind(generation)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE repositories SET generation = $2
+                )
+                .bind(repository_id)
+                .bind(storage)
+                .bind(generation)
+                .execute(&mut *conn)
+                .await?;
+                sql::query(
+                    "UPDATE repositories SET generation = $2
                  WHERE repository_id = $1 AND COALESCE(generation, -1) < $2",
-            )
-            .bind(repository_id)
-            .bind(generation)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await
+                )
+                .bind(repository_id)
+                .bind(generation)
+                .execute(&mut *conn)
+                .await?;
+                Ok(())
+            })
         })
         .await
     }
@@ -109,15 +109,17 @@ impl Datastore {
         repository_id: i64,
         storage: &str,
     ) -> Result<bool, DatastoreError> {
-        self.run("delete_replica_record", |pool| async move {
-            sqlx::query(
-                "DELETE FROM storage_repositories WHERE repository_id = $1 AND storage = $2",
-            )
-            .bind(repository_id)
-            .bind(storage)
-            .execute(&pool)
-            .await
-            .map(|done| done.rows_affected() > 0)
+        self.run("delete_replica_record", |conn| {
+            Box::pin(async move {
+                sql::query(
+                    "DELETE FROM storage_repositories WHERE repository_id = $1 AND storage = $2",
+                )
+                .bind(repository_id)
+                .bind(storage)
+                .execute(&mut *conn)
+                .await
+                .map(|done| done.rows_affected() > 0)
+            })
         })
         .await
     }
@@ -129,9 +131,10 @@ impl Datastore {
         repository_id: i64,
         storage: &str,
     ) -> Result<(), DatastoreError> {
-        self.run("delete_invalid_source", |pool| async move {
-            sqlx::query(
-                "WITH gone AS (
+        self.run("delete_invalid_source", |conn| {
+            Box::pin(async move {
+                sql::query(
+                    "WITH gone AS (
                      DELETE FROM storage_repositories
                      WHERE repository_id = $1 AND storage = $2
                      RETURNING repository_id
@@ -141,12 +144,13 @@ impl Datastore {
                    AND NOT EXISTS (SELECT 1 FROM storage_repositories AS other
                                    WHERE other.repository_id = repo.repository_id
                                      AND other.storage <> $2)",
-            )
-            .bind(repository_id)
-            .bind(storage)
-            .execute(&pool)
-            .await
-            .map(|_| ())
+                )
+                .bind(repository_id)
+                .bind(storage)
+                .execute(&mut *conn)
+                .await
+                .map(|_| ())
+            })
         })
         .await
     }

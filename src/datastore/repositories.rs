@@ -1,8 +1,6 @@
 //! Repository records: ids, replica paths, generations, assignments and primaries.
 
-use sqlx::Connection;
-
-use super::{Datastore, DatastoreError};
+use super::{sql, Datastore, DatastoreError};
 
 /// Everything needed to record a repository that was just created on its replicas.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,17 +36,19 @@ impl Datastore {
         relative_path: &str,
     ) -> Result<i64, DatastoreError> {
         let id: Option<i64> = self
-            .run("reserve_repository_id", |pool| async move {
-                sqlx::query_scalar(
-                    "SELECT nextval('repositories_repository_id_seq')
+            .run("reserve_repository_id", |conn| {
+                Box::pin(async move {
+                    sql::query_scalar(
+                        "SELECT nextval('repositories_repository_id_seq')
                      WHERE NOT EXISTS (
                          SELECT 1 FROM repositories
                          WHERE virtual_storage = $1 AND relative_path = $2)",
-                )
-                .bind(virtual_storage)
-                .bind(relative_path)
-                .fetch_optional(&pool)
-                .await
+                    )
+                    .bind(virtual_storage)
+                    .bind(relative_path)
+                    .fetch_optional(&mut *conn)
+                    .await
+                })
             })
             .await?;
         id.ok_or(DatastoreError::RepositoryExists)
@@ -66,10 +66,8 @@ impl Datastore {
             assigned.clear();
         }
         let result = self
-            .run("create_repository", |pool| async move {
-                let mut conn = pool.acquire().await?;
-                let mut tx = conn.begin().await?;
-                sqlx::query(
+            .run("create_repository", |conn| Box::pin(async move {
+                sql::query(
                     "INSERT INTO repositories
                          (repository_id, virtual_storage, relative_path, generation, \"primary\", replica_path)
                      VALUES ($1, $2, $3, 0, $4, $5)",
@@ -79,9 +77,9 @@ impl Datastore {
                 .bind(&repo.relative_path)
                 .bind(&repo.primary)
                 .bind(&repo.replica_path)
-                .execute(&mut *tx)
+                .execute(&mut *conn)
                 .await?;
-                sqlx::query(
+                sql::query(
                     "INSERT INTO storage_repositories
                          (repository_id, virtual_storage, relative_path, storage, generation)
                      SELECT $1, $2, $3, storage, 0 FROM unnest($4::text[]) AS storage",
@@ -90,10 +88,10 @@ impl Datastore {
                 .bind(&repo.virtual_storage)
                 .bind(&repo.relative_path)
                 .bind(&with_replica)
-                .execute(&mut *tx)
+                .execute(&mut *conn)
                 .await?;
                 if !assigned.is_empty() {
-                    sqlx::query(
+                    sql::query(
                         "INSERT INTO repository_assignments
                              (repository_id, virtual_storage, relative_path, storage)
                          SELECT $1, $2, $3, storage FROM unnest($4::text[]) AS storage",
@@ -102,11 +100,11 @@ impl Datastore {
                     .bind(&repo.virtual_storage)
                     .bind(&repo.relative_path)
                     .bind(&assigned)
-                    .execute(&mut *tx)
+                    .execute(&mut *conn)
                     .await?;
                 }
-                tx.commit().await
-            })
+                Ok(())
+            }))
             .await;
         match result {
             Err(DatastoreError::Query {
@@ -134,14 +132,16 @@ impl Datastore {
         repository_id: i64,
     ) -> Result<Vec<ValidPrimary>, DatastoreError> {
         let rows: Vec<(i64, String)> = self
-            .run("valid_primaries", |pool| async move {
-                sqlx::query_as(
-                    "SELECT repository_id, storage FROM valid_primaries
+            .run("valid_primaries", |conn| {
+                Box::pin(async move {
+                    sql::query_as(
+                        "SELECT repository_id, storage FROM valid_primaries
                      WHERE repository_id = $1 ORDER BY storage",
-                )
-                .bind(repository_id)
-                .fetch_all(&pool)
-                .await
+                    )
+                    .bind(repository_id)
+                    .fetch_all(&mut *conn)
+                    .await
+                })
             })
             .await?;
         Ok(rows
@@ -171,9 +171,10 @@ impl Datastore {
         relative_path: &str,
     ) -> Result<Option<ConsistentStorages>, DatastoreError> {
         let row: Option<(i64, Option<String>, Vec<String>)> = self
-            .run("consistent_storages", |pool| async move {
-                sqlx::query_as(
-                    "SELECT repo.repository_id, repo.replica_path,
+            .run("consistent_storages", |conn| {
+                Box::pin(async move {
+                    sql::query_as(
+                        "SELECT repo.repository_id, repo.replica_path,
                             COALESCE(array_agg(replica.storage ORDER BY replica.storage)
                                      FILTER (WHERE replica.storage IS NOT NULL), '{}')
                      FROM repositories AS repo
@@ -182,11 +183,12 @@ impl Datastore {
                            AND replica.generation = repo.generation
                      WHERE repo.virtual_storage = $1 AND repo.relative_path = $2
                      GROUP BY repo.repository_id, repo.replica_path",
-                )
-                .bind(virtual_storage)
-                .bind(relative_path)
-                .fetch_optional(&pool)
-                .await
+                    )
+                    .bind(virtual_storage)
+                    .bind(relative_path)
+                    .fetch_optional(&mut *conn)
+                    .await
+                })
             })
             .await?;
         Ok(row.map(
@@ -209,19 +211,21 @@ impl Datastore {
         relative_path: &str,
     ) -> Result<Option<(String, Vec<String>)>, DatastoreError> {
         let row: Option<(Option<String>, Vec<String>)> = self
-            .run("delete_repository", |pool| async move {
-                sqlx::query_as(
-                    "DELETE FROM repositories AS repo
+            .run("delete_repository", |conn| {
+                Box::pin(async move {
+                    sql::query_as(
+                        "DELETE FROM repositories AS repo
                      WHERE repo.virtual_storage = $1 AND repo.relative_path = $2
                      RETURNING repo.replica_path,
                                ARRAY(SELECT replica.storage FROM storage_repositories AS replica
                                      WHERE replica.repository_id = repo.repository_id
                                      ORDER BY replica.storage)",
-                )
-                .bind(virtual_storage)
-                .bind(relative_path)
-                .fetch_optional(&pool)
-                .await
+                    )
+                    .bind(virtual_storage)
+                    .bind(relative_path)
+                    .fetch_optional(&mut *conn)
+                    .await
+                })
             })
             .await?;
         Ok(row.map(|(replica_path, storages)| {
@@ -238,15 +242,17 @@ impl Datastore {
         virtual_storage: &str,
         relative_path: &str,
     ) -> Result<bool, DatastoreError> {
-        self.run("repository_exists", |pool| async move {
-            sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM repositories
+        self.run("repository_exists", |conn| {
+            Box::pin(async move {
+                sql::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM repositories
                                 WHERE virtual_storage = $1 AND relative_path = $2)",
-            )
-            .bind(virtual_storage)
-            .bind(relative_path)
-            .fetch_one(&pool)
-            .await
+                )
+                .bind(virtual_storage)
+                .bind(relative_path)
+                .fetch_one(&mut *conn)
+                .await
+            })
         })
         .await
     }
@@ -270,20 +276,22 @@ impl Datastore {
         relative_path: &str,
     ) -> Result<Option<RecordedReplicas>, DatastoreError> {
         let row: Option<(i64, Option<String>, Vec<String>)> = self
-            .run("recorded_replicas", |pool| async move {
-                sqlx::query_as(
-                    "SELECT repo.repository_id, repo.replica_path,
+            .run("recorded_replicas", |conn| {
+                Box::pin(async move {
+                    sql::query_as(
+                        "SELECT repo.repository_id, repo.replica_path,
                             ARRAY(SELECT replica.storage FROM storage_repositories AS replica
                                   WHERE replica.repository_id = repo.repository_id
                                     AND replica.generation >= 0
                                   ORDER BY replica.storage)
                      FROM repositories AS repo
                      WHERE repo.virtual_storage = $1 AND repo.relative_path = $2",
-                )
-                .bind(virtual_storage)
-                .bind(relative_path)
-                .fetch_optional(&pool)
-                .await
+                    )
+                    .bind(virtual_storage)
+                    .bind(relative_path)
+                    .fetch_optional(&mut *conn)
+                    .await
+                })
             })
             .await?;
         Ok(
@@ -306,17 +314,19 @@ impl Datastore {
         after: i64,
         limit: i64,
     ) -> Result<Vec<(i64, String)>, DatastoreError> {
-        self.run("relative_paths_page", |pool| async move {
-            sqlx::query_as(
-                "SELECT repository_id, relative_path FROM repositories
+        self.run("relative_paths_page", |conn| {
+            Box::pin(async move {
+                sql::query_as(
+                    "SELECT repository_id, relative_path FROM repositories
                  WHERE virtual_storage = $1 AND repository_id > $2
                  ORDER BY repository_id LIMIT $3",
-            )
-            .bind(virtual_storage)
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&pool)
-            .await
+                )
+                .bind(virtual_storage)
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&mut *conn)
+                .await
+            })
         })
         .await
     }

@@ -2,9 +2,7 @@
 //! one statement with a row lock, so that two routers electing at once agree), assignments,
 //! and the `update` jobs of replicas a write left behind.
 
-use sqlx::Connection;
-
-use super::{Datastore, DatastoreError};
+use super::{sql, Datastore, DatastoreError};
 
 /// The outcome of resolving a repository's primary.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,17 +31,19 @@ impl Datastore {
     /// unchanged (possibly invalid, for the caller to report).
     pub async fn get_primary(&self, repository_id: i64) -> Result<Primary, DatastoreError> {
         let current: Option<(Option<String>, bool)> = self
-            .run("get_primary", |pool| async move {
-                sqlx::query_as(
-                    "SELECT repo.\"primary\",
+            .run("get_primary", |conn| {
+                Box::pin(async move {
+                    sql::query_as(
+                        "SELECT repo.\"primary\",
                             EXISTS (SELECT 1 FROM valid_primaries AS valid
                                     WHERE valid.repository_id = repo.repository_id
                                       AND valid.storage = repo.\"primary\")
                      FROM repositories AS repo WHERE repo.repository_id = $1",
-                )
-                .bind(repository_id)
-                .fetch_optional(&pool)
-                .await
+                    )
+                    .bind(repository_id)
+                    .fetch_optional(&mut *conn)
+                    .await
+                })
             })
             .await?;
         let (stored, valid) = current.ok_or(DatastoreError::RepositoryNotFound)?;
@@ -54,8 +54,8 @@ impl Datastore {
             });
         }
         let elected: (Option<String>, bool) = self
-            .run("elect_primary", |pool| async move {
-                sqlx::query_as(
+            .run("elect_primary", |conn| Box::pin(async move {
+                sql::query_as(
                     "WITH locked AS (
                          SELECT repository_id, \"primary\" FROM repositories
                          WHERE repository_id = $1
@@ -81,9 +81,9 @@ impl Datastore {
                             EXISTS (SELECT 1 FROM elected)",
                 )
                 .bind(repository_id)
-                .fetch_one(&pool)
+                .fetch_one(&mut *conn)
                 .await
-            })
+            }))
             .await?;
         if elected.1 {
             tracing::info!(
@@ -101,14 +101,14 @@ impl Datastore {
 
     /// The explicitly assigned storages of a repository (empty: every configured storage).
     pub async fn assignments(&self, repository_id: i64) -> Result<Vec<String>, DatastoreError> {
-        self.run("assignments", |pool| async move {
-            sqlx::query_scalar(
+        self.run("assignments", |conn| Box::pin(async move {
+            sql::query_scalar(
                 "SELECT storage FROM repository_assignments WHERE repository_id = $1 ORDER BY storage",
             )
             .bind(repository_id)
-            .fetch_all(&pool)
+            .fetch_all(&mut *conn)
             .await
-        })
+        }))
         .await
     }
 
@@ -123,24 +123,23 @@ impl Datastore {
         jobs: &[UpdateJob],
     ) -> Result<i64, DatastoreError> {
         let result: Option<Option<i64>> = self
-            .run("record_write", |pool| async move {
-                let mut conn = pool.acquire().await?;
-                let mut tx = conn.begin().await?;
-                // The row lock first, in its own statement: under READ COMMITTED the next
-                // statement then reads the generations as the previous writer left them.
-                // (Locking inside the same statement would compare the replicas' old
-                // generations with the repository's new one and miss the bump.)
-                let locked: Option<i64> = sqlx::query_scalar(
+            .run("record_write", |conn| {
+                Box::pin(async move {
+                    // The row lock first, in its own statement: under READ COMMITTED the next
+                    // statement then reads the generations as the previous writer left them.
+                    // (Locking inside the same statement would compare the replicas' old
+                    // generations with the repository's new one and miss the bump.)
+                    let locked: Option<i64> = sql::query_scalar(
                     "SELECT repository_id FROM repositories WHERE repository_id = $1 FOR UPDATE",
                 )
                 .bind(repository_id)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut *conn)
                 .await?;
-                if locked.is_none() {
-                    return Ok(None);
-                }
-                let generation: Option<Option<i64>> = sqlx::query_scalar(
-                    "WITH repo AS (
+                    if locked.is_none() {
+                        return Ok(None);
+                    }
+                    let generation: Option<Option<i64>> = sql::query_scalar(
+                        "WITH repo AS (
                          SELECT repository_id, generation FROM repositories
                          WHERE repository_id = $1
                      ),
@@ -161,18 +160,19 @@ impl Datastore {
                          RETURNING repositories.generation
                      )
                      SELECT (SELECT generation FROM repo_bumped) FROM repo",
-                )
-                .bind(repository_id)
-                .bind(updated)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if matches!(generation, Some(Some(_))) {
-                    for job in jobs {
-                        enqueue_update(&mut tx, job).await?;
+                    )
+                    .bind(repository_id)
+                    .bind(updated)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    if matches!(generation, Some(Some(_))) {
+                        for job in jobs {
+                            enqueue_update(&mut *conn, job).await?;
+                        }
                     }
-                }
-                tx.commit().await?;
-                Ok(generation)
+
+                    Ok(generation)
+                })
             })
             .await?;
         match result {
@@ -184,13 +184,13 @@ impl Datastore {
 
     /// Queues `update` jobs (e.g. for the replicas a repository creation did not reach).
     pub async fn enqueue_updates(&self, jobs: &[UpdateJob]) -> Result<(), DatastoreError> {
-        self.run("enqueue_updates", |pool| async move {
-            let mut conn = pool.acquire().await?;
-            let mut tx = conn.begin().await?;
-            for job in jobs {
-                enqueue_update(&mut tx, job).await?;
-            }
-            tx.commit().await
+        self.run("enqueue_updates", |conn| {
+            Box::pin(async move {
+                for job in jobs {
+                    enqueue_update(&mut *conn, job).await?;
+                }
+                Ok(())
+            })
         })
         .await
     }

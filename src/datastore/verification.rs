@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use super::{Datastore, DatastoreError, HealthyStorage};
+use super::{sql, Datastore, DatastoreError, HealthyStorage};
 
 /// A replica the verifier leased and is to check.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -98,9 +98,10 @@ impl Datastore {
             .collect();
         let names: Vec<&str> = storages.iter().map(|s| s.storage.as_str()).collect();
         let rows: Vec<(i64, String, String, String, String)> = self
-            .run("dequeue_verification", |pool| async move {
-                sqlx::query_as(
-                    "WITH due AS (
+            .run("dequeue_verification", |conn| {
+                Box::pin(async move {
+                    sql::query_as(
+                        "WITH due AS (
                          SELECT replica.repository_id, replica.storage
                          FROM storage_repositories AS replica
                          JOIN unnest($1::text[], $2::text[]) AS healthy (virtual_storage, storage)
@@ -122,14 +123,15 @@ impl Datastore {
                      RETURNING replica.repository_id, replica.virtual_storage,
                                replica.relative_path, replica.storage,
                                COALESCE(repo.replica_path, repo.relative_path)",
-                )
-                .bind(&virtual_storages)
-                .bind(&names)
-                .bind(seconds(interval))
-                .bind(limit)
-                .bind(seconds(lease))
-                .fetch_all(&pool)
-                .await
+                    )
+                    .bind(&virtual_storages)
+                    .bind(&names)
+                    .bind(seconds(interval))
+                    .bind(limit)
+                    .bind(seconds(lease))
+                    .fetch_all(&mut *conn)
+                    .await
+                })
             })
             .await?;
         let mut jobs: Vec<VerificationJob> = rows
@@ -176,9 +178,10 @@ impl Datastore {
             .map(|r| matches!(r.outcome, VerificationOutcome::Checked { exists: true }))
             .collect();
         let rows: Vec<(i64, String, String, String)> = self
-            .run("record_verification", |pool| async move {
-                sqlx::query_as(
-                    "WITH outcome AS (
+            .run("record_verification", |conn| {
+                Box::pin(async move {
+                    sql::query_as(
+                        "WITH outcome AS (
                          SELECT *
                          FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::boolean[])
                               AS outcome (repository_id, storage, checked, present)
@@ -215,14 +218,15 @@ impl Datastore {
                        AND target.remove
                      RETURNING replica.repository_id, replica.virtual_storage,
                                replica.relative_path, replica.storage",
-                )
-                .bind(&ids)
-                .bind(&storages)
-                .bind(&checked)
-                .bind(&exists)
-                .bind(delete_invalid)
-                .fetch_all(&pool)
-                .await
+                    )
+                    .bind(&ids)
+                    .bind(&storages)
+                    .bind(&checked)
+                    .bind(&exists)
+                    .bind(delete_invalid)
+                    .fetch_all(&mut *conn)
+                    .await
+                })
             })
             .await?;
         let mut removed: Vec<RemovedReplica> = rows
@@ -249,9 +253,10 @@ impl Datastore {
         limit: i64,
     ) -> Result<Vec<ReleasedLease>, DatastoreError> {
         let rows: Vec<(i64, String, String, String)> = self
-            .run("release_stale_verification_leases", |pool| async move {
-                sqlx::query_as(
-                    "WITH stale AS (
+            .run("release_stale_verification_leases", |conn| {
+                Box::pin(async move {
+                    sql::query_as(
+                        "WITH stale AS (
                          SELECT repository_id, storage
                          FROM storage_repositories
                          WHERE verification_leased_until < now() - make_interval(secs => $1)
@@ -266,11 +271,12 @@ impl Datastore {
                        AND replica.storage = stale.storage
                      RETURNING replica.repository_id, replica.virtual_storage,
                                replica.relative_path, replica.storage",
-                )
-                .bind(seconds(grace))
-                .bind(limit)
-                .fetch_all(&pool)
-                .await
+                    )
+                    .bind(seconds(grace))
+                    .bind(limit)
+                    .fetch_all(&mut *conn)
+                    .await
+                })
             })
             .await?;
         let mut released: Vec<ReleasedLease> = rows
@@ -294,26 +300,30 @@ impl Datastore {
         let result = match selector {
             ReplicaSelector::Repository(id) => {
                 let id = *id;
-                self.run("mark_unverified_repository", |pool| async move {
-                    sqlx::query(
-                        "UPDATE storage_repositories SET verified_at = NULL
+                self.run("mark_unverified_repository", |conn| {
+                    Box::pin(async move {
+                        sql::query(
+                            "UPDATE storage_repositories SET verified_at = NULL
                          WHERE repository_id = $1",
-                    )
-                    .bind(id)
-                    .execute(&pool)
-                    .await
+                        )
+                        .bind(id)
+                        .execute(&mut *conn)
+                        .await
+                    })
                 })
                 .await?
             }
             ReplicaSelector::VirtualStorage(virtual_storage) => {
-                self.run("mark_unverified_virtual_storage", |pool| async move {
-                    sqlx::query(
-                        "UPDATE storage_repositories SET verified_at = NULL
+                self.run("mark_unverified_virtual_storage", |conn| {
+                    Box::pin(async move {
+                        sql::query(
+                            "UPDATE storage_repositories SET verified_at = NULL
                          WHERE virtual_storage = $1",
-                    )
-                    .bind(virtual_storage)
-                    .execute(&pool)
-                    .await
+                        )
+                        .bind(virtual_storage)
+                        .execute(&mut *conn)
+                        .await
+                    })
                 })
                 .await?
             }
@@ -321,15 +331,17 @@ impl Datastore {
                 virtual_storage,
                 storage,
             } => {
-                self.run("mark_unverified_storage", |pool| async move {
-                    sqlx::query(
-                        "UPDATE storage_repositories SET verified_at = NULL
+                self.run("mark_unverified_storage", |conn| {
+                    Box::pin(async move {
+                        sql::query(
+                            "UPDATE storage_repositories SET verified_at = NULL
                          WHERE virtual_storage = $1 AND storage = $2",
-                    )
-                    .bind(virtual_storage)
-                    .bind(storage)
-                    .execute(&pool)
-                    .await
+                        )
+                        .bind(virtual_storage)
+                        .bind(storage)
+                        .execute(&mut *conn)
+                        .await
+                    })
                 })
                 .await?
             }

@@ -6,6 +6,8 @@
 //! The local view is what routing uses; it keeps working when the database does not (writes
 //! that fail are only logged).
 
+pub mod readiness;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -121,18 +123,28 @@ impl HealthManager {
         }
         match self.store.record_health(&self.name, &observations).await {
             Ok(()) => {
+                crate::datastore::outage::HEALTH_RECORDER.succeeded();
                 self.written.send_replace(true);
             }
-            Err(err) => tracing::warn!(error = %err, "recording health checks failed"),
+            Err(err) => {
+                if !crate::datastore::outage::HEALTH_RECORDER.failed(&err) {
+                    tracing::warn!(error = %err, "recording health checks failed");
+                }
+            }
         }
     }
 
-    /// Runs rounds until `shutdown` turns true.
+    /// Runs rounds until `shutdown` turns true. A round also runs as soon as the database
+    /// writer is found again after an outage: this router's observations expired from the
+    /// quorum while it could not record them, and until they are back no primary can be
+    /// elected by it.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut writer = self.store.watch_writer();
         loop {
             self.round().await;
             tokio::select! {
                 _ = tokio::time::sleep(ROUND_INTERVAL) => {}
+                _ = writer.wait_for(|state| state.is_connected()), if !writer.borrow().is_connected() => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }

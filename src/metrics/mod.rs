@@ -45,6 +45,37 @@ pub static NOTIFICATION_RECONNECTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// `gitaly_praefect_database_writer_up`: 1 while a database server accepting writes is
+/// known, 0 while the router is looking for one.
+pub static DATABASE_WRITER_UP: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
+    let gauge = prometheus::IntGauge::new(
+        "gitaly_praefect_database_writer_up",
+        "Whether a database server accepting writes is known (1) or being searched for (0)",
+    )
+    .expect("static metric definition is valid");
+    let _ = REGISTRY.register(Box::new(gauge.clone()));
+    gauge
+});
+
+/// `gitaly_praefect_database_writer_changes_total{event}`: the writer lost or found.
+pub static DATABASE_WRITER_CHANGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "gitaly_praefect_database_writer_changes_total",
+        "Times the database writer was lost (event=lost) or found again (event=found)",
+        &["event"],
+    )
+});
+
+/// `gitaly_praefect_uptodate_storages_cache_stale_reads_total{virtual_storage}`: reads
+/// served from the cache while the database could not confirm it.
+pub static CACHE_STALE_READS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "gitaly_praefect_uptodate_storages_cache_stale_reads_total",
+        "Reads served from the up-to-date storages cache while the database was unavailable",
+        &["virtual_storage"],
+    )
+});
+
 /// `gitaly_praefect_read_distribution{virtual_storage,storage}`: where reads went.
 pub static READ_DISTRIBUTION: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
@@ -120,13 +151,15 @@ pub fn render() -> String {
     String::from_utf8_lossy(&buffer).into_owned()
 }
 
-/// Serves `/metrics` over HTTP on `listener` until `stop` turns true. The registry is in
-/// memory, so a scrape never waits on the database or a node.
+/// Serves `/metrics` (and the routes of `extra`, such as `/readiness`) over HTTP on
+/// `listener` until `stop` turns true. The registry is in memory, so a scrape never waits on
+/// the database or a node.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    extra: axum::Router,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
+    let app = extra.route(
         "/metrics",
         axum::routing::get(|| async {
             (

@@ -91,6 +91,9 @@ impl ProxyError {
             ProxyError::Unsupported(_) => Code::Unimplemented,
             ProxyError::ClientStream(_) => Code::Cancelled,
             ProxyError::NodeUnavailable(_) => Code::Unavailable,
+            // The database being away (switchover, failover, stopped) is worth retrying
+            // elsewhere or later; a statement that failed is not.
+            ProxyError::Database(db) if db.is_unavailable() => Code::Unavailable,
             ProxyError::UnknownMethod(_)
             | ProxyError::NotRoutable(_)
             | ProxyError::NodeRequest(_)
@@ -100,6 +103,9 @@ impl ProxyError {
         };
         let message = match self {
             // Database errors can carry host names and SQL; the log has them.
+            ProxyError::Database(db) if db.is_unavailable() => {
+                "database unavailable: no database server accepts writes right now".to_string()
+            }
             ProxyError::Database(_) => "database error".to_string(),
             other => other.to_string(),
         };
@@ -161,5 +167,11 @@ mod tests {
         }
         let db = ProxyError::Database(DatastoreError::Settings("host=secret".into())).to_status();
         assert!(!db.message().contains("secret"));
+        assert_eq!(db.code(), Code::Internal);
+        let away = ProxyError::Database(DatastoreError::Unavailable("db1:5432 refused".into()))
+            .to_status();
+        assert_eq!(away.code(), Code::Unavailable);
+        assert!(away.message().starts_with("database unavailable"));
+        assert!(!away.message().contains("db1"));
     }
 }

@@ -172,6 +172,7 @@ impl Proxy {
             return match path {
                 server_service::SERVER_INFO => self.server_info().await,
                 server_service::DISK_STATISTICS => self.disk_statistics().await,
+                server_service::READINESS_CHECK => self.readiness_check().await,
                 praefect_info::MARK_UNVERIFIED => self.mark_unverified(request).await,
                 praefect_info::SET_REPLICATION_FACTOR => self.set_replication_factor(request).await,
                 _ => Err(ProxyError::Unsupported(format!(
@@ -349,11 +350,27 @@ impl Proxy {
         let request: RepositoryExistsRequest = intercept::decode(message)?;
         let repo = request.repository.ok_or(ProxyError::RepositoryNotSet)?;
         self.check_repository(&repo.storage_name, &repo.relative_path)?;
-        let exists = self
+        let exists = match self
             .cache
             .store()
             .repository_exists(&repo.storage_name, &repo.relative_path)
-            .await?;
+            .await
+        {
+            Ok(exists) => exists,
+            // While the database is away, a repository the read cache holds exists (within
+            // the cache's stale-read window); anything else cannot be answered.
+            Err(err) if err.is_unavailable() => {
+                match self
+                    .cache
+                    .get(&repo.storage_name, &repo.relative_path)
+                    .await
+                {
+                    Ok(Some(_)) => true,
+                    _ => return Err(err.into()),
+                }
+            }
+            Err(err) => return Err(err.into()),
+        };
         Ok(intercept::unary_ok(&RepositoryExistsResponse { exists }))
     }
 

@@ -9,14 +9,20 @@ use rand::seq::SliceRandom;
 use super::error::ProxyError;
 use super::handler::Proxy;
 use super::intercept;
+use crate::health::readiness;
+use crate::wire::proto::readiness_check_response::{
+    failure, Failure, Ok as ReadyOk, Result as Readiness,
+};
 use crate::wire::proto::server_info_response::StorageStatus;
 use crate::wire::proto::server_service_client::ServerServiceClient;
 use crate::wire::proto::{
-    DiskStatisticsRequest, DiskStatisticsResponse, ServerInfoRequest, ServerInfoResponse,
+    DiskStatisticsRequest, DiskStatisticsResponse, ReadinessCheckResponse, ServerInfoRequest,
+    ServerInfoResponse,
 };
 
 pub const SERVER_INFO: &str = "/gitaly.ServerService/ServerInfo";
 pub const DISK_STATISTICS: &str = "/gitaly.ServerService/DiskStatistics";
+pub const READINESS_CHECK: &str = "/gitaly.ServerService/ReadinessCheck";
 
 /// How long one node may take to answer.
 const NODE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +37,46 @@ pub fn virtual_filesystem_id(virtual_storage: &str) -> String {
 }
 
 impl Proxy {
+    /// The readiness checks that fail now (see `health::readiness`).
+    pub fn failed_readiness_checks(&self) -> Vec<readiness::FailedCheck> {
+        let virtual_storages: Vec<String> = self
+            .config
+            .virtual_storage
+            .iter()
+            .map(|vs| vs.name.clone())
+            .collect();
+        readiness::failed_checks(
+            self.cache.store(),
+            &self.cache,
+            &self.health.healthy(),
+            &virtual_storages,
+        )
+    }
+
+    /// ReadinessCheck: ok, or the failed checks sorted by name. Every check reads memory,
+    /// so the request's timeout cannot be reached.
+    pub(super) async fn readiness_check(
+        &self,
+    ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
+        let failed = self.failed_readiness_checks();
+        let result = if failed.is_empty() {
+            Readiness::OkResponse(ReadyOk {})
+        } else {
+            Readiness::FailureResponse(Failure {
+                failed_checks: failed
+                    .into_iter()
+                    .map(|check| failure::Response {
+                        name: check.name,
+                        error_message: check.error_message,
+                    })
+                    .collect(),
+            })
+        };
+        Ok(intercept::unary_ok(&ReadinessCheckResponse {
+            result: Some(result),
+        }))
+    }
+
     /// ServerInfo: per virtual storage, the status one of its nodes reports for its own
     /// storage, renamed to the virtual storage. Nodes that fail are skipped (the next one of
     /// the virtual storage is tried); versions come from the first answer.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::datastore::{Datastore, JobState, QueuedJob};
+use crate::datastore::{outage, Datastore, JobState, QueuedJob};
 use crate::health::HealthManager;
 use crate::nodes::NodePool;
 
@@ -184,9 +184,14 @@ impl Replicator {
             )
             .await
         {
-            Ok(jobs) => jobs,
+            Ok(jobs) => {
+                outage::REPLICATOR.succeeded();
+                jobs
+            }
             Err(err) => {
-                tracing::error!(virtual_storage, storage, error = %err, "dequeuing replication jobs failed");
+                if !outage::REPLICATOR.failed(&err) {
+                    tracing::error!(virtual_storage, storage, error = %err, "dequeuing replication jobs failed");
+                }
                 return false;
             }
         };
@@ -203,7 +208,9 @@ impl Replicator {
                 loop {
                     ticks.tick().await;
                     if let Err(err) = store.refresh_job_locks(&ids).await {
-                        tracing::warn!(error = %err, "refreshing replication job locks failed");
+                        if !outage::REPLICATOR.failed(&err) {
+                            tracing::warn!(error = %err, "refreshing replication job locks failed");
+                        }
                     }
                 }
             }
@@ -230,7 +237,9 @@ impl Replicator {
             }
             if let Err(err) = self.store.acknowledge(state, &ids).await {
                 // The heartbeat stopped: the stale-job check will hand these out again.
-                tracing::error!(error = %err, ?state, "acknowledging replication jobs failed");
+                if !outage::REPLICATOR.failed(&err) {
+                    tracing::error!(error = %err, ?state, "acknowledging replication jobs failed");
+                }
             }
         }
         true
@@ -294,10 +303,16 @@ impl Replicator {
     async fn release_stale_jobs(self, mut stop: watch::Receiver<bool>) {
         loop {
             match self.store.release_stale_jobs(STALE_JOB_TIMEOUT).await {
-                Ok(0) => {}
-                Ok(released) => tracing::info!(released, "released stale replication jobs"),
+                Ok(released) => {
+                    outage::QUEUE_CLEANER.succeeded();
+                    if released > 0 {
+                        tracing::info!(released, "released stale replication jobs");
+                    }
+                }
                 Err(err) => {
-                    tracing::error!(error = %err, "releasing stale replication jobs failed")
+                    if !outage::QUEUE_CLEANER.failed(&err) {
+                        tracing::error!(error = %err, "releasing stale replication jobs failed")
+                    }
                 }
             }
             tokio::select! {
@@ -315,10 +330,16 @@ impl Replicator {
                 _ = stop.wait_for(|s| *s) => return,
             }
             match self.store.delete_orphan_locks(ORPHAN_LOCK_BATCH).await {
-                Ok(0) => {}
-                Ok(deleted) => tracing::info!(deleted, "deleted unused replication locks"),
+                Ok(deleted) => {
+                    outage::QUEUE_CLEANER.succeeded();
+                    if deleted > 0 {
+                        tracing::info!(deleted, "deleted unused replication locks");
+                    }
+                }
                 Err(err) => {
-                    tracing::error!(error = %err, "deleting unused replication locks failed")
+                    if !outage::QUEUE_CLEANER.failed(&err) {
+                        tracing::error!(error = %err, "deleting unused replication locks failed")
+                    }
                 }
             }
         }

@@ -68,8 +68,13 @@ impl Reconciler {
                 _ = tokio::time::sleep(interval) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            if let Err(err) = self.reconcile().await {
-                tracing::error!(error = %err, "reconciliation failed");
+            match self.reconcile().await {
+                Ok(_) => crate::datastore::outage::RECONCILER.succeeded(),
+                Err(err) => {
+                    if !crate::datastore::outage::RECONCILER.failed(&err) {
+                        tracing::error!(error = %err, "reconciliation failed");
+                    }
+                }
             }
         }
     }

@@ -316,8 +316,13 @@ impl<C: Cluster> Verifier<C> {
             if *stop.borrow() {
                 return;
             }
-            if let Err(err) = self.run_once(&stop).await {
-                tracing::warn!(error = %err, "background verification run failed");
+            match self.run_once(&stop).await {
+                Ok(_) => crate::datastore::outage::VERIFIER.succeeded(),
+                Err(err) => {
+                    if !crate::datastore::outage::VERIFIER.failed(&err) {
+                        tracing::warn!(error = %err, "background verification run failed");
+                    }
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(RUN_INTERVAL) => {}
@@ -367,8 +372,13 @@ pub async fn run_lease_releaser(store: Datastore, mut stop: watch::Receiver<bool
             _ = tokio::time::sleep(RELEASE_INTERVAL) => {}
             _ = stop.wait_for(|stopped| *stopped) => return,
         }
-        if let Err(err) = release_stale_leases(&store).await {
-            tracing::warn!(error = %err, "releasing stale verification leases failed");
+        match release_stale_leases(&store).await {
+            Ok(_) => crate::datastore::outage::LEASE_RELEASER.succeeded(),
+            Err(err) => {
+                if !crate::datastore::outage::LEASE_RELEASER.failed(&err) {
+                    tracing::warn!(error = %err, "releasing stale verification leases failed");
+                }
+            }
         }
     }
 }

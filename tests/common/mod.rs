@@ -11,6 +11,8 @@
 
 pub mod echo;
 pub mod gitnode;
+pub mod patroni;
 pub mod pg;
+pub mod pgbouncer;
 pub mod router;
 pub mod wait;

@@ -159,7 +159,7 @@ async fn ensure_template(server: &PgServer) -> String {
     name
 }
 
-fn find_pg_binary(name: &str) -> PathBuf {
+pub fn find_pg_binary(name: &str) -> PathBuf {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Ok(entries) = fs::read_dir("/usr/lib/postgresql") {
         let mut versions: Vec<(u32, PathBuf)> = entries
@@ -182,7 +182,7 @@ fn find_pg_binary(name: &str) -> PathBuf {
 }
 
 /// The user and group to run PostgreSQL as: ourselves, or `postgres`/`nobody` when root.
-fn server_identity() -> Option<(u32, u32)> {
+pub fn server_identity() -> Option<(u32, u32)> {
     // Our uid, read from /proc to avoid unsafe libc calls.
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     let uid: u32 = status
@@ -217,7 +217,7 @@ fn run_as(command: &mut Command, identity: Option<(u32, u32)>) -> &mut Command {
     command
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -384,5 +384,144 @@ impl Drop for TestDb {
             });
         })
         .join();
+    }
+}
+
+/// A PostgreSQL server of one test's own, which the test may stop and start again (the
+/// shared server must stay up for everyone else). Removed when dropped.
+pub struct OwnServer {
+    pub port: u16,
+    dir: PathBuf,
+    identity: Option<(u32, u32)>,
+}
+
+impl OwnServer {
+    /// initdb into a fresh directory and start on a free port, with a migrated database
+    /// `praefect`.
+    pub async fn start() -> OwnServer {
+        let identity = server_identity();
+        let dir =
+            std::env::temp_dir().join(format!("praefect-own-pg-{}", uuid::Uuid::new_v4().simple()));
+        fs::create_dir_all(dir.join("socket")).unwrap();
+        if let Some((uid, gid)) = identity {
+            for d in [dir.clone(), dir.join("socket")] {
+                std::os::unix::fs::chown(&d, Some(uid), Some(gid)).unwrap();
+            }
+        }
+        let output = run_as(&mut Command::new(find_pg_binary("initdb")), identity)
+            .current_dir(&dir)
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running initdb");
+        assert!(
+            output.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let server = OwnServer {
+            port: free_port(),
+            dir,
+            identity,
+        };
+        server.start_again();
+        let mut admin = PgConnection::connect(&server.url("postgres"))
+            .await
+            .unwrap();
+        admin.execute("CREATE DATABASE praefect").await.unwrap();
+        let store = Datastore::connect(&server.connection(), PoolSettings::default())
+            .await
+            .unwrap();
+        store.migrate_up(false, |_| {}).await.unwrap();
+        store.close().await;
+        server
+    }
+
+    pub fn url(&self, dbname: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{dbname}?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// The settings of database `praefect`.
+    pub fn connection(&self) -> DatabaseConnection {
+        DatabaseConnection {
+            host: "127.0.0.1".into(),
+            port: self.port.to_string(),
+            user: "postgres".into(),
+            dbname: "praefect".into(),
+            sslmode: "disable".into(),
+            ..Default::default()
+        }
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let output = run_as(&mut Command::new(find_pg_binary("pg_ctl")), self.identity)
+            .current_dir(&self.dir)
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .output()
+            .expect("running pg_ctl");
+        assert!(
+            output.status.success(),
+            "pg_ctl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// (Re)starts the server on its port.
+    pub fn start_again(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=200",
+            self.port,
+            self.dir.join("socket").display()
+        );
+        let log = self.dir.join("server.log");
+        self.pg_ctl(&[
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            &options,
+            "start",
+        ]);
+    }
+
+    /// Stops the server the way an operator or a crash-free restart does (fast shutdown:
+    /// sessions are terminated).
+    pub fn stop(&self) {
+        self.pg_ctl(&["-w", "-t", "60", "-m", "fast", "stop"]);
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = run_as(&mut Command::new(find_pg_binary("pg_ctl")), self.identity)
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -66,9 +66,32 @@ pub fn write_config_on(
     listen_addr: &str,
     extra: &str,
 ) -> PathBuf {
+    write_config_full(dir, db, None, nodes, listen_addr, extra)
+}
+
+/// The connection keys of one `[database]`-like table.
+fn connection_keys(db: &DatabaseConnection) -> String {
+    format!(
+        "host = \"{}\"\nport = \"{}\"\nuser = \"{}\"\npassword = \"{}\"\ndbname = \"{}\"\nsslmode = \"disable\"\n",
+        db.host, db.port, db.user, db.password, db.dbname
+    )
+}
+
+/// Like [`write_config_on`], with `[database.session_pooled]` set to `session` when given.
+pub fn write_config_full(
+    dir: &Path,
+    db: &DatabaseConnection,
+    session: Option<&DatabaseConnection>,
+    nodes: &[NodeEntry],
+    listen_addr: &str,
+    extra: &str,
+) -> PathBuf {
+    let session = session
+        .map(|s| format!("[database.session_pooled]\n{}", connection_keys(s)))
+        .unwrap_or_default();
     let mut text = format!(
-        "listen_addr = \"{listen_addr}\"\n{extra}\n[auth]\ntoken = \"{ROUTER_TOKEN}\"\n[logging]\nformat = \"json\"\n[database]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndbname = \"{}\"\nsslmode = \"disable\"\n[[virtual_storage]]\nname = \"default\"\n",
-        db.host, db.port, db.user, db.dbname
+        "listen_addr = \"{listen_addr}\"\n{extra}\n[auth]\ntoken = \"{ROUTER_TOKEN}\"\n[logging]\nformat = \"json\"\n[database]\n{}{session}[[virtual_storage]]\nname = \"default\"\n",
+        connection_keys(db)
     );
     for node in nodes {
         text.push_str(&format!(
@@ -89,6 +112,8 @@ pub struct Router {
     pub address: String,
     /// host:port of the Prometheus listener, when configured.
     pub metrics_address: Option<String>,
+    /// Every line the router logged after it started.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Router {
@@ -119,11 +144,14 @@ impl Router {
             }
         }
         assert!(started, "praefect did not start");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
                 if std::env::var_os("ROUTER_LOG").is_some() {
                     eprintln!("router: {line}");
                 }
+                sink.lock().unwrap().push(line);
             }
         });
         Router {
@@ -131,6 +159,7 @@ impl Router {
             stopped: false,
             address: address.expect("praefect logged its address"),
             metrics_address,
+            log,
         }
     }
 
@@ -181,6 +210,43 @@ impl Router {
             channel,
             TokenInterceptor::new(ROUTER_TOKEN),
         )
+    }
+}
+
+impl Router {
+    /// The log lines (JSON objects) whose `msg` contains `text`.
+    pub fn log_lines(&self, text: &str) -> Vec<serde_json::Value> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|entry| entry["msg"].as_str().is_some_and(|m| m.contains(text)))
+            .collect()
+    }
+
+    /// `GET path` on the Prometheus listener: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let address = self
+            .metrics_address
+            .as_deref()
+            .expect("a prometheus listener");
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
     }
 }
 
@@ -298,4 +364,52 @@ pub fn virtual_repo(path: &str) -> praefect::wire::proto::Repository {
         gl_repository: "project-1".into(),
         ..Default::default()
     }
+}
+
+/// A working copy with one commit per `files` entry of `size` bytes of noise.
+pub fn work_tree(files: &[&str], size: usize) -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    super::gitnode::git(
+        work.path(),
+        &["init", "--quiet", "--initial-branch=main", "."],
+        &[],
+    );
+    for (i, name) in files.iter().enumerate() {
+        std::fs::write(
+            work.path().join(name),
+            super::gitnode::noise(i as u64 + 7, size),
+        )
+        .unwrap();
+        super::gitnode::git(work.path(), &["add", "."], &[]);
+        super::gitnode::git(work.path(), &["commit", "--quiet", "-m", name], &[]);
+    }
+    work
+}
+
+pub fn commit_and_push(work: &std::path::Path, router: &Router, path: &str, name: &str) {
+    std::fs::write(work.join(name), name).unwrap();
+    super::gitnode::git(work, &["add", "."], &[]);
+    super::gitnode::git(work, &["commit", "--quiet", "-m", name], &[]);
+    let env = router_git_env(router, path);
+    super::gitnode::git(
+        work,
+        &["push", "--quiet", "ssh://gitaly/x", "main"],
+        &super::gitnode::as_refs(&env),
+    );
+}
+
+/// Runs a praefect subcommand against the router configured in `dir`; (exit code, stdout,
+/// stderr).
+pub async fn praefect_cli(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let config = dir.join("praefect.toml");
+    let mut command = std::process::Command::new(BIN);
+    command.arg("-config").arg(&config).args(args);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
