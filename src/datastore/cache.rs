@@ -454,8 +454,13 @@ impl StorageCache {
                     }
                 }
             }
+            // Retry after the back-off, or as soon as the main pool found a writer again
+            // (usually the server the listener wants too).
+            let mut writer = self.store.watch_writer();
+            writer.mark_unchanged();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
+                _ = writer.wait_for(|state| state.is_connected()), if !self.store.is_writable() => {}
                 _ = stopped(&mut shutdown) => return,
             }
             delay = (delay * 2).min(settings.retry.max(LISTENER_FIRST_RETRY));
