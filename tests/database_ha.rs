@@ -32,6 +32,9 @@ use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
 use praefect::wire::proto::*;
 use sqlx::{Connection, Executor};
 
+/// The scenarios measure timings on a 2-core machine: they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Whether a test that needs `what` must run (CI) or may be skipped (a developer machine).
 fn required(what: &str, present: bool) -> bool {
     if present {
@@ -256,6 +259,11 @@ async fn write_probe(conn: DatabaseConnection, log: Arc<Mutex<LoadLog>>, stop: A
 /// The longest time between two consecutive instants within [from, to] (counting from
 /// `from`).
 fn longest_gap(times: &[Instant], from: Instant, to: Instant) -> Duration {
+    longest_gap_ending(times, from, to).0
+}
+
+/// [`longest_gap`] and the instant that ended it.
+fn longest_gap_ending(times: &[Instant], from: Instant, to: Instant) -> (Duration, Instant) {
     let mut sorted: Vec<Instant> = times
         .iter()
         .copied()
@@ -263,9 +271,11 @@ fn longest_gap(times: &[Instant], from: Instant, to: Instant) -> Duration {
         .collect();
     sorted.sort();
     let mut previous = from;
-    let mut longest = Duration::ZERO;
+    let mut longest = (Duration::ZERO, from);
     for t in sorted.into_iter().chain([to]) {
-        longest = longest.max(t.duration_since(previous));
+        if t.duration_since(previous) > longest.0 {
+            longest = (t.duration_since(previous), t);
+        }
         previous = t;
     }
     longest
@@ -341,12 +351,14 @@ struct Figures {
     writes_acknowledged: usize,
     writes_failed: usize,
     listener_outage: Duration,
+    /// From the database taking writes again (the probe) to the router's LISTEN being back.
+    listener_recovery: Option<Duration>,
 }
 
 impl Figures {
     fn print(&self) {
         eprintln!(
-            "FIGURES {}: database's own write outage {:.2}s, router's longest gap between acknowledged writes {:.2}s (difference {:+.2}s); reads ok {}, reads failed {}; writes acknowledged {}, writes failed {}, writes lost 0; LISTEN down {:.2}s",
+            "FIGURES {}: database's own write outage {:.2}s, router's longest gap between acknowledged writes {:.2}s (difference {:+.2}s); reads ok {}, reads failed {}; writes acknowledged {}, writes failed {}, writes lost 0; LISTEN down {:.2}s, back {} after the database took writes again",
             self.name,
             self.database_outage.as_secs_f64(),
             self.router_gap.as_secs_f64(),
@@ -356,8 +368,18 @@ impl Figures {
             self.writes_acknowledged,
             self.writes_failed,
             self.listener_outage.as_secs_f64(),
+            self.listener_recovery
+                .map(|d| format!("{:.2}s", d.as_secs_f64()))
+                .unwrap_or_else(|| "(not down)".into()),
         );
     }
+}
+
+/// When the listener came back after its last outage, relative to `database_back`.
+fn listener_recovery(samples: &[(Instant, bool)], database_back: Instant) -> Option<Duration> {
+    let last_down = samples.iter().rposition(|(_, down)| *down)?;
+    let (back_at, _) = samples.get(last_down + 1)?;
+    Some(back_at.saturating_duration_since(database_back))
 }
 
 /// Runs the load around `fault` (called after 3 s of steady load) until the probe has
@@ -406,6 +428,10 @@ where
         writes_acknowledged: log.acknowledged.len(),
         writes_failed: log.write_errors.len(),
         listener_outage: listener_outage(&log.listener_down),
+        listener_recovery: listener_recovery(
+            &log.listener_down,
+            longest_gap_ending(&log.probe_ok, window_start, end).1,
+        ),
     };
     figures.print();
     (figures, log)
@@ -417,6 +443,7 @@ async fn patroni_switchover_and_failover_under_load() {
     if !required("patroni", common::patroni::available()) {
         return;
     }
+    let _serial = SERIAL.lock().await;
     let mut cluster = tokio::task::spawn_blocking(Patroni::start).await.unwrap();
     let leader = cluster.leader().unwrap();
     assert!(cluster
@@ -529,6 +556,7 @@ const BUSY_WORKERS: [&str; 3] = ["health recorder", "replicator", "verifier"];
 /// and everything recovers without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgresql_stopped_for_30_seconds() {
+    let _serial = SERIAL.lock().await;
     let server = OwnServer::start().await;
     let nodes = start_nodes();
     let dir = tempfile::tempdir().unwrap();
@@ -651,7 +679,14 @@ async fn postgresql_stopped_for_30_seconds() {
     assert_eq!(router.child.id(), pid);
     assert!(std::fs::metadata(format!("/proc/{pid}")).is_ok());
 
-    // One line per worker kind when the database went away, one when it came back.
+    // One line per worker kind when the database went away, one when it came back (the
+    // replicator's idle back-off may take up to 5 s to try again).
+    wait_until("every worker resumed", Duration::from_secs(20), || async {
+        BUSY_WORKERS
+            .iter()
+            .all(|w| !router.log_lines(&format!("{w} resumed after")).is_empty())
+    })
+    .await;
     for worker in BUSY_WORKERS {
         let paused = router.log_lines(&format!("{worker} paused until it is back"));
         let resumed = router.log_lines(&format!("{worker} resumed after"));
@@ -686,6 +721,7 @@ async fn through_pgbouncer(listen_through_pgbouncer: bool) {
     if !required("pgbouncer", common::pgbouncer::available()) {
         return;
     }
+    let _serial = SERIAL.lock().await;
     let db = common::pg::TestDb::new().await;
     let user = db.server.user.clone();
     let bouncer = PgBouncer::start(db.server.port, &db.name, &user);

@@ -458,9 +458,17 @@ impl StorageCache {
             // (usually the server the listener wants too).
             let mut writer = self.store.watch_writer();
             writer.mark_unchanged();
+            let writer_found = async {
+                while writer.changed().await.is_ok() {
+                    if writer.borrow().is_connected() {
+                        return;
+                    }
+                }
+                std::future::pending::<()>().await
+            };
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = writer.wait_for(|state| state.is_connected()), if !self.store.is_writable() => {}
+                _ = writer_found => {}
                 _ = stopped(&mut shutdown) => return,
             }
             delay = (delay * 2).min(settings.retry.max(LISTENER_FIRST_RETRY));

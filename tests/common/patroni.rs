@@ -8,6 +8,11 @@
 //!
 //! Timings are tight (`ttl` 10 s, `loop_wait` 1 s, `retry_timeout` 3 s) so that a failover
 //! after the leader dies takes about 10 s rather than Patroni's default 30 s.
+//!
+//! `synchronous_mode` is on: a commit is acknowledged only once a standby has it, and Patroni
+//! promotes only that standby. With asynchronous replication a failover may lose the last
+//! commits the leader acknowledged, and no client of the database (the router included) can
+//! keep an acknowledged write then; operators who need no loss run it this way.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -102,11 +107,16 @@ impl Patroni {
         });
         cluster.start_member(1);
         cluster.start_member(2);
-        wait_for("two streaming replicas", Duration::from_secs(120), || {
-            cluster.role(1) == Role::Replica
-                && cluster.role(2) == Role::Replica
-                && cluster.streaming_replicas() == 2
-        });
+        wait_for(
+            "two streaming replicas, one of them synchronous",
+            Duration::from_secs(120),
+            || {
+                cluster.role(1) == Role::Replica
+                    && cluster.role(2) == Role::Replica
+                    && cluster.streaming_replicas() == 2
+                    && (1..MEMBERS).any(|m| cluster.is_sync_standby(m))
+            },
+        );
         cluster
     }
 
@@ -136,6 +146,7 @@ bootstrap:
     loop_wait: 1
     retry_timeout: 3
     maximum_lag_on_failover: 1048576
+    synchronous_mode: true
     postgresql:
       use_pg_rewind: true
       use_slots: true
@@ -148,7 +159,6 @@ bootstrap:
         max_connections: 200
         shared_buffers: 32MB
         fsync: "off"
-        synchronous_commit: "off"
   initdb:
     - encoding: UTF8
     - locale: C
@@ -208,6 +218,11 @@ tags: {{nofailover: false, noloadbalance: false, clonefrom: false, nosync: false
         } else {
             Role::Down
         }
+    }
+
+    /// Whether a member is the synchronous standby (REST `/sync`).
+    pub fn is_sync_standby(&self, member: usize) -> bool {
+        http_get(self.rest_ports[member], "/sync").is_some_and(|(code, _)| code == 200)
     }
 
     pub fn leader(&self) -> Option<usize> {
@@ -270,9 +285,10 @@ tags: {{nofailover: false, noloadbalance: false, clonefrom: false, nosync: false
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let leader = self.leader().expect("a leader before the switchover");
+            // In synchronous mode only the synchronous standby may take over.
             let candidate = (0..MEMBERS)
-                .find(|&m| m != leader && self.role(m) == Role::Replica)
-                .expect("a replica to switch over to");
+                .find(|&m| m != leader && self.is_sync_standby(m))
+                .expect("a synchronous standby to switch over to");
             let output = Command::new("patronictl")
                 .arg("-c")
                 .arg(self.dir.join(format!("{}.yml", Self::member_name(leader))))
