@@ -509,24 +509,14 @@ impl StorageCache {
             .listen_all(CHANNELS)
             .await
             .map_err(|e| not_listening(query_error(e)))?;
-        self.listener_connected();
-        metrics::NOTIFICATION_RECONNECTS
-            .with_label_values(&["connected"])
-            .inc();
-        match down_since.take() {
-            Some((since, _)) => tracing::info!(
-                target = %target.describe(),
-                outage_s = since.elapsed().as_secs_f64(),
-                "change listener reconnected after {:.2}s; read cache flushed and trusted again",
-                since.elapsed().as_secs_f64()
-            ),
-            None => {
-                tracing::info!(target = %target.describe(), "change listener connected; read cache enabled")
-            }
-        }
-        let lost = |err| ListenError {
+        // The cache is flushed and trusted again only once the main pool has a writer too:
+        // flushing while the database is unavailable would throw away the entries that are
+        // serving reads through the outage. Until then notifications still evict.
+        let mut writer = self.store.watch_writer();
+        let mut trusted = false;
+        let lost = |err, trusted| ListenError {
             err,
-            was_listening: true,
+            was_listening: trusted,
         };
         let mut check = tokio::time::interval(LISTENER_CHECK_INTERVAL);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -536,11 +526,44 @@ impl StorageCache {
                 received = listener.try_recv() => match received {
                     Ok(Some(notification)) => self.on_notification(notification.payload()).await,
                     Ok(None) => {
-                        return Err(lost(query_error(sqlx::Error::Protocol("listener connection lost".into()))));
+                        return Err(lost(query_error(sqlx::Error::Protocol("listener connection lost".into())), trusted));
                     }
-                    Err(source) => return Err(lost(query_error(source))),
+                    Err(source) => return Err(lost(query_error(source), trusted)),
                 },
-                _ = check.tick() => {
+                // Until trusted: the main pool's writer. Then every second, and at once when
+                // the main pool lost or found its writer (a switchover may have demoted the
+                // listener's server too): check the listener's server.
+                wake = async {
+                    if trusted {
+                        tokio::select! {
+                            _ = check.tick() => {}
+                            _ = writer.changed() => {}
+                        }
+                        Wake::Check
+                    } else {
+                        drop(writer.wait_for(|state| state.is_connected()).await);
+                        Wake::Trust
+                    }
+                } => {
+                    if let Wake::Trust = wake {
+                        trusted = true;
+                        self.listener_connected();
+                        metrics::NOTIFICATION_RECONNECTS
+                            .with_label_values(&["connected"])
+                            .inc();
+                        match down_since.take() {
+                            Some((since, _)) => tracing::info!(
+                                target = %target.describe(),
+                                outage_s = since.elapsed().as_secs_f64(),
+                                "change listener reconnected after {:.2}s; read cache flushed and trusted again",
+                                since.elapsed().as_secs_f64()
+                            ),
+                            None => {
+                                tracing::info!(target = %target.describe(), "change listener connected; read cache enabled")
+                            }
+                        }
+                        continue;
+                    }
                     // A server that was demoted (or an address that now leads to a replica)
                     // will never notify us of a write again.
                     let checked = tokio::time::timeout(
@@ -551,18 +574,26 @@ impl StorageCache {
                         Ok(Ok(true)) => {}
                         Ok(Ok(false)) => return Err(lost(DatastoreError::NoWritableHost(format!(
                             "{}: the listener's server no longer accepts writes", target.describe()
-                        )))),
-                        Ok(Err(source)) => return Err(lost(query_error(source))),
+                        )), trusted)),
+                        Ok(Err(source)) => return Err(lost(query_error(source), trusted)),
                         Err(_) => return Err(lost(DatastoreError::Timeout {
                             op: "listener_check",
                             timeout: pool_settings.connect_timeout,
-                        })),
+                        }, trusted)),
                     }
                 }
                 _ = stopped(shutdown) => return Ok(()),
             }
         }
     }
+}
+
+/// What woke the listener besides a notification.
+enum Wake {
+    /// The main pool has a writer: flush and trust the cache.
+    Trust,
+    /// Time to check that the listener's server still accepts writes.
+    Check,
 }
 
 /// Why one listener connection ended.
