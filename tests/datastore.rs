@@ -738,6 +738,71 @@ mod cache {
         assert_eq!(found.storages, ["g1"]);
     }
 
+    /// With the database stopped, a cached entry answers reads within the stale-read
+    /// window and not after it; operations fail fast with Unavailable meanwhile; once the
+    /// database is back the listener reconnects and the cache is trusted again.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn cached_reads_survive_an_outage_within_the_stale_read_window() {
+        let server = common::pg::OwnServer::start().await;
+        let store = Datastore::connect(&server.connection(), PoolSettings::default())
+            .await
+            .unwrap();
+        let id = store.reserve_repository_id("vs", "r.git").await.unwrap();
+        store
+            .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2"]))
+            .await
+            .unwrap();
+        let window = Duration::from_secs(3);
+        let cache = StorageCache::with_settings(store.clone(), &["vs".to_string()], 1000, window);
+        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(cache.clone().listen(
+            ListenerSettings {
+                connection: server.connection(),
+                retry: Duration::from_millis(200),
+            },
+            stop_rx,
+        ));
+        wait_for("the listener connects", || cache.is_enabled()).await;
+        cache.get("vs", "r.git").await.unwrap().unwrap();
+
+        tokio::task::block_in_place(|| server.stop());
+        let stopped = std::time::Instant::now();
+        wait_for("the listener is lost", || !cache.is_enabled()).await;
+        let found = cache.get("vs", "r.git").await.unwrap().unwrap();
+        assert_eq!(found.storages, ["g1", "g2"]);
+        assert!(cache.stats.stale.load(Ordering::Relaxed) >= 1);
+        // An uncached repository cannot be answered; the error says why, quickly.
+        let started = std::time::Instant::now();
+        let err = cache.get("vs", "other.git").await.unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let err = store
+            .increment_generation(id, &["g1".to_string()])
+            .await
+            .unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+
+        // Past the window, the entry is no longer trusted.
+        tokio::time::sleep(
+            (stopped + window + Duration::from_millis(500))
+                .saturating_duration_since(std::time::Instant::now()),
+        )
+        .await;
+        let err = cache.get("vs", "r.git").await.unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+
+        tokio::task::block_in_place(|| server.start_again());
+        wait_for("the listener is back", || cache.is_enabled()).await;
+        assert!(cache.stats.listener_connects.load(Ordering::Relaxed) >= 2);
+        assert!(store.is_writable());
+        let found = cache.get("vs", "r.git").await.unwrap().unwrap();
+        assert_eq!(found.storages, ["g1", "g2"]);
+    }
+
     #[tokio::test]
     async fn an_undecodable_payload_purges_everything() {
         let db = TestDb::new().await;
