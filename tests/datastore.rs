@@ -766,8 +766,9 @@ mod cache {
         cache.get("vs", "r.git").await.unwrap().unwrap();
 
         tokio::task::block_in_place(|| server.stop());
-        let stopped = std::time::Instant::now();
         wait_for("the listener is lost", || !cache.is_enabled()).await;
+        // The window counts from the moment the listener was lost, at or before now.
+        let lost_by = std::time::Instant::now();
         let found = cache.get("vs", "r.git").await.unwrap().unwrap();
         assert_eq!(found.storages, ["g1", "g2"]);
         assert!(cache.stats.stale.load(Ordering::Relaxed) >= 1);
@@ -788,7 +789,7 @@ mod cache {
 
         // Past the window, the entry is no longer trusted.
         tokio::time::sleep(
-            (stopped + window + Duration::from_millis(500))
+            (lost_by + window + Duration::from_millis(500))
                 .saturating_duration_since(std::time::Instant::now()),
         )
         .await;

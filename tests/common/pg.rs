@@ -231,6 +231,31 @@ async fn is_up(url: &str) -> bool {
     )
 }
 
+/// initdb of a fresh data directory: superuser `postgres`, trust authentication, UTF8, C locale.
+fn initdb(cwd: &Path, data_dir: &Path, identity: Option<(u32, u32)>) {
+    let output = run_as(&mut Command::new(find_pg_binary("initdb")), identity)
+        .current_dir(cwd)
+        .arg("-D")
+        .arg(data_dir)
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running initdb");
+    assert!(
+        output.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 async fn start_private_server(state_dir: &Path) -> PgServer {
     let identity = server_identity();
     let data_dir = state_dir.join("data");
@@ -261,27 +286,7 @@ async fn start_private_server(state_dir: &Path) -> PgServer {
     }
     if !data_dir.join("PG_VERSION").exists() {
         let _ = fs::remove_dir_all(&data_dir);
-        let output = run_as(&mut Command::new(find_pg_binary("initdb")), identity)
-            .current_dir(state_dir)
-            .args(["-D"])
-            .arg(&data_dir)
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("running initdb");
-        assert!(
-            output.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        initdb(state_dir, &data_dir, identity);
     }
     server.port = free_port();
     let options = format!(
@@ -408,27 +413,7 @@ impl OwnServer {
                 std::os::unix::fs::chown(&d, Some(uid), Some(gid)).unwrap();
             }
         }
-        let output = run_as(&mut Command::new(find_pg_binary("initdb")), identity)
-            .current_dir(&dir)
-            .arg("-D")
-            .arg(dir.join("data"))
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("running initdb");
-        assert!(
-            output.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        initdb(&dir, &dir.join("data"), identity);
         let server = OwnServer {
             port: free_port(),
             dir,
