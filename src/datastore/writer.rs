@@ -89,8 +89,7 @@ pub(super) struct Writer {
     state: watch::Sender<WriterState>,
     wake_finder: Arc<Notify>,
     next_generation: AtomicU64,
-    /// The moment the last probe round found no writer, to keep its log line to one per
-    /// outage.
+    /// Whether this outage's "no server accepts writes yet" line was logged (one per outage).
     logged_probe_failure: Mutex<bool>,
 }
 
