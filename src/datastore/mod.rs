@@ -115,7 +115,8 @@ pub enum DatastoreError {
 
 impl DatastoreError {
     /// Whether the error came from not reaching a writable server (as opposed to the
-    /// statement itself failing); such errors rebuild the pool.
+    /// statement itself failing): the proxy answers `Unavailable` for these, workers log
+    /// them once per outage, and reads may fall back to the cache.
     pub fn is_unavailable(&self) -> bool {
         match self {
             DatastoreError::Query { source, .. } => is_connection_error(source),
