@@ -313,6 +313,16 @@ mod tests {
     }
 
     #[test]
+    fn host_names_are_kept_for_resolution_at_every_connection() {
+        // A Consul name moves to the new leader; we must never pin its old address.
+        let t = targets(&conn("master.praefect.service.consul", "5432")).unwrap();
+        assert_eq!(t[0].options.get_host(), "master.praefect.service.consul");
+        // And we send no startup parameter PgBouncer would refuse.
+        let debug = format!("{:?}", t[0].options);
+        assert!(debug.contains("extra_float_digits: None"), "{debug}");
+    }
+
+    #[test]
     fn read_only_errors_are_recognised() {
         assert!(is_read_only_error(&sqlx::Error::Protocol(
             "server is read-only (in recovery)".into()
