@@ -118,14 +118,18 @@ impl GoDuration {
                 int_part.parse().map_err(|_| overflow())?
             };
             let mut value = whole.checked_mul(scale).ok_or_else(overflow)?;
-            // The fraction contributes scale * 0.frac, truncated like Go does.
+            // The fraction contributes scale * 0.frac, truncated like Go does. Digits past
+            // the 18th cannot change a nanosecond count (the largest unit is 3.6e12 ns) and
+            // would overflow `frac_value * scale`, so they are ignored.
             let mut divisor: u128 = 1;
             let mut frac_value: u128 = 0;
-            for digit in frac_part.bytes().take(30) {
+            for digit in frac_part.bytes().take(18) {
                 divisor *= 10;
                 frac_value = frac_value * 10 + u128::from(digit - b'0');
             }
-            value += frac_value * scale / divisor;
+            value = value
+                .checked_add(frac_value * scale / divisor)
+                .ok_or_else(overflow)?;
             total = total.checked_add(value).ok_or_else(overflow)?;
             if total > i64::MAX as u128 + u128::from(negative) {
                 return Err(overflow());
@@ -226,6 +230,9 @@ mod tests {
         assert_eq!(parse("3µs"), 3_000);
         assert_eq!(parse("10ns"), 10);
         assert_eq!(parse(".5s"), 500_000_000);
+        // Long fractions are truncated, never overflow (this panicked in debug builds).
+        assert_eq!(parse("0.99999999999999999999999999h"), 3_599_999_999_999);
+        assert_eq!(parse("1.000000000000000000000000001ns"), 1);
         assert_eq!(parse("1h1m1s1ms"), 3_661_001_000_000);
     }
 
