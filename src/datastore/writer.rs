@@ -268,18 +268,18 @@ impl Writer {
         }
     }
 
-    /// Probes every server at once and binds to the first one (in configured order) that
-    /// accepts writes.
+    /// Probes every server at once and binds to the first one that answers that it accepts
+    /// writes (Patroni lets only one do so), without waiting for servers that hang.
     async fn probe_round(&self) {
+        use futures::StreamExt;
         let timeout = self.settings.connect_timeout.min(PROBE_TIMEOUT);
-        let outcomes = futures::future::join_all(
-            self.targets
-                .iter()
-                .map(|target| probe_writable(target, timeout)),
-        )
-        .await;
+        let mut probes: futures::stream::FuturesUnordered<_> = self
+            .targets
+            .iter()
+            .map(|target| async move { (target, probe_writable(target, timeout).await) })
+            .collect();
         let mut failures = Vec::new();
-        for (target, outcome) in self.targets.iter().zip(outcomes) {
+        while let Some((target, outcome)) = probes.next().await {
             match outcome {
                 Ok(true) => {
                     self.bind(target);
