@@ -19,9 +19,11 @@
 //! still write; then a read may be served by a replica that misses writes made in the last
 //! `stale_read_window` at most.
 //!
-//! The listener reconnects quickly (250 ms, doubling to 5 s), checks every second that its
-//! server still accepts writes (a demoted server never notifies again), and **flushes the
-//! cache on every reconnect**, since whatever changed while it was away was never notified.
+//! The listener reconnects quickly (250 ms, doubling to 5 s, or at once when the main pool
+//! finds a writer), checks every second that its server still accepts writes (a demoted
+//! server never notifies again), and **flushes the cache on every reconnect**, since whatever
+//! changed while it was away was never notified; it does so only once the main pool has a
+//! writer too, so that a flush never throws away the entries serving reads in an outage.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -138,9 +138,9 @@ pub fn targets(conn: &DatabaseConnection) -> Result<Vec<Target>, DatastoreError>
         .collect())
 }
 
-/// Whether the server behind `conn` accepts writes. Simple protocol, one round trip, so it
-/// works through a transaction pooler too.
-/// (A `&str` without arguments runs as a simple query.)
+/// Whether the server behind `conn` accepts writes. One round trip of the simple protocol (a
+/// `&str` without arguments runs as a simple query), so it works through a transaction
+/// pooler too.
 pub async fn is_writable(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
     use sqlx::Executor;
     writable_row(conn.fetch_one(WRITABLE_SQL).await?)
@@ -165,7 +165,7 @@ fn writable_row(row: sqlx::postgres::PgRow) -> Result<bool, sqlx::Error> {
 }
 
 /// Connects to `target` and tells whether it accepts writes, all within `timeout`.
-pub async fn probe_writable(target: &Target, timeout: Duration) -> Result<bool, DatastoreError> {
+async fn probe_writable(target: &Target, timeout: Duration) -> Result<bool, DatastoreError> {
     let probe = async {
         let mut conn = target.options.connect().await?;
         let writable = is_writable(&mut conn).await;
@@ -185,39 +185,46 @@ pub async fn probe_writable(target: &Target, timeout: Duration) -> Result<bool, 
     }
 }
 
-/// Finds the first target (in configured order) that accepts writes, probing them all at
-/// once so that one unreachable server does not delay finding another. With a single
-/// target, a read-only server is still an error: we never write through a replica.
+/// Finds a target that accepts writes: probes them all at once and takes the first that
+/// answers writable (Patroni lets only one be), without waiting for servers that hang. With
+/// a single target, its own error is returned; a read-only server is an error either way:
+/// we never write through a replica.
 pub async fn find_writable(
     targets: &[Target],
     timeout: Duration,
 ) -> Result<Target, DatastoreError> {
-    let outcomes =
-        futures::future::join_all(targets.iter().map(|t| probe_writable(t, timeout))).await;
-    if let ([only], [outcome]) = (targets, outcomes.as_slice()) {
-        // One host: its own error says it best.
-        return match outcome {
-            Ok(true) => Ok(only.clone()),
-            Ok(false) => Err(DatastoreError::NoWritableHost(format!(
-                "{}: server is read-only",
-                only.describe()
-            ))),
-            Err(_) => Err(outcomes
-                .into_iter()
-                .next()
-                .and_then(Result::err)
-                .unwrap_or(DatastoreError::NoWritableHost(only.describe()))),
-        };
-    }
-    let mut failures = Vec::new();
-    for (target, outcome) in targets.iter().zip(outcomes) {
+    use futures::StreamExt;
+    let mut probes: futures::stream::FuturesUnordered<_> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, target)| async move { (i, probe_writable(target, timeout).await) })
+        .collect();
+    let mut failures: Vec<(usize, DatastoreError)> = Vec::new();
+    while let Some((i, outcome)) = probes.next().await {
         match outcome {
-            Ok(true) => return Ok(target.clone()),
-            Ok(false) => failures.push(format!("{}: server is read-only", target.describe())),
-            Err(err) => failures.push(err.to_string()),
+            Ok(true) => return Ok(targets[i].clone()),
+            Ok(false) => failures.push((
+                i,
+                DatastoreError::NoWritableHost(format!(
+                    "{}: server is read-only",
+                    targets[i].describe()
+                )),
+            )),
+            Err(err) => failures.push((i, err)),
         }
     }
-    Err(DatastoreError::NoWritableHost(failures.join("; ")))
+    if failures.len() == 1 {
+        return Err(failures.remove(0).1);
+    }
+    failures.sort_by_key(|(i, _)| *i);
+    let described: Vec<String> = failures
+        .iter()
+        .map(|(_, err)| match err {
+            DatastoreError::NoWritableHost(text) => text.clone(),
+            other => other.to_string(),
+        })
+        .collect();
+    Err(DatastoreError::NoWritableHost(described.join("; ")))
 }
 
 /// A lazy pool bound to `target` whose every new connection re-checks that the server still

@@ -37,8 +37,8 @@ mod writer;
 
 pub use cache::{CacheStats, ListenerSettings, StorageCache, CACHE_CAPACITY};
 pub use connect::{
-    find_writable, is_connection_error, is_read_only_error, probe_writable, targets, PoolSettings,
-    Target, READ_ONLY_SQLSTATES,
+    find_writable, is_connection_error, is_read_only_error, targets, PoolSettings, Target,
+    READ_ONLY_SQLSTATES,
 };
 pub use health::{HealthObservation, HealthyStorage};
 pub use migrations::{

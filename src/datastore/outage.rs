@@ -42,7 +42,7 @@ impl OutageLog {
     }
 
     /// Notes a successful operation, ending an outage if there was one.
-    pub fn succeeded(&self) {
+    fn succeeded(&self) {
         let mut since = self.since.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(started) = since.take() {
             let outage = started.elapsed().as_secs_f64();
@@ -55,12 +55,19 @@ impl OutageLog {
         }
     }
 
-    /// Whether this worker is in an outage.
-    pub fn in_outage(&self) -> bool {
-        self.since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+    /// Notes an operation's outcome, success or failure; returns the error the caller should
+    /// still log (one that is not the database being unavailable).
+    pub fn observe<'a, T>(
+        &self,
+        outcome: &'a Result<T, DatastoreError>,
+    ) -> Option<&'a DatastoreError> {
+        match outcome {
+            Ok(_) => {
+                self.succeeded();
+                None
+            }
+            Err(err) => (!self.failed(err)).then_some(err),
+        }
     }
 }
 

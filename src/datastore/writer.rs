@@ -34,7 +34,7 @@ use tokio::sync::{watch, Notify};
 
 use sqlx::ConnectOptions;
 
-use super::connect::{is_writable, lazy_pool, probe_writable, PoolSettings, Target};
+use super::connect::{find_writable, is_writable, lazy_pool, PoolSettings, Target};
 use super::DatastoreError;
 use crate::metrics;
 
@@ -226,7 +226,6 @@ impl Writer {
     /// Reports that an operation on the pool of `generation` failed in a way that may mean
     /// the writer moved. The first report for the current pool starts the finder.
     pub(super) fn lost(&self, generation: u64, reason: String) {
-        let mut lost = false;
         let mut old_pool = None;
         self.state.send_if_modified(|state| match state {
             WriterState::Connected {
@@ -245,61 +244,45 @@ impl Writer {
                     since: Instant::now(),
                     reason: reason.clone().into(),
                 };
-                lost = true;
                 true
             }
             _ => false,
         });
-        if lost {
-            metrics::DATABASE_WRITER_UP.set(0);
-            metrics::DATABASE_WRITER_CHANGES
-                .with_label_values(&["lost"])
-                .inc();
-            *self
-                .logged_probe_failure
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = false;
-            self.wake_finder.notify_one();
-        }
-        if let Some(pool) = old_pool {
-            // Its connections point at a server that failed us; close them once the
-            // operations still holding one give it back.
-            tokio::spawn(async move { pool.close().await });
-        }
-    }
-
-    /// Probes every server at once and binds to the first one that answers that it accepts
-    /// writes (Patroni lets only one do so), without waiting for servers that hang.
-    async fn probe_round(&self) {
-        use futures::StreamExt;
-        let timeout = self.settings.connect_timeout.min(PROBE_TIMEOUT);
-        let mut probes: futures::stream::FuturesUnordered<_> = self
-            .targets
-            .iter()
-            .map(|target| async move { (target, probe_writable(target, timeout).await) })
-            .collect();
-        let mut failures = Vec::new();
-        while let Some((target, outcome)) = probes.next().await {
-            match outcome {
-                Ok(true) => {
-                    self.bind(target);
-                    return;
-                }
-                Ok(false) => failures.push(format!("{}: server is read-only", target.describe())),
-                Err(err) => failures.push(err.to_string()),
-            }
-        }
-        let mut logged = self
+        // The pool is taken only when this report marked the writer lost.
+        let Some(pool) = old_pool else { return };
+        metrics::DATABASE_WRITER_UP.set(0);
+        metrics::DATABASE_WRITER_CHANGES
+            .with_label_values(&["lost"])
+            .inc();
+        *self
             .logged_probe_failure
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if !*logged {
-            *logged = true;
-            tracing::warn!(
-                servers = %failures.join("; "),
-                "no database server accepts writes yet; probing every {}ms",
-                PROBE_INTERVAL.as_millis()
-            );
+            .unwrap_or_else(|p| p.into_inner()) = false;
+        self.wake_finder.notify_one();
+        // Its connections point at a server that failed us; close them once the operations
+        // still holding one give it back.
+        tokio::spawn(async move { pool.close().await });
+    }
+
+    /// One probe round over every server ([`find_writable`]); binds to the writer it finds.
+    async fn probe_round(&self) {
+        let timeout = self.settings.connect_timeout.min(PROBE_TIMEOUT);
+        match find_writable(&self.targets, timeout).await {
+            Ok(target) => self.bind(&target),
+            Err(err) => {
+                let mut logged = self
+                    .logged_probe_failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if !*logged {
+                    *logged = true;
+                    tracing::warn!(
+                        error = %err,
+                        "no database server accepts writes yet; probing every {}ms",
+                        PROBE_INTERVAL.as_millis()
+                    );
+                }
+            }
         }
     }
 

@@ -121,16 +121,12 @@ impl HealthManager {
         if changed {
             tracing::info!(healthy = ?*self.healthy(), "local node health changed");
         }
-        match self.store.record_health(&self.name, &observations).await {
-            Ok(()) => {
-                crate::datastore::outage::HEALTH_RECORDER.succeeded();
-                self.written.send_replace(true);
-            }
-            Err(err) => {
-                if !crate::datastore::outage::HEALTH_RECORDER.failed(&err) {
-                    tracing::warn!(error = %err, "recording health checks failed");
-                }
-            }
+        let outcome = self.store.record_health(&self.name, &observations).await;
+        if let Some(err) = crate::datastore::outage::HEALTH_RECORDER.observe(&outcome) {
+            tracing::warn!(error = %err, "recording health checks failed");
+        }
+        if outcome.is_ok() {
+            self.written.send_replace(true);
         }
     }
 

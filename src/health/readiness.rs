@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::HealthySet;
-use crate::datastore::{Datastore, StorageCache};
+use crate::datastore::StorageCache;
 
 /// One failed check, as ReadinessCheck reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -26,14 +26,13 @@ pub struct FailedCheck {
 }
 
 /// The checks that fail now, sorted by name; empty when the router is ready.
-pub fn failed_checks(
-    store: &Datastore,
+pub fn failed_checks<'a>(
     cache: &StorageCache,
     healthy: &HealthySet,
-    virtual_storages: &[String],
+    virtual_storages: impl IntoIterator<Item = &'a str>,
 ) -> Vec<FailedCheck> {
     let mut failed: BTreeMap<&str, String> = BTreeMap::new();
-    let writer = store.writer_status();
+    let writer = cache.store().writer_status();
     if let Some(reason) = writer.lost_reason {
         failed.insert(
             "database",
@@ -53,9 +52,8 @@ pub fn failed_checks(
         );
     }
     let without_nodes: Vec<&str> = virtual_storages
-        .iter()
-        .filter(|vs| healthy.get(vs.as_str()).is_none_or(|set| set.is_empty()))
-        .map(String::as_str)
+        .into_iter()
+        .filter(|vs| healthy.get(*vs).is_none_or(|set| set.is_empty()))
         .collect();
     if !without_nodes.is_empty() {
         failed.insert(

@@ -39,17 +39,13 @@ pub fn virtual_filesystem_id(virtual_storage: &str) -> String {
 impl Proxy {
     /// The readiness checks that fail now (see `health::readiness`).
     pub fn failed_readiness_checks(&self) -> Vec<readiness::FailedCheck> {
-        let virtual_storages: Vec<String> = self
-            .config
-            .virtual_storage
-            .iter()
-            .map(|vs| vs.name.clone())
-            .collect();
         readiness::failed_checks(
-            self.cache.store(),
             &self.cache,
             &self.health.healthy(),
-            &virtual_storages,
+            self.config
+                .virtual_storage
+                .iter()
+                .map(|vs| vs.name.as_str()),
         )
     }
 

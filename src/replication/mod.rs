@@ -175,25 +175,19 @@ impl Replicator {
         if !healthy {
             return false;
         }
-        let jobs = match self
+        let dequeued = self
             .store
             .dequeue(
                 virtual_storage,
                 storage,
                 self.config.replication.batch_size.max(1),
             )
-            .await
-        {
-            Ok(jobs) => {
-                outage::REPLICATOR.succeeded();
-                jobs
-            }
-            Err(err) => {
-                if !outage::REPLICATOR.failed(&err) {
-                    tracing::error!(virtual_storage, storage, error = %err, "dequeuing replication jobs failed");
-                }
-                return false;
-            }
+            .await;
+        if let Some(err) = outage::REPLICATOR.observe(&dequeued) {
+            tracing::error!(virtual_storage, storage, error = %err, "dequeuing replication jobs failed");
+        }
+        let Ok(jobs) = dequeued else {
+            return false;
         };
         if jobs.is_empty() {
             return false;
@@ -302,18 +296,12 @@ impl Replicator {
     /// Frees the jobs of routers that died mid-job: once at start, then every 30 s.
     async fn release_stale_jobs(self, mut stop: watch::Receiver<bool>) {
         loop {
-            match self.store.release_stale_jobs(STALE_JOB_TIMEOUT).await {
-                Ok(released) => {
-                    outage::QUEUE_CLEANER.succeeded();
-                    if released > 0 {
-                        tracing::info!(released, "released stale replication jobs");
-                    }
-                }
-                Err(err) => {
-                    if !outage::QUEUE_CLEANER.failed(&err) {
-                        tracing::error!(error = %err, "releasing stale replication jobs failed")
-                    }
-                }
+            let outcome = self.store.release_stale_jobs(STALE_JOB_TIMEOUT).await;
+            if let Some(err) = outage::QUEUE_CLEANER.observe(&outcome) {
+                tracing::error!(error = %err, "releasing stale replication jobs failed")
+            }
+            if let Ok(released @ 1..) = outcome {
+                tracing::info!(released, "released stale replication jobs");
             }
             tokio::select! {
                 _ = tokio::time::sleep(STALE_JOB_CHECK_INTERVAL) => {}
@@ -329,18 +317,12 @@ impl Replicator {
                 _ = tokio::time::sleep(ORPHAN_LOCK_INTERVAL) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            match self.store.delete_orphan_locks(ORPHAN_LOCK_BATCH).await {
-                Ok(deleted) => {
-                    outage::QUEUE_CLEANER.succeeded();
-                    if deleted > 0 {
-                        tracing::info!(deleted, "deleted unused replication locks");
-                    }
-                }
-                Err(err) => {
-                    if !outage::QUEUE_CLEANER.failed(&err) {
-                        tracing::error!(error = %err, "deleting unused replication locks failed")
-                    }
-                }
+            let outcome = self.store.delete_orphan_locks(ORPHAN_LOCK_BATCH).await;
+            if let Some(err) = outage::QUEUE_CLEANER.observe(&outcome) {
+                tracing::error!(error = %err, "deleting unused replication locks failed")
+            }
+            if let Ok(deleted @ 1..) = outcome {
+                tracing::info!(deleted, "deleted unused replication locks");
             }
         }
     }

@@ -68,13 +68,9 @@ impl Reconciler {
                 _ = tokio::time::sleep(interval) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            match self.reconcile().await {
-                Ok(_) => crate::datastore::outage::RECONCILER.succeeded(),
-                Err(err) => {
-                    if !crate::datastore::outage::RECONCILER.failed(&err) {
-                        tracing::error!(error = %err, "reconciliation failed");
-                    }
-                }
+            let outcome = self.reconcile().await;
+            if let Some(err) = crate::datastore::outage::RECONCILER.observe(&outcome) {
+                tracing::error!(error = %err, "reconciliation failed");
             }
         }
     }

@@ -316,13 +316,9 @@ impl<C: Cluster> Verifier<C> {
             if *stop.borrow() {
                 return;
             }
-            match self.run_once(&stop).await {
-                Ok(_) => crate::datastore::outage::VERIFIER.succeeded(),
-                Err(err) => {
-                    if !crate::datastore::outage::VERIFIER.failed(&err) {
-                        tracing::warn!(error = %err, "background verification run failed");
-                    }
-                }
+            let outcome = self.run_once(&stop).await;
+            if let Some(err) = crate::datastore::outage::VERIFIER.observe(&outcome) {
+                tracing::warn!(error = %err, "background verification run failed");
             }
             tokio::select! {
                 _ = tokio::time::sleep(RUN_INTERVAL) => {}
@@ -372,13 +368,9 @@ pub async fn run_lease_releaser(store: Datastore, mut stop: watch::Receiver<bool
             _ = tokio::time::sleep(RELEASE_INTERVAL) => {}
             _ = stop.wait_for(|stopped| *stopped) => return,
         }
-        match release_stale_leases(&store).await {
-            Ok(_) => crate::datastore::outage::LEASE_RELEASER.succeeded(),
-            Err(err) => {
-                if !crate::datastore::outage::LEASE_RELEASER.failed(&err) {
-                    tracing::warn!(error = %err, "releasing stale verification leases failed");
-                }
-            }
+        let outcome = release_stale_leases(&store).await;
+        if let Some(err) = crate::datastore::outage::LEASE_RELEASER.observe(&outcome) {
+            tracing::warn!(error = %err, "releasing stale verification leases failed");
         }
     }
 }
