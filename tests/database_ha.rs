@@ -16,14 +16,14 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::gitnode::GitNode;
 use common::patroni::Patroni;
 use common::pg::OwnServer;
-use common::router::{free_port, virtual_repo, write_config_full, NodeEntry, Router};
+use common::router::{start_router_on, virtual_repo, NodeEntry, Router};
 use common::wait::wait_until;
 use praefect::config::DatabaseConnection;
 use praefect::datastore::{find_writable, targets, Datastore, PoolSettings};
@@ -63,17 +63,7 @@ async fn start_router(
     extra: &str,
 ) -> Router {
     let entries: Vec<NodeEntry> = nodes.iter().map(NodeEntry::from).collect();
-    let config = write_config_full(
-        dir,
-        db,
-        session,
-        &entries,
-        &format!("127.0.0.1:{}", free_port()),
-        &format!("prometheus_listen_addr = \"127.0.0.1:0\"\n{extra}"),
-    );
-    tokio::task::spawn_blocking(move || Router::start(&config))
-        .await
-        .unwrap()
+    start_router_on(dir, db, session, &entries, extra).await
 }
 
 async fn create(router: &Router, path: &str) -> Result<(), tonic::Status> {
@@ -149,11 +139,11 @@ impl Load {
         {
             let (log, stop, router) = (log.clone(), stop.clone(), router.clone());
             let prefix = prefix.to_string();
-            let counter = AtomicU64::new(0);
             tasks.push(tokio::spawn(async move {
+                let mut n: u64 = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let n = counter.fetch_add(1, Ordering::Relaxed);
                     let path = format!("{prefix}/{n:05}.git");
+                    n += 1;
                     let started = Instant::now();
                     match create(&router, &path).await {
                         Ok(()) => log

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use common::gitnode::{as_refs, git, GitNode};
 use common::pg::TestDb;
 use common::router::{
-    commit_and_push, free_port, praefect_cli, router_git_env, sample, scrape_metrics,
-    seed_repository, virtual_repo, work_tree, write_config_on, NodeEntry, Router,
+    commit_and_push, praefect_cli, router_git_env, sample, scrape_metrics, seed_repository,
+    start_router_on, virtual_repo, work_tree, NodeEntry, Router,
 };
 use common::wait::wait_until;
 use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
@@ -28,16 +28,7 @@ async fn start_router(
     extra: &str,
 ) -> Router {
     let entries: Vec<NodeEntry> = nodes.iter().map(|n| NodeEntry::from(*n)).collect();
-    let config = write_config_on(
-        dir,
-        &db.connection(),
-        &entries,
-        &format!("127.0.0.1:{}", free_port()),
-        &format!("prometheus_listen_addr = \"127.0.0.1:0\"\n{extra}"),
-    );
-    tokio::task::spawn_blocking(move || Router::start(&config))
-        .await
-        .unwrap()
+    start_router_on(dir, &db.connection(), None, &entries, extra).await
 }
 
 /// (storage, generation) of every replica, and the repository's generation.

@@ -256,6 +256,41 @@ fn initdb(cwd: &Path, data_dir: &Path, identity: Option<(u32, u32)>) {
     );
 }
 
+/// `pg_ctl start` of `data_dir` on 127.0.0.1:`port` (sockets in `socket_dir`, log in
+/// `dir/server.log`), tuned for tests (no fsync), waiting until it accepts connections.
+fn pg_ctl_start(
+    dir: &Path,
+    data_dir: &Path,
+    port: u16,
+    socket_dir: &Path,
+    identity: Option<(u32, u32)>,
+) {
+    let options = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+         -c full_page_writes=off -c max_connections=500",
+        socket_dir.display()
+    );
+    let output = run_as(&mut Command::new(find_pg_binary("pg_ctl")), identity)
+        .current_dir(dir)
+        .arg("-D")
+        .arg(data_dir)
+        .arg("-l")
+        .arg(dir.join("server.log"))
+        .args(["-w", "-t", "60", "-o", &options, "start"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .output()
+        .expect("running pg_ctl start");
+    assert!(
+        output.status.success(),
+        "pg_ctl start failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+    );
+}
+
 async fn start_private_server(state_dir: &Path) -> PgServer {
     let identity = server_identity();
     let data_dir = state_dir.join("data");
@@ -289,31 +324,7 @@ async fn start_private_server(state_dir: &Path) -> PgServer {
         initdb(state_dir, &data_dir, identity);
     }
     server.port = free_port();
-    let options = format!(
-        "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-         -c full_page_writes=off -c max_connections=500",
-        server.port,
-        socket_dir.display()
-    );
-    let output = run_as(&mut Command::new(find_pg_binary("pg_ctl")), identity)
-        .current_dir(state_dir)
-        .arg("-D")
-        .arg(&data_dir)
-        .arg("-l")
-        .arg(state_dir.join("server.log"))
-        .args(["-w", "-t", "60", "-o", &options, "start"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .output()
-        .expect("running pg_ctl start");
-    assert!(
-        output.status.success(),
-        "pg_ctl start failed: {}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        fs::read_to_string(state_dir.join("server.log")).unwrap_or_default()
-    );
+    pg_ctl_start(state_dir, &data_dir, server.port, &socket_dir, identity);
     fs::write(&port_file, server.port.to_string()).expect("writing the port file");
     server
 }
@@ -472,22 +483,13 @@ impl OwnServer {
 
     /// (Re)starts the server on its port.
     pub fn start_again(&self) {
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=200",
+        pg_ctl_start(
+            &self.dir,
+            &self.dir.join("data"),
             self.port,
-            self.dir.join("socket").display()
+            &self.dir.join("socket"),
+            self.identity,
         );
-        let log = self.dir.join("server.log");
-        self.pg_ctl(&[
-            "-l",
-            log.to_str().unwrap(),
-            "-w",
-            "-t",
-            "60",
-            "-o",
-            &options,
-            "start",
-        ]);
     }
 
     /// Stops the server the way an operator or a crash-free restart does (fast shutdown:

@@ -104,6 +104,28 @@ pub fn write_config_full(
     path
 }
 
+/// Writes a configuration into `dir` (virtual storage "default" with `nodes`, a free
+/// listening port, a Prometheus listener, `extra` at the top level) and starts a router on it.
+pub async fn start_router_on(
+    dir: &Path,
+    db: &DatabaseConnection,
+    session: Option<&DatabaseConnection>,
+    nodes: &[NodeEntry],
+    extra: &str,
+) -> Router {
+    let config = write_config_full(
+        dir,
+        db,
+        session,
+        nodes,
+        &format!("127.0.0.1:{}", free_port()),
+        &format!("prometheus_listen_addr = \"127.0.0.1:0\"\n{extra}"),
+    );
+    tokio::task::spawn_blocking(move || Router::start(&config))
+        .await
+        .unwrap()
+}
+
 /// A running `praefect serve`, stopped with SIGTERM when dropped.
 pub struct Router {
     pub child: Child,
