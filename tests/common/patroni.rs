@@ -407,7 +407,10 @@ fn spawn_logged(command: &mut Command, log: &Path, identity: Option<(u32, u32)>)
     if let Some((uid, gid)) = identity {
         command.uid(uid).gid(gid);
     }
+    // Our own working directory (the checkout) may be closed to the unprivileged user, and
+    // initdb, which Patroni runs, fails when it cannot read its working directory.
     command
+        .current_dir(log.parent().unwrap())
         .env("HOME", log.parent().unwrap())
         .stdin(Stdio::null())
         .stdout(file.try_clone().unwrap())

@@ -86,7 +86,9 @@ impl PgBouncer {
         if let Some((uid, gid)) = identity {
             command.uid(uid).gid(gid);
         }
+        // Not our own working directory: the checkout may be closed to that user.
         let child = command
+            .current_dir(&dir)
             .arg(&ini)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
