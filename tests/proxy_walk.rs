@@ -31,8 +31,8 @@ use common::echo::{self, EchoLog, EchoNode, Received};
 use common::pg::TestDb;
 use common::router::{write_config_with, NodeEntry, Router, ROUTER_TOKEN};
 use http_body_util::BodyExt;
-use praefect::proxy::registry::{MethodInfo, OpType, Registry, Scope};
 use praefect::proxy::rewrite;
+use praefect::routing::registry::{MethodInfo, OpType, Registry, Scope};
 use praefect::routing::{pool_replica_path, replica_path};
 use praefect::wire::auth;
 use praefect::wire::proto::{

@@ -6,12 +6,8 @@
 //! cache's change listener; then the listeners. SIGTERM or SIGINT stops accepting, lets
 //! in-flight calls finish for up to `graceful_stop_timeout`, then exits.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -24,7 +20,6 @@ use crate::datastore::{Datastore, ListenerSettings, PoolSettings, StorageCache};
 use crate::health::HealthManager;
 use crate::logging;
 use crate::nodes::NodePool;
-use crate::proxy::registry::Registry;
 use crate::proxy::Proxy;
 use crate::replication::reconciler::Reconciler;
 use crate::replication::Replicator;
@@ -177,22 +172,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     ];
 
     let sessions = SessionRegistry::default();
-    let proxy = Arc::new(Proxy {
-        registry: Registry::global(),
-        config: config.clone(),
-        nodes: nodes.clone(),
-        health: health.clone(),
+    let proxy = Arc::new(Proxy::new(
+        config.clone(),
+        nodes.clone(),
+        health.clone(),
         cache,
-        sessions: sessions.clone(),
-    });
+        sessions.clone(),
+    ));
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let dispatch = Dispatch {
-        health: health_service,
-        proxy: proxy.clone(),
-    };
+    let service = crate::proxy::router_service(proxy.clone(), health_service);
 
     let auth = AuthLayer::new(AuthConfig::new(
         &config.auth.token,
@@ -222,7 +213,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let stream = incoming(listener, sessions.clone(), yamux);
         let mut stop = stop_rx.clone();
         servers.push(tokio::spawn(server.serve_with_incoming_shutdown(
-            dispatch.clone(),
+            service.clone(),
             stream,
             async move {
                 let _ = stop.wait_for(|stopped| *stopped).await;
@@ -297,54 +288,4 @@ fn readiness_route(proxy: Arc<Proxy>) -> axum::Router {
             }
         }),
     )
-}
-
-/// The gRPC health service's calls; everything else goes to the proxy.
-const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
-
-/// The router's service: gRPC health checks to `health`, every other call to the proxy,
-/// without a routing table in between (the proxy looks methods up itself).
-#[derive(Clone)]
-struct Dispatch<H> {
-    health: H,
-    proxy: Arc<Proxy>,
-}
-
-type ProxyFuture =
-    Pin<Box<dyn Future<Output = Result<http::Response<tonic::body::Body>, Infallible>> + Send>>;
-
-impl<H> tower::Service<http::Request<tonic::body::Body>> for Dispatch<H>
-where
-    H: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    H::Future: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = futures::future::Either<H::Future, ProxyFuture>;
-
-    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
-        // The health service is always ready, and the proxy has no queue of its own.
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let health = request
-            .uri()
-            .path()
-            .strip_prefix(HEALTH_PREFIX)
-            .is_some_and(|method| !method.is_empty());
-        if health {
-            // A clone that is ready, as tower wants (generated services always are).
-            let mut service = self.health.clone();
-            return futures::future::Either::Left(service.call(request));
-        }
-        let proxy = self.proxy.clone();
-        futures::future::Either::Right(Box::pin(async move { Ok(proxy.handle(request).await) }))
-    }
 }

@@ -154,14 +154,9 @@ impl Datastore {
     }
 }
 
-/// Where a repository lives and which storages hold its latest generation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConsistentStorages {
-    pub repository_id: i64,
-    pub replica_path: String,
-    /// Storages whose replica is at the repository's generation, sorted.
-    pub storages: Vec<String>,
-}
+/// Where a repository lives and which storages hold its latest generation (routing's type:
+/// the read cache holds these, and routing reads them without a copy).
+pub type ConsistentStorages = crate::routing::ReplicaSet;
 
 impl Datastore {
     /// The replica path and up-to-date storages of a repository; None if it is not tracked.
@@ -258,14 +253,8 @@ impl Datastore {
     }
 }
 
-/// Every replica a repository has on record, whatever its generation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecordedReplicas {
-    pub repository_id: i64,
-    pub replica_path: String,
-    /// Storages with a storage_repositories row, sorted.
-    pub storages: Vec<String>,
-}
+/// The storages that hold a replica of a repository, whatever its generation.
+pub type RecordedReplicas = crate::routing::ReplicaSet;
 
 impl Datastore {
     /// The replica path and the storages that hold a replica of a repository (maintenance

@@ -8,7 +8,6 @@
 
 pub mod readiness;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -27,7 +26,7 @@ pub const ROUND_INTERVAL: Duration = Duration::from_secs(1);
 pub const ROUND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Healthy storages per virtual storage, as this router saw them in its latest round.
-pub type HealthySet = BTreeMap<String, BTreeSet<String>>;
+pub use crate::routing::HealthySet;
 
 /// This router's name in `node_status`: `<hostname>:<listen_addr>` (or the socket path), so
 /// that it is the same after a restart.
@@ -144,5 +143,11 @@ impl HealthManager {
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
+    }
+}
+
+impl crate::routing::HealthView for HealthManager {
+    fn healthy(&self) -> Arc<HealthySet> {
+        HealthManager::healthy(self)
     }
 }

@@ -12,6 +12,57 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tonic::Status;
 
+use crate::datastore::{Datastore, DatastoreError, NewRepository, UpdateJob};
+use crate::routing::WriteRecord;
+
+/// Records a successful write: the new generation of the replicas that applied it and an
+/// `update` job from the primary for every other assigned one; for a creation, the
+/// repository itself first.
+pub async fn record(
+    store: &Datastore,
+    record: WriteRecord,
+    correlation_id: &str,
+) -> Result<(), DatastoreError> {
+    let jobs: Vec<UpdateJob> = record
+        .outdated
+        .iter()
+        .map(|target| UpdateJob {
+            repository_id: record.repository_id,
+            virtual_storage: record.repository.storage_name.clone(),
+            relative_path: record.repository.relative_path.clone(),
+            replica_path: record.replica_path.clone(),
+            source: record.primary.clone(),
+            target: target.clone(),
+            correlation_id: correlation_id.to_string(),
+        })
+        .collect();
+    match record.created {
+        None => {
+            let mut updated = vec![record.primary];
+            updated.extend(record.updated_secondaries);
+            store
+                .record_write(record.repository_id, &updated, &jobs)
+                .await
+                .map(|_| ())
+        }
+        Some(creation) => {
+            store
+                .create_repository(&NewRepository {
+                    repository_id: record.repository_id,
+                    virtual_storage: record.repository.storage_name,
+                    relative_path: record.repository.relative_path,
+                    replica_path: record.replica_path,
+                    primary: record.primary,
+                    updated_secondaries: record.updated_secondaries,
+                    outdated_secondaries: record.outdated,
+                    store_assignments: creation.store_assignments,
+                })
+                .await?;
+            store.enqueue_updates(&jobs).await
+        }
+    }
+}
+
 /// The bookkeeping of one finished call.
 type Finishing = Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>;
 type Finalizer = Box<dyn FnOnce(bool) -> Finishing + Send>;

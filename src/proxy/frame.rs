@@ -19,7 +19,7 @@ pub enum FrameError {
     #[error("the first message is larger than {MAX_FIRST_MESSAGE} bytes")]
     TooLarge,
     #[error("reading the request: {0}")]
-    Body(String),
+    Body(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The first message, and the bytes that followed it in the same chunk.
@@ -32,7 +32,7 @@ pub struct FirstMessage {
 pub async fn read_first<S, E>(body: &mut S) -> Result<FirstMessage, FrameError>
 where
     S: Stream<Item = Result<Frame<Bytes>, E>> + Unpin,
-    E: std::fmt::Display,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut buf = BytesMut::new();
     loop {
@@ -59,7 +59,7 @@ where
                     buf.extend_from_slice(&data);
                 }
             }
-            Some(Err(err)) => return Err(FrameError::Body(err.to_string())),
+            Some(Err(err)) => return Err(FrameError::Body(err.into())),
             None => return Err(FrameError::Empty),
         }
     }

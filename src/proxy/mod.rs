@@ -1,20 +1,24 @@
-//! The gRPC pass-through: the registry of RPCs, reading and rewriting the first request
-//! message on the wire format, and forwarding calls to the chosen node.
+//! The gRPC pass-through: the router's service (`service.rs`: what the router answers itself
+//! and what it forwards), the forwarding pipeline (`pipeline.rs`: look up, read the first
+//! message, route, rewrite, send, finalize), reading and rewriting the first request message
+//! on the wire format, and the one error model (`error.rs`) that maps every failure to a
+//! gRPC status.
 
 pub mod error;
 mod finalize;
+mod forward;
 pub mod frame;
-pub mod handler;
-mod intercept;
-mod maintenance;
-mod mutator;
-mod praefect_info;
-pub mod registry;
-mod removal;
+pub mod layers;
+pub mod local;
+mod pipeline;
 pub mod rewrite;
-mod server_service;
+mod route;
+mod service;
 mod sidechannel;
-mod walk;
+mod state;
+mod store;
 
 pub use error::ProxyError;
-pub use handler::Proxy;
+pub use service::{router_service, RouterService};
+pub use state::Proxy;
+pub use store::CachedStore;

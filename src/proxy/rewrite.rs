@@ -152,12 +152,7 @@ pub fn replace_at(msg: &[u8], path: &[u32], f: &mut Replacer<'_>) -> Result<Vec<
     Ok(out)
 }
 
-/// A repository as the request names it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RepositoryRef {
-    pub storage_name: String,
-    pub relative_path: String,
-}
+pub use crate::routing::RepositoryRef;
 
 fn string_field(msg: &[u8], number: u32) -> Result<String, RewriteError> {
     match find_unique(msg, number)? {
@@ -229,7 +224,7 @@ pub fn rewrite_string(msg: &[u8], path: &[u32], value: &str) -> Result<Vec<u8>, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::registry::{Registry, Scope};
+    use crate::routing::registry::{Registry, Scope};
     use crate::wire::proto::{
         LinkRepositoryToObjectPoolRequest, ObjectPool, Repository, RepositoryExistsRequest,
     };

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 
+use super::error::Malformed;
 use crate::wire::backchannel::{BoxIo, PeerInfo, SessionRegistry};
 use crate::wire::pktline::{self, Packet};
 use crate::wire::sidechannel::{self, SidechannelWaiter};
@@ -84,4 +85,21 @@ async fn client_to_node(mut client: ReadHalf<BoxIo>, mut node: WriteHalf<BoxIo>)
 async fn node_to_client(mut node: ReadHalf<BoxIo>, mut client: WriteHalf<BoxIo>) {
     let _ = tokio::io::copy(&mut node, &mut client).await;
     let _ = client.shutdown().await;
+}
+
+/// The client's sidechannel id, if the call uses one (the last value wins, as on nodes).
+pub fn client_id(headers: &http::HeaderMap) -> Result<Option<u64>, Malformed> {
+    let Some(value) = headers
+        .get_all(sidechannel::METADATA_KEY)
+        .iter()
+        .next_back()
+    else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .map(|id| Some(id as u64))
+        .ok_or(Malformed::SidechannelId)
 }

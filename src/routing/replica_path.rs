@@ -22,6 +22,29 @@ pub fn pool_replica_path(repository_id: i64) -> String {
     format!("@cluster/pools/{h0}/{h1}/{repository_id}")
 }
 
+/// Whether `path` is a pool path as Rails creates them: `@pools/xx/yy/<64 hex>.git`, where xx
+/// and yy are the hash's first two bytes.
+pub fn is_rails_pool_path(path: &str) -> bool {
+    let Some(rest) = path
+        .strip_prefix("@pools/")
+        .and_then(|p| p.strip_suffix(".git"))
+    else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    let [first, second, hash] = parts.as_slice() else {
+        return false;
+    };
+    hash.len() == 64
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        && hash.starts_with(first)
+        && first.len() == 2
+        && second.len() == 2
+        && hash[2..].starts_with(second)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -32,5 +55,21 @@ mod tests {
         assert_eq!(pool_replica_path(1), "@cluster/pools/6b/86/1");
         // sha256("2") = d4735e3a...
         assert_eq!(replica_path(2), "@cluster/repositories/d4/73/2");
+    }
+
+    #[test]
+    fn rails_pool_paths_are_recognised() {
+        let hash = format!("ab12{}", "0".repeat(60));
+        assert!(is_rails_pool_path(&format!("@pools/ab/12/{hash}.git")));
+        for bad in [
+            format!("@pools/ab/13/{hash}.git"),
+            format!("@pools/ab/12/{hash}"),
+            format!("@hashed/ab/12/{hash}.git"),
+            "@pools/ab/12/ab12.git".to_string(),
+            format!("@pools/ab/12/{}.git", hash.to_uppercase()),
+            format!("@pools/ab/12/../{hash}.git"),
+        ] {
+            assert!(!is_rails_pool_path(&bad), "{bad}");
+        }
     }
 }

@@ -2,27 +2,24 @@
 //! virtual storage, so ServerInfo reports virtual storages (asking one node of each), and
 //! DiskStatistics lists every node's storages under their physical names.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
+use tonic::{Request, Response, Status};
 
-use super::error::ProxyError;
-use super::handler::Proxy;
-use super::intercept;
-use crate::health::readiness;
+use crate::proxy::error::ProxyError;
+use crate::proxy::state::Proxy;
 use crate::wire::proto::readiness_check_response::{
     failure, Failure, Ok as ReadyOk, Result as Readiness,
 };
 use crate::wire::proto::server_info_response::StorageStatus;
 use crate::wire::proto::server_service_client::ServerServiceClient;
+use crate::wire::proto::server_service_server::ServerService;
 use crate::wire::proto::{
-    DiskStatisticsRequest, DiskStatisticsResponse, ReadinessCheckResponse, ServerInfoRequest,
-    ServerInfoResponse,
+    DiskStatisticsRequest, DiskStatisticsResponse, ReadinessCheckRequest, ReadinessCheckResponse,
+    ServerInfoRequest, ServerInfoResponse, ServerSignatureRequest, ServerSignatureResponse,
 };
-
-pub const SERVER_INFO: &str = "/gitaly.ServerService/ServerInfo";
-pub const DISK_STATISTICS: &str = "/gitaly.ServerService/DiskStatistics";
-pub const READINESS_CHECK: &str = "/gitaly.ServerService/ReadinessCheck";
 
 /// How long one node may take to answer.
 const NODE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,58 +33,30 @@ pub fn virtual_filesystem_id(virtual_storage: &str) -> String {
     uuid::Uuid::new_v5(&FILESYSTEM_ID_NAMESPACE, virtual_storage.as_bytes()).to_string()
 }
 
-impl Proxy {
-    /// The readiness checks that fail now (see `health::readiness`).
-    pub fn failed_readiness_checks(&self) -> Vec<readiness::FailedCheck> {
-        readiness::failed_checks(
-            &self.cache,
-            &self.health.healthy(),
-            self.config
-                .virtual_storage
-                .iter()
-                .map(|vs| vs.name.as_str()),
-        )
-    }
+/// The router's `ServerService`.
+pub struct ServerServiceHere {
+    pub proxy: Arc<Proxy>,
+}
 
-    /// ReadinessCheck: ok, or the failed checks sorted by name. Every check reads memory,
-    /// so the request's timeout cannot be reached.
-    pub(super) async fn readiness_check(
-        &self,
-    ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
-        let failed = self.failed_readiness_checks();
-        let result = if failed.is_empty() {
-            Readiness::OkResponse(ReadyOk {})
-        } else {
-            Readiness::FailureResponse(Failure {
-                failed_checks: failed
-                    .into_iter()
-                    .map(|check| failure::Response {
-                        name: check.name,
-                        error_message: check.error_message,
-                    })
-                    .collect(),
-            })
-        };
-        Ok(intercept::unary_ok(&ReadinessCheckResponse {
-            result: Some(result),
-        }))
-    }
-
+#[tonic::async_trait]
+impl ServerService for ServerServiceHere {
     /// ServerInfo: per virtual storage, the status one of its nodes reports for its own
     /// storage, renamed to the virtual storage. Nodes that fail are skipped (the next one of
     /// the virtual storage is tried); versions come from the first answer.
-    pub(super) async fn server_info(
+    async fn server_info(
         &self,
-    ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
-        let lookups = self.config.virtual_storage.iter().map(|vs| async move {
+        _request: Request<ServerInfoRequest>,
+    ) -> Result<Response<ServerInfoResponse>, Status> {
+        let proxy = &self.proxy;
+        let lookups = proxy.config.virtual_storage.iter().map(|vs| async move {
             let mut storages: Vec<&str> = vs.node.iter().map(|n| n.storage.as_str()).collect();
             storages.shuffle(&mut rand::thread_rng());
             // Try healthy nodes first; the others only if none of those answers.
-            let healthy = self.health.healthy();
+            let healthy = proxy.health.healthy();
             let is_healthy = |s: &str| healthy.get(&vs.name).is_some_and(|set| set.contains(s));
             storages.sort_by_key(|s| !is_healthy(s));
             for storage in storages {
-                let Some(channel) = self.nodes.channel(&vs.name, storage) else {
+                let Some(channel) = proxy.nodes.channel(&vs.name, storage) else {
                     continue;
                 };
                 let mut client = ServerServiceClient::new(channel.clone());
@@ -132,39 +101,73 @@ impl Proxy {
             }
             response.storage_statuses.push(status);
         }
-        Ok(intercept::unary_ok(&response))
+        Ok(Response::new(response))
     }
 
     /// DiskStatistics: every node in turn, their statuses concatenated under physical names.
     /// Any failure fails the call, naming the storage.
-    pub(super) async fn disk_statistics(
+    async fn disk_statistics(
         &self,
-    ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
+        _request: Request<DiskStatisticsRequest>,
+    ) -> Result<Response<DiskStatisticsResponse>, Status> {
         let mut response = DiskStatisticsResponse::default();
-        for (node, channel) in self.nodes.iter() {
+        for (node, channel) in self.proxy.nodes.iter() {
             let mut client = ServerServiceClient::new(channel.clone());
-            let failed = || {
-                ProxyError::NodeRequest(format!(
-                    "error when requesting disk statistics from internal storage {}",
-                    node.storage
-                ))
+            let failed = |source: super::super::error::BoxError| ProxyError::NodeRequest {
+                what: "disk statistics",
+                storage: node.storage.clone(),
+                source,
             };
             let answer = tokio::time::timeout(
                 NODE_TIMEOUT,
                 client.disk_statistics(DiskStatisticsRequest {}),
             )
             .await
-            .map_err(|_| failed())?
-            .map_err(|status| {
-                tracing::warn!(storage = %node.storage, error = %status.message(), "DiskStatistics failed on a node");
-                failed()
-            })?;
+            .map_err(|elapsed| failed(Box::new(elapsed)).report())?
+            .map_err(|status| failed(Box::new(status)).report())?;
             response
                 .storage_statuses
                 .extend(answer.into_inner().storage_statuses);
         }
-        Ok(intercept::unary_ok(&response))
+        Ok(Response::new(response))
     }
+
+    /// ReadinessCheck: ok, or the failed checks sorted by name. Every check reads memory,
+    /// so the request's timeout cannot be reached.
+    async fn readiness_check(
+        &self,
+        _request: Request<ReadinessCheckRequest>,
+    ) -> Result<Response<ReadinessCheckResponse>, Status> {
+        let failed = self.proxy.failed_readiness_checks();
+        let result = if failed.is_empty() {
+            Readiness::OkResponse(ReadyOk {})
+        } else {
+            Readiness::FailureResponse(Failure {
+                failed_checks: failed
+                    .into_iter()
+                    .map(|check| failure::Response {
+                        name: check.name,
+                        error_message: check.error_message,
+                    })
+                    .collect(),
+            })
+        };
+        Ok(Response::new(ReadinessCheckResponse {
+            result: Some(result),
+        }))
+    }
+
+    async fn server_signature(
+        &self,
+        _request: Request<ServerSignatureRequest>,
+    ) -> Result<Response<ServerSignatureResponse>, Status> {
+        Err(not_yet("/gitaly.ServerService/ServerSignature"))
+    }
+}
+
+/// An RPC the router answers itself but does not implement yet.
+pub(super) fn not_yet(method: &str) -> Status {
+    ProxyError::NotImplemented(method.to_string()).to_status()
 }
 
 #[cfg(test)]

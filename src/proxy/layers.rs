@@ -1,0 +1,218 @@
+//! The tower layers every call to the router goes through, after authentication: a
+//! correlation id (kept from the client, or made), the request span whose fields every log
+//! line of the call carries, and the method-type metric of routed calls.
+
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+
+use tower::{Layer, Service};
+use tracing::instrument::{Instrument, Instrumented};
+
+use super::local;
+use crate::metrics;
+use crate::routing::registry::{OpType, Registry};
+
+/// GitLab's correlation id, kept from the client or generated.
+pub const CORRELATION_HEADER: &str = "x-gitlab-correlation-id";
+const CORRELATION_NAME: http::HeaderName = http::HeaderName::from_static(CORRELATION_HEADER);
+
+/// The call's correlation id (set by [`CorrelationLayer`]).
+pub fn correlation_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get(&CORRELATION_NAME)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A new correlation id: a random (v4) UUID without hyphens. The bytes come from the thread's
+/// CSPRNG (seeded from the OS, reseeded periodically) rather than a `getrandom` system call
+/// per call, as `Uuid::new_v4` makes.
+fn new_correlation_id() -> http::HeaderValue {
+    let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut text = [0u8; uuid::fmt::Simple::LENGTH];
+    let text = uuid.simple().encode_lower(&mut text);
+    http::HeaderValue::from_str(text).unwrap_or(http::HeaderValue::from_static("0"))
+}
+
+/// Gives every call a correlation id: the client's, or a new one when it sent none.
+#[derive(Clone, Copy, Default)]
+pub struct CorrelationLayer;
+
+impl<S> Layer<S> for CorrelationLayer {
+    type Service = Correlation<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Correlation { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Correlation<S> {
+    inner: S,
+}
+
+impl<S, B> Service<http::Request<B>> for Correlation<S>
+where
+    S: Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> S::Future {
+        let has_id = request
+            .headers()
+            .get(&CORRELATION_NAME)
+            .is_some_and(|id| !id.is_empty() && id.to_str().is_ok());
+        if !has_id {
+            request
+                .headers_mut()
+                .insert(CORRELATION_NAME, new_correlation_id());
+        }
+        self.inner.call(request)
+    }
+}
+
+/// Runs every call inside a span with `grpc.method`, `correlation_id` and (once routed)
+/// `virtual_storage`, so that each log line of the call can be traced back to it.
+#[derive(Clone, Copy, Default)]
+pub struct SpanLayer;
+
+impl<S> Layer<S> for SpanLayer {
+    type Service = RequestSpan<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestSpan { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct RequestSpan<S> {
+    inner: S,
+}
+
+impl<S, B> Service<http::Request<B>> for RequestSpan<S>
+where
+    S: Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Instrumented<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let span = tracing::info_span!(
+            "grpc",
+            grpc.method = %request.uri().path(),
+            correlation_id = %correlation_id(request.headers()),
+            virtual_storage = tracing::field::Empty,
+        );
+        self.inner.call(request).instrument(span)
+    }
+}
+
+/// Counts routed calls by operation type (`gitaly_praefect_method_types`); calls the router
+/// answers itself are not routed and not counted.
+#[derive(Clone, Copy, Default)]
+pub struct MethodTypesLayer;
+
+impl<S> Layer<S> for MethodTypesLayer {
+    type Service = MethodTypes<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        MethodTypes { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct MethodTypes<S> {
+    inner: S,
+}
+
+impl<S, B> Service<http::Request<B>> for MethodTypes<S>
+where
+    S: Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> S::Future {
+        let path = request.uri().path();
+        if let Some(method) = Registry::global().lookup(path) {
+            if !method.intercepted && local::answered_by(path).is_none() {
+                count_method_type(method.op_type);
+            }
+        }
+        self.inner.call(request)
+    }
+}
+
+/// Counts a routed call by its operation type (each type's counter looked up once, on its
+/// first call, so that a type appears in the metrics only once counted).
+fn count_method_type(op_type: OpType) {
+    static COUNTERS: [OnceLock<prometheus::IntCounter>; 4] = [const { OnceLock::new() }; 4];
+    let index = match op_type {
+        OpType::Accessor => 0,
+        OpType::Mutator => 1,
+        OpType::Maintenance => 2,
+        OpType::Unknown => 3,
+    };
+    COUNTERS[index]
+        .get_or_init(|| metrics::METHOD_TYPES.with_label_values(&[op_type.metric_label()]))
+        .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+
+    /// A service that answers with the request's headers.
+    fn echo_headers() -> impl Service<
+        http::Request<()>,
+        Response = http::HeaderMap,
+        Error = Infallible,
+        Future = std::future::Ready<Result<http::HeaderMap, Infallible>>,
+    > + Clone {
+        tower::service_fn(|request: http::Request<()>| {
+            std::future::ready(Ok::<_, Infallible>(request.headers().clone()))
+        })
+    }
+
+    #[tokio::test]
+    async fn correlation_ids_are_kept_or_made() {
+        use tower::ServiceExt;
+        let cases = [(Some("abc"), Some("abc")), (Some(""), None), (None, None)];
+        for (sent, kept) in cases {
+            let mut request = http::Request::new(());
+            if let Some(id) = sent {
+                request
+                    .headers_mut()
+                    .insert(CORRELATION_NAME, http::HeaderValue::from_static(id));
+            }
+            let headers = CorrelationLayer
+                .layer(echo_headers())
+                .oneshot(request)
+                .await
+                .unwrap();
+            let id = correlation_id(&headers);
+            match kept {
+                Some(kept) => assert_eq!(id, kept),
+                None => {
+                    assert_eq!(id.len(), 32, "{id}");
+                    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! What every call shares: the configuration, the node connections, health, the read cache
+//! and the router built on them.
+
+use std::sync::Arc;
+
+use super::store::CachedStore;
+use crate::config::Config;
+use crate::datastore::{Datastore, StorageCache};
+use crate::health::{readiness, HealthManager};
+use crate::nodes::NodePool;
+use crate::routing::registry::Registry;
+use crate::routing::{Router, Topology};
+use crate::wire::backchannel::SessionRegistry;
+
+/// Everything routing and forwarding need, shared by all calls.
+pub struct Proxy {
+    pub registry: &'static Registry,
+    pub config: Arc<Config>,
+    pub nodes: Arc<NodePool>,
+    pub health: HealthManager,
+    pub cache: Arc<StorageCache>,
+    pub router: Router<CachedStore, HealthManager>,
+    /// Backchannel sessions of the router's clients, to open sidechannels to them.
+    pub sessions: SessionRegistry,
+}
+
+impl Proxy {
+    pub fn new(
+        config: Arc<Config>,
+        nodes: Arc<NodePool>,
+        health: HealthManager,
+        cache: Arc<StorageCache>,
+        sessions: SessionRegistry,
+    ) -> Self {
+        let router = Router::new(
+            Topology::from_config(&config),
+            CachedStore {
+                cache: cache.clone(),
+            },
+            health.clone(),
+        );
+        Proxy {
+            registry: Registry::global(),
+            config,
+            nodes,
+            health,
+            cache,
+            router,
+            sessions,
+        }
+    }
+
+    pub fn store(&self) -> &Datastore {
+        self.cache.store()
+    }
+
+    /// The readiness checks that fail now (see `health::readiness`).
+    pub fn failed_readiness_checks(&self) -> Vec<readiness::FailedCheck> {
+        readiness::failed_checks(
+            &self.cache,
+            &self.health.healthy(),
+            self.config
+                .virtual_storage
+                .iter()
+                .map(|vs| vs.name.as_str()),
+        )
+    }
+}
