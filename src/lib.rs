@@ -15,3 +15,6 @@ pub mod replication;
 pub mod routing;
 pub mod verification;
 pub mod wire;
+
+#[cfg(test)]
+mod architecture_tests;
