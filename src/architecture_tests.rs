@@ -20,14 +20,14 @@ struct SourceFile {
     reexports: BTreeMap<String, Vec<String>>,
 }
 
-fn source_files(dir: &Path, root: &Path, out: &mut Vec<PathBuf>) {
+fn source_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
-            source_files(&path, root, out);
+            source_files(&path, out);
         } else if path.extension().is_some_and(|e| e == "rs") {
             out.push(path);
         }
@@ -170,8 +170,7 @@ fn parse(path: &Path, root: &Path) -> SourceFile {
         while let Some(i) = code[from..].find(keyword) {
             let start = from + i;
             from = start + keyword.len();
-            if start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_')
-            {
+            if start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_') {
                 continue;
             }
             let end = code[start..]
@@ -262,7 +261,7 @@ fn resolve(
 /// declares modules and re-exports).
 fn import_graph(root: &Path) -> BTreeMap<Vec<String>, BTreeSet<Vec<String>>> {
     let mut paths = Vec::new();
-    source_files(root, root, &mut paths);
+    source_files(root, &mut paths);
     let files: BTreeMap<Vec<String>, SourceFile> = paths
         .iter()
         .map(|p| {
@@ -309,9 +308,7 @@ fn cycles(graph: &BTreeMap<Vec<String>, BTreeSet<Vec<String>>>) -> Vec<Vec<Strin
     for node in &nodes {
         let component: Vec<String> = nodes
             .iter()
-            .filter(|other| {
-                reachable[*node].contains(**other) && reachable[*other].contains(*node)
-            })
+            .filter(|other| reachable[*node].contains(**other) && reachable[*other].contains(*node))
             .map(|n| n.join("::"))
             .collect();
         if component.len() > 1 {

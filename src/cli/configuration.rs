@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
+use super::error::{report, CliError, EXIT_USAGE};
 use crate::config::{self, ValidationError};
 
 #[derive(Serialize)]
@@ -17,8 +18,7 @@ struct Report<'a> {
 pub fn validate_stdin() -> ExitCode {
     let mut text = String::new();
     if let Err(err) = std::io::stdin().read_to_string(&mut text) {
-        eprintln!("praefect configuration validate: reading stdin: {err}");
-        return ExitCode::FAILURE;
+        return report("configuration validate", Err(CliError::Stdin(err)));
     }
     match config::load_str(&text) {
         Ok(_) => ExitCode::SUCCESS,
@@ -28,7 +28,7 @@ pub fn validate_stdin() -> ExitCode {
                     Ok(json) => println!("{json}"),
                     Err(json_err) => eprintln!("praefect configuration validate: {json_err}"),
                 }
-                ExitCode::from(super::EXIT_USAGE)
+                ExitCode::from(EXIT_USAGE)
             }
             None => {
                 eprintln!("praefect configuration validate: {err}");

@@ -1,13 +1,13 @@
 //! `praefect -config FILE dial-nodes [-timeout 10s]`: can this router reach every node, is it
 //! healthy, and does it serve the storages the configuration expects, readable and writable?
 
-use std::process::ExitCode;
 use std::time::Duration;
 
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use super::error::CliError;
 use crate::config::Config;
 use crate::nodes::{configured_nodes, dial};
 use crate::wire::proto::server_service_client::ServerServiceClient;
@@ -134,7 +134,7 @@ async fn check(config: &Config, target: &Target, timeout: Duration) -> (Vec<Stri
     (lines, consistent)
 }
 
-pub async fn run(config: &Config, timeout: Duration) -> ExitCode {
+pub async fn run(config: &Config, timeout: Duration) -> Result<(), CliError> {
     let targets = targets(config);
     let checks = targets.iter().map(|t| check(config, t, timeout));
     let results = futures::future::join_all(checks).await;
@@ -148,12 +148,8 @@ pub async fn run(config: &Config, timeout: Duration) -> ExitCode {
         }
     }
     if unhealthy.is_empty() {
-        ExitCode::SUCCESS
+        Ok(())
     } else {
-        eprintln!(
-            "the following nodes are not healthy: {}",
-            unhealthy.join(", ")
-        );
-        ExitCode::FAILURE
+        Err(CliError::UnhealthyNodes(unhealthy))
     }
 }

@@ -2,7 +2,9 @@
 
 mod args;
 mod configuration;
+mod dial;
 mod dial_nodes;
+mod error;
 mod replication_factor;
 mod serve;
 mod sql;
@@ -16,15 +18,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+pub use error::{report, CliError, EXIT_USAGE};
+
 use crate::config::{self, Config};
 
 /// The version `--version` prints.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// Exit code of a subcommand interrupted by SIGINT, as a shell would report it.
-const EXIT_INTERRUPTED: u8 = 130;
-/// Exit code for usage errors (missing -config, bad flags, invalid configuration input).
-const EXIT_USAGE: u8 = 2;
 
 /// Parses `args` (the full argv) and runs the chosen command.
 pub fn run(args: Vec<OsString>) -> ExitCode {
@@ -73,58 +72,71 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
     runtime.block_on(dispatch(cli.command, config))
 }
 
+/// A subcommand's work, run until done or interrupted.
+type Work<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), CliError>> + 'a>>;
+
 async fn dispatch(command: Option<Command>, config: Config) -> ExitCode {
-    match command {
-        None | Some(Command::Serve) => serve::run(config).await,
-        Some(Command::SqlPing) => interruptible(sql::ping(&config)).await,
+    let (name, work): (&str, Work<'_>) = match command {
+        None | Some(Command::Serve) => return serve::run(config).await,
+        Some(Command::Configuration { .. }) => {
+            return report(
+                "configuration",
+                Err(CliError::Usage("configuration needs a subcommand".into())),
+            )
+        }
+        Some(Command::SqlPing) => ("sql-ping", Box::pin(sql::ping(&config))),
         Some(Command::SqlMigrate {
             ignore_unknown,
             verbose,
-        }) => interruptible(sql::migrate(&config, ignore_unknown, verbose)).await,
-        Some(Command::SqlMigrateStatus) => interruptible(sql::migrate_status(&config)).await,
-        Some(Command::SqlMigrateDown { force, max }) => {
-            interruptible(sql::migrate_down(&config, force, max)).await
+        }) => (
+            "sql-migrate",
+            Box::pin(sql::migrate(&config, ignore_unknown, verbose)),
+        ),
+        Some(Command::SqlMigrateStatus) => {
+            ("sql-migrate-status", Box::pin(sql::migrate_status(&config)))
         }
-        Some(Command::DialNodes { timeout }) => {
-            interruptible(dial_nodes::run(&config, timeout.to_std())).await
-        }
+        Some(Command::SqlMigrateDown { force, max }) => (
+            "sql-migrate-down",
+            Box::pin(sql::migrate_down(&config, force, max)),
+        ),
+        Some(Command::DialNodes { timeout }) => (
+            "dial-nodes",
+            Box::pin(dial_nodes::run(&config, timeout.to_std())),
+        ),
         Some(Command::Verify {
             repository_id,
             virtual_storage,
             storage,
-        }) => {
-            interruptible(verify::run(
+        }) => (
+            "verify",
+            Box::pin(verify::run(
                 &config,
                 repository_id,
                 virtual_storage,
                 storage,
-            ))
-            .await
-        }
+            )),
+        ),
         Some(Command::SetReplicationFactor {
             virtual_storage,
             relative_path,
             replication_factor,
-        }) => {
-            interruptible(replication_factor::run(
+        }) => (
+            "set-replication-factor",
+            Box::pin(replication_factor::run(
                 &config,
                 virtual_storage,
                 relative_path,
                 replication_factor,
-            ))
-            .await
-        }
-        Some(Command::Configuration { .. }) => unreachable!("handled before loading the config"),
-    }
+            )),
+        ),
+    };
+    report(name, interruptible(work).await)
 }
 
-/// Runs a subcommand, exiting with 130 if the operator presses Ctrl-C.
-async fn interruptible(work: impl Future<Output = ExitCode>) -> ExitCode {
+/// Runs a subcommand; the operator's Ctrl-C ends it with [`CliError::Interrupted`].
+async fn interruptible(work: impl Future<Output = Result<(), CliError>>) -> Result<(), CliError> {
     tokio::select! {
-        code = work => code,
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("praefect: interrupted");
-            ExitCode::from(EXIT_INTERRUPTED)
-        }
+        result = work => result,
+        _ = tokio::signal::ctrl_c() => Err(CliError::Interrupted),
     }
 }

@@ -1,10 +1,9 @@
 //! The database subcommands: `sql-ping`, `sql-migrate`, `sql-migrate-status`,
 //! `sql-migrate-down`.
 
-use std::process::ExitCode;
-
 use comfy_table::{presets::ASCII_FULL_CONDENSED, Table};
 
+use super::error::CliError;
 use crate::config::{Config, GoDuration};
 use crate::datastore::{Datastore, DatastoreError, MigrationEvent, MigrationState, PoolSettings};
 
@@ -12,28 +11,13 @@ async fn open(config: &Config) -> Result<Datastore, DatastoreError> {
     Datastore::connect(&config.database.connection(), PoolSettings::default()).await
 }
 
-/// Prints `praefect NAME: fail: ERR` and returns failure.
-fn fail(name: &str, err: impl std::fmt::Display) -> ExitCode {
-    eprintln!("praefect {name}: fail: {err}");
-    ExitCode::FAILURE
-}
-
 /// `sql-ping`: connects, checks the server version, prints OK.
-pub async fn ping(config: &Config) -> ExitCode {
-    let result = async {
-        let store = open(config).await?;
-        store.check_server().await?;
-        store.close().await;
-        Ok::<_, DatastoreError>(())
-    }
-    .await;
-    match result {
-        Ok(()) => {
-            println!("praefect sql-ping: OK");
-            ExitCode::SUCCESS
-        }
-        Err(err) => fail("sql-ping", err),
-    }
+pub async fn ping(config: &Config) -> Result<(), CliError> {
+    let store = open(config).await?;
+    store.check_server().await?;
+    store.close().await;
+    println!("praefect sql-ping: OK");
+    Ok(())
 }
 
 fn timestamp(at: chrono::DateTime<chrono::Utc>) -> String {
@@ -41,12 +25,9 @@ fn timestamp(at: chrono::DateTime<chrono::Utc>) -> String {
 }
 
 /// `sql-migrate`: applies pending migrations, reporting each.
-pub async fn migrate(config: &Config, ignore_unknown: bool, verbose: bool) -> ExitCode {
+pub async fn migrate(config: &Config, ignore_unknown: bool, verbose: bool) -> Result<(), CliError> {
     const NAME: &str = "praefect sql-migrate";
-    let store = match open(config).await {
-        Ok(store) => store,
-        Err(err) => return fail("sql-migrate", err),
-    };
+    let store = open(config).await?;
     let result = store
         .migrate_up(ignore_unknown, |event| match event {
             MigrationEvent::Planned(0) => {}
@@ -70,32 +51,19 @@ pub async fn migrate(config: &Config, ignore_unknown: bool, verbose: bool) -> Ex
         })
         .await;
     store.close().await;
-    match result {
-        Ok(0) => {
-            println!("{NAME}: all migrations are up");
-            ExitCode::SUCCESS
-        }
-        Ok(n) => {
-            println!("{NAME}: OK (applied {n} migrations)");
-            ExitCode::SUCCESS
-        }
-        Err(err) => fail("sql-migrate", err),
+    match result? {
+        0 => println!("{NAME}: all migrations are up"),
+        n => println!("{NAME}: OK (applied {n} migrations)"),
     }
+    Ok(())
 }
 
 /// `sql-migrate-status`: a table of every migration and when it was applied.
-pub async fn migrate_status(config: &Config) -> ExitCode {
-    let result = async {
-        let store = open(config).await?;
-        let status = store.migration_status().await;
-        store.close().await;
-        status
-    }
-    .await;
-    let rows = match result {
-        Ok(rows) => rows,
-        Err(err) => return fail("sql-migrate-status", err),
-    };
+pub async fn migrate_status(config: &Config) -> Result<(), CliError> {
+    let store = open(config).await?;
+    let status = store.migration_status().await;
+    store.close().await;
+    let rows = status?;
     let mut table = Table::new();
     table.load_preset(ASCII_FULL_CONDENSED);
     table.set_header(["MIGRATION", "APPLIED"]);
@@ -108,16 +76,13 @@ pub async fn migrate_status(config: &Config) -> ExitCode {
         table.add_row([row.id, applied]);
     }
     println!("{table}");
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 /// `sql-migrate-down [-f] N`: rolls back the N newest migrations, or lists them.
-pub async fn migrate_down(config: &Config, force: bool, max: usize) -> ExitCode {
+pub async fn migrate_down(config: &Config, force: bool, max: usize) -> Result<(), CliError> {
     const NAME: &str = "praefect sql-migrate-down";
-    let store = match open(config).await {
-        Ok(store) => store,
-        Err(err) => return fail("sql-migrate-down", err),
-    };
+    let store = open(config).await?;
     let result = if force {
         store.migrate_down(max).await.map(|n| {
             println!("{NAME}: OK (applied {n} \"down\" migrations)");
@@ -134,8 +99,5 @@ pub async fn migrate_down(config: &Config, force: bool, max: usize) -> ExitCode 
         })
     };
     store.close().await;
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => fail("sql-migrate-down", err),
-    }
+    Ok(result?)
 }

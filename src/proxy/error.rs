@@ -442,7 +442,10 @@ mod tests {
             }
             // The log still gets the cause.
             let chain = error.chain();
-            assert!(chain.contains("secret") || chain.contains("10.1.2.3"), "{chain}");
+            assert!(
+                chain.contains("secret") || chain.contains("10.1.2.3"),
+                "{chain}"
+            );
         }
         let forward = ProxyError::Forward {
             storage: "gitaly-1".into(),
