@@ -58,6 +58,7 @@ impl App {
         let config = Arc::new(config);
         let nodes = Arc::new(NodePool::connect(&config).context("setting up node connections")?);
         let tasks = Tasks::new();
+        // Until the router is up, an error return cancels the workers started so far.
         let stop_on_error = tasks.stop_token().drop_guard();
         let app = App {
             health: HealthManager::new(&config, nodes.clone(), store.clone()),
