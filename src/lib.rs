@@ -1,7 +1,8 @@
 //! praefect-rs: a Rust re-implementation of Praefect, the router of a Gitaly Cluster.
 //!
 //! One module per concern: `config` (TOML keys and validation), `cli` (subcommands),
-//! `datastore` (all SQL), `metrics`, `logging`, and `routing` (pure decisions).
+//! `datastore` (all SQL), `metrics`, `logging`, `routing` (pure decisions), and `periodic`
+//! (the background workers' loop).
 
 pub mod cli;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod nodes;
+pub mod periodic;
 pub mod proxy;
 pub mod replication;
 pub mod routing;

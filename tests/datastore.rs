@@ -620,16 +620,17 @@ mod cache {
         panic!("timed out waiting until {what}");
     }
 
-    fn listen(cache: &Arc<StorageCache>, db: &TestDb) -> tokio::sync::watch::Sender<bool> {
-        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    /// Starts the listener; it stops when the returned guard is dropped.
+    fn listen(cache: &Arc<StorageCache>, db: &TestDb) -> tokio_util::sync::DropGuard {
+        let stop = tokio_util::sync::CancellationToken::new();
         tokio::spawn(cache.clone().listen(
             ListenerSettings {
                 connection: db.connection(),
                 retry: Duration::from_millis(200),
             },
-            stop_rx,
+            stop.clone(),
         ));
-        stop
+        stop.drop_guard()
     }
 
     /// Reads until a read is served by a fresh query (the entry was evicted).
@@ -754,13 +755,14 @@ mod cache {
             .unwrap();
         let window = Duration::from_secs(3);
         let cache = StorageCache::with_settings(store.clone(), &["vs".to_string()], 1000, window);
-        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let _stop = stop.clone().drop_guard();
         tokio::spawn(cache.clone().listen(
             ListenerSettings {
                 connection: server.connection(),
                 retry: Duration::from_millis(200),
             },
-            stop_rx,
+            stop,
         ));
         wait_for("the listener connects", || cache.is_enabled()).await;
         cache.get("vs", "r.git").await.unwrap().unwrap();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, Executor, PgConnection};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use common::gitnode::GitNode;
 use common::pg::TestDb;
@@ -595,7 +595,7 @@ async fn the_worker_checks_a_batch_and_records_it() {
     };
     assert!(Verifier::from_config(store.clone(), cluster.clone(), &settings("0s")).is_none());
     let verifier = Verifier::from_config(store.clone(), cluster.clone(), &settings("1h")).unwrap();
-    let (_stop_tx, stop) = watch::channel(false);
+    let stop = CancellationToken::new();
 
     let invalid_before = praefect::metrics::VERIFICATION_JOBS_COMPLETED
         .with_label_values(&["default", "b", "invalid"])
@@ -637,11 +637,14 @@ async fn the_worker_checks_a_batch_and_records_it() {
     let mut hanging = cluster.clone();
     hanging.answers.insert((r2, "a".into()), Answer::Hangs);
     let verifier = Verifier::new(store.clone(), hanging, HOUR, true);
-    let (stop_tx, stop) = watch::channel(false);
+    let stop = CancellationToken::new();
     let started = Instant::now();
-    let run = tokio::spawn(async move { verifier.run_once(&stop).await });
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move { verifier.run_once(&stop).await }
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop_tx.send(true).unwrap();
+    stop.cancel();
     let summary = run.await.unwrap().unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!((summary.dequeued, summary.errors), (1, 1));

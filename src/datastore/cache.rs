@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sqlx::postgres::PgListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::connect::{find_writable, lazy_pool, listener_is_writable, targets, PoolSettings};
 use super::{ConsistentStorages, Datastore, DatastoreError};
@@ -425,18 +425,15 @@ impl StorageCache {
             .map(|at| at.elapsed())
     }
 
-    /// Listens for changes until `shutdown`, trusting the cache only while listening. One
-    /// log line when the listener is lost, one when it is back (with how long it was away).
-    pub async fn listen(
-        self: Arc<Self>,
-        settings: ListenerSettings,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    /// Listens for changes until `shutdown` is cancelled, trusting the cache only while
+    /// listening. One log line when the listener is lost, one when it is back (with how long
+    /// it was away).
+    pub async fn listen(self: Arc<Self>, settings: ListenerSettings, shutdown: CancellationToken) {
         let mut delay = LISTENER_FIRST_RETRY;
         let mut down_since: Option<(Instant, String)> = None;
         loop {
             let outcome = self
-                .listen_once(&settings, &mut shutdown, &mut down_since)
+                .listen_once(&settings, &shutdown, &mut down_since)
                 .await;
             self.listener_lost();
             match outcome {
@@ -471,7 +468,7 @@ impl StorageCache {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = writer_found => {}
-                _ = stopped(&mut shutdown) => return,
+                _ = shutdown.cancelled() => return,
             }
             delay = (delay * 2).min(settings.retry.max(LISTENER_FIRST_RETRY));
         }
@@ -482,7 +479,7 @@ impl StorageCache {
     async fn listen_once(
         &self,
         settings: &ListenerSettings,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
         down_since: &mut Option<(Instant, String)>,
     ) -> Result<(), ListenError> {
         let not_listening = |err| ListenError {
@@ -584,7 +581,7 @@ impl StorageCache {
                         }, trusted)),
                     }
                 }
-                _ = stopped(shutdown) => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(()),
             }
         }
     }
@@ -603,9 +600,4 @@ struct ListenError {
     err: DatastoreError,
     /// Whether it had been listening (the cache was trusted) before it failed.
     was_listening: bool,
-}
-
-/// Resolves once `shutdown` turns true (or its sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }

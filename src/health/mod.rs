@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -19,6 +20,7 @@ use tonic_health::pb::HealthCheckRequest;
 use crate::config::Config;
 use crate::datastore::{Datastore, HealthObservation};
 use crate::nodes::NodePool;
+use crate::periodic::{FirstRun, Ticker};
 
 /// Time between the end of one round and the start of the next.
 pub const ROUND_INTERVAL: Duration = Duration::from_secs(1);
@@ -129,19 +131,25 @@ impl HealthManager {
         }
     }
 
-    /// Runs rounds until `shutdown` turns true. A round also runs as soon as the database
+    /// Runs rounds until `shutdown` is cancelled. A round also runs as soon as the database
     /// writer is found again after an outage: this router's observations expired from the
     /// quorum while it could not record them, and until they are back no primary can be
     /// elected by it.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, shutdown: CancellationToken) {
         let mut writer = self.store.watch_writer();
+        let mut ticker = Ticker::new(ROUND_INTERVAL, shutdown, FirstRun::Immediately);
         loop {
-            self.round().await;
-            tokio::select! {
-                _ = tokio::time::sleep(ROUND_INTERVAL) => {}
-                _ = writer.wait_for(|state| state.is_connected()), if !writer.borrow().is_connected() => {}
-                _ = shutdown.wait_for(|stop| *stop) => return,
+            // Only while the writer is lost: a connected writer wakes nobody.
+            let writer_found = async {
+                if writer.borrow().is_connected() {
+                    std::future::pending::<()>().await;
+                }
+                let _ = writer.wait_for(|state| state.is_connected()).await;
+            };
+            if !ticker.tick_or(writer_found).await {
+                return;
             }
+            self.round().await;
         }
     }
 }

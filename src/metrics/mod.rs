@@ -152,11 +152,11 @@ pub fn render() -> String {
 }
 
 /// Serves `/metrics` (and the routes of `extra`, such as `/readiness`) over HTTP on
-/// `listener` until `stop` turns true. The registry is in memory, so a scrape never waits on
+/// `listener` until `stop` is cancelled. The registry is in memory, so a scrape never waits on
 /// the database or a node.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio_util::sync::CancellationToken,
     extra: axum::Router,
 ) -> std::io::Result<()> {
     let app = extra.route(
@@ -172,8 +172,6 @@ pub async fn serve(
         }),
     );
     axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
-        })
+        .with_graceful_shutdown(stop.cancelled_owned())
         .await
 }

@@ -15,12 +15,13 @@ pub mod reconciler;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::datastore::{outage, Datastore, JobState, QueuedJob};
 use crate::health::HealthManager;
 use crate::nodes::NodePool;
+use crate::periodic::{run_every, sleep_unless_cancelled, FirstRun};
 
 pub use job::{gitaly_servers, JobError, JobRunner, GITALY_SERVERS_METADATA};
 
@@ -105,8 +106,8 @@ pub struct Replicator {
 }
 
 impl Replicator {
-    /// Runs until `stop` turns true, then lets running batches finish.
-    pub async fn run(self, stop: watch::Receiver<bool>) {
+    /// Runs until `stop` is cancelled, then lets running batches finish.
+    pub async fn run(self, stop: CancellationToken) {
         let workers = usize::try_from(self.config.replication.parallel_storage_processing_workers)
             .unwrap_or(1)
             .max(1);
@@ -130,28 +131,23 @@ impl Replicator {
         self,
         virtual_storage: String,
         rotation: Arc<Rotation>,
-        mut stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) {
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return;
             }
             let Some(mut turn) = rotation.take() else {
                 // Every storage is being worked on by another worker.
-                tokio::select! {
-                    _ = tokio::time::sleep(BACKOFF_START) => continue,
-                    _ = stop.wait_for(|s| *s) => return,
+                if sleep_unless_cancelled(BACKOFF_START, &stop).await {
+                    continue;
                 }
+                return;
             };
             let wait = turn.not_before.saturating_duration_since(Instant::now());
-            if !wait.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.wait_for(|s| *s) => {
-                        rotation.give_back(turn);
-                        return;
-                    }
-                }
+            if !wait.is_zero() && !sleep_unless_cancelled(wait, &stop).await {
+                rotation.give_back(turn);
+                return;
             }
             // Not raced against `stop`: a batch that started runs to its end.
             let found = self.process(&virtual_storage, &turn.storage).await;
@@ -294,37 +290,43 @@ impl Replicator {
     }
 
     /// Frees the jobs of routers that died mid-job: once at start, then every 30 s.
-    async fn release_stale_jobs(self, mut stop: watch::Receiver<bool>) {
-        loop {
-            let outcome = self.store.release_stale_jobs(STALE_JOB_TIMEOUT).await;
-            if let Some(err) = outage::QUEUE_CLEANER.observe(&outcome) {
-                tracing::error!(error = %err, "releasing stale replication jobs failed")
-            }
-            if let Ok(released @ 1..) = outcome {
-                tracing::info!(released, "released stale replication jobs");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(STALE_JOB_CHECK_INTERVAL) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-        }
+    async fn release_stale_jobs(self, stop: CancellationToken) {
+        let store = &self.store;
+        run_every(
+            STALE_JOB_CHECK_INTERVAL,
+            &stop,
+            FirstRun::Immediately,
+            || async move {
+                let outcome = store.release_stale_jobs(STALE_JOB_TIMEOUT).await;
+                if let Some(err) = outage::QUEUE_CLEANER.observe(&outcome) {
+                    tracing::error!(error = %err, "releasing stale replication jobs failed")
+                }
+                if let Ok(released @ 1..) = outcome {
+                    tracing::info!(released, "released stale replication jobs");
+                }
+            },
+        )
+        .await
     }
 
-    /// Deletes lock rows that no job uses any more, every 30 min.
-    async fn delete_orphan_locks(self, mut stop: watch::Receiver<bool>) {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(ORPHAN_LOCK_INTERVAL) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            let outcome = self.store.delete_orphan_locks(ORPHAN_LOCK_BATCH).await;
-            if let Some(err) = outage::QUEUE_CLEANER.observe(&outcome) {
-                tracing::error!(error = %err, "deleting unused replication locks failed")
-            }
-            if let Ok(deleted @ 1..) = outcome {
-                tracing::info!(deleted, "deleted unused replication locks");
-            }
-        }
+    /// Deletes lock rows that no job uses any more, every 30 min (the first after 30 min).
+    async fn delete_orphan_locks(self, stop: CancellationToken) {
+        let store = &self.store;
+        run_every(
+            ORPHAN_LOCK_INTERVAL,
+            &stop,
+            FirstRun::AfterPeriod,
+            || async move {
+                let outcome = store.delete_orphan_locks(ORPHAN_LOCK_BATCH).await;
+                if let Some(err) = outage::QUEUE_CLEANER.observe(&outcome) {
+                    tracing::error!(error = %err, "deleting unused replication locks failed")
+                }
+                if let Ok(deleted @ 1..) = outcome {
+                    tracing::info!(deleted, "deleted unused replication locks");
+                }
+            },
+        )
+        .await
     }
 }
 

@@ -7,16 +7,17 @@ use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use prometheus::{Histogram, HistogramOpts};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::datastore::{Datastore, DatastoreError, ScheduledJob, StoragePair};
 use crate::health::HealthManager;
+use crate::periodic::{run_every, FirstRun};
 
 /// How many scheduled jobs one log line lists.
 const LOG_BATCH: usize = 25;
 
-/// Runs the reconciler until `stop` turns true.
+/// Runs the reconciler until `stop` is cancelled.
 pub struct Reconciler {
     pub config: Arc<Config>,
     pub health: HealthManager,
@@ -57,22 +58,21 @@ impl Reconciler {
         }
     }
 
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    /// Schedules every `scheduling_interval`, the first run after one interval.
+    pub async fn run(self, stop: CancellationToken) {
         let interval = self.config.reconciliation.scheduling_interval.to_std();
         if interval.is_zero() {
             tracing::info!("reconciliation disabled");
             return;
         }
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            let outcome = self.reconcile().await;
+        let this = &self;
+        run_every(interval, &stop, FirstRun::AfterPeriod, || async move {
+            let outcome = this.reconcile().await;
             if let Some(err) = crate::datastore::outage::RECONCILER.observe(&outcome) {
                 tracing::error!(error = %err, "reconciliation failed");
             }
-        }
+        })
+        .await
     }
 
     /// One scheduling run; the jobs queued (None when another router held the lock).

@@ -19,8 +19,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::BackgroundVerification;
 use crate::datastore::{
@@ -30,6 +30,7 @@ use crate::datastore::{
 use crate::health::{HealthManager, HealthySet};
 use crate::metrics;
 use crate::nodes::NodePool;
+use crate::periodic::{run_every, FirstRun};
 use crate::wire::proto::repository_service_client::RepositoryServiceClient;
 use crate::wire::proto::{Repository, RepositoryExistsRequest};
 
@@ -166,12 +167,9 @@ impl<C: Cluster> Verifier<C> {
     }
 
     /// One run: lease a batch, check it, record the outcome. A check still running when the
-    /// run's time is up, or when `stop` turns true, counts as failed (the replica keeps its
+    /// run's time is up, or when `stop` is cancelled, counts as failed (the replica keeps its
     /// state and its lease is cleared).
-    pub async fn run_once(
-        &self,
-        stop: &watch::Receiver<bool>,
-    ) -> Result<RunSummary, DatastoreError> {
+    pub async fn run_once(&self, stop: &CancellationToken) -> Result<RunSummary, DatastoreError> {
         let deadline = Instant::now() + RUN_TIMEOUT;
         let healthy = self.cluster.healthy_storages();
         let jobs = self
@@ -192,14 +190,8 @@ impl<C: Cluster> Verifier<C> {
         }
 
         let checks = jobs.iter().map(|job| {
-            let mut stop = stop.clone();
+            let stopped = stop.cancelled();
             async move {
-                let stopped = async move {
-                    if stop.wait_for(|stopped| *stopped).await.is_err() {
-                        // Nobody can stop us any more: only the deadline ends the check.
-                        std::future::pending::<()>().await;
-                    }
-                };
                 let outcome = tokio::select! {
                     answer = tokio::time::timeout_at(deadline, self.cluster.replica_exists(job)) => {
                         match answer {
@@ -305,26 +297,22 @@ impl<C: Cluster> Verifier<C> {
         Ok(summary)
     }
 
-    /// Runs batches until `stop` turns true, [`RUN_INTERVAL`] after the end of each.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    /// Runs batches until `stop` is cancelled: the first at once, then [`RUN_INTERVAL`] after
+    /// the end of each.
+    pub async fn run(self, stop: CancellationToken) {
         tracing::info!(
             verification_interval = ?self.interval,
             delete_invalid_records = self.delete_invalid,
             "background verifier started"
         );
-        loop {
-            if *stop.borrow() {
-                return;
-            }
-            let outcome = self.run_once(&stop).await;
+        let (this, token) = (&self, &stop);
+        run_every(RUN_INTERVAL, &stop, FirstRun::Immediately, || async move {
+            let outcome = this.run_once(token).await;
             if let Some(err) = crate::datastore::outage::VERIFIER.observe(&outcome) {
                 tracing::warn!(error = %err, "background verification run failed");
             }
-            tokio::select! {
-                _ = tokio::time::sleep(RUN_INTERVAL) => {}
-                _ = stop.wait_for(|stopped| *stopped) => return,
-            }
-        }
+        })
+        .await
     }
 }
 
@@ -361,18 +349,22 @@ pub async fn release_stale_leases(store: &Datastore) -> Result<usize, DatastoreE
     }
 }
 
-/// Releases stale leases every [`RELEASE_INTERVAL`] until `stop` turns true.
-pub async fn run_lease_releaser(store: Datastore, mut stop: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(RELEASE_INTERVAL) => {}
-            _ = stop.wait_for(|stopped| *stopped) => return,
-        }
-        let outcome = release_stale_leases(&store).await;
-        if let Some(err) = crate::datastore::outage::LEASE_RELEASER.observe(&outcome) {
-            tracing::warn!(error = %err, "releasing stale verification leases failed");
-        }
-    }
+/// Releases stale leases every [`RELEASE_INTERVAL`] (the first after one interval) until
+/// `stop` is cancelled.
+pub async fn run_lease_releaser(store: Datastore, stop: CancellationToken) {
+    let store = &store;
+    run_every(
+        RELEASE_INTERVAL,
+        &stop,
+        FirstRun::AfterPeriod,
+        || async move {
+            let outcome = release_stale_leases(store).await;
+            if let Some(err) = crate::datastore::outage::LEASE_RELEASER.observe(&outcome) {
+                tracing::warn!(error = %err, "releasing stale verification leases failed");
+            }
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

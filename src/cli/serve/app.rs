@@ -1,0 +1,264 @@
+//! Starting and stopping the router.
+//!
+//! [`App::start`] runs the startup steps in their order (each may depend on the ones before:
+//! the proxy needs the first health round, the listeners come last so that no call arrives
+//! before the router can route it) and returns a [`RunningApp`]; [`RunningApp::shutdown`]
+//! stops it. Every task is started through [`Tasks`], so that one token stops them all and
+//! shutdown knows how long to wait for each.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use super::listen::bind;
+use super::readiness_route;
+use super::tasks::Tasks;
+use crate::config::Config;
+use crate::datastore::{Datastore, ListenerSettings, PoolSettings, StorageCache};
+use crate::health::HealthManager;
+use crate::nodes::NodePool;
+use crate::proxy::Proxy;
+use crate::replication::reconciler::Reconciler;
+use crate::replication::Replicator;
+use crate::verification::{self, NodeCluster, Verifier};
+use crate::wire::auth::{AuthConfig, AuthLayer};
+use crate::wire::backchannel::{incoming, yamux_config, SessionRegistry};
+
+/// How long startup waits for the database before giving up.
+const DATABASE_STARTUP_WAIT: Duration = Duration::from_secs(30);
+/// How often the change listener retries after losing its connection.
+const LISTENER_RETRY: Duration = Duration::from_secs(5);
+
+/// The router while it starts: what the startup steps build and hand to the next ones.
+pub struct App {
+    config: Arc<Config>,
+    store: Datastore,
+    nodes: Arc<NodePool>,
+    health: HealthManager,
+    /// The backchannel sessions the listeners accept and the proxy calls back on.
+    sessions: SessionRegistry,
+    tasks: Tasks,
+}
+
+/// A started router: its tasks and the database pool to close once they are done.
+pub struct RunningApp {
+    tasks: Tasks,
+    store: Datastore,
+}
+
+impl App {
+    /// Starts the router: the database (reachable, recent enough, migrated), the node
+    /// connections, the health manager and its first recorded round, the background
+    /// workers, then the listeners. An error stops whatever was started so far.
+    pub async fn start(config: Config) -> anyhow::Result<RunningApp> {
+        let (store, postgresql_version_num) = connect_database(&config).await?;
+        let config = Arc::new(config);
+        let nodes = Arc::new(NodePool::connect(&config).context("setting up node connections")?);
+        let tasks = Tasks::new();
+        // Until the router is up, an error return cancels the workers started so far.
+        let stop_on_error = tasks.stop_token().drop_guard();
+        let app = App {
+            health: HealthManager::new(&config, nodes.clone(), store.clone()),
+            config,
+            store,
+            nodes,
+            sessions: SessionRegistry::default(),
+            tasks,
+        };
+        app.start_health().await;
+        let cache = app.start_cache();
+        app.start_verification();
+        app.start_replication();
+        let proxy = app.proxy(cache);
+        app.start_metrics(proxy.clone()).await?;
+        app.start_servers(proxy).await?;
+        app.log_started(postgresql_version_num);
+        stop_on_error.disarm();
+        Ok(RunningApp {
+            tasks: app.tasks,
+            store: app.store,
+        })
+    }
+
+    /// Starts the health manager and waits until its first round is recorded: until then
+    /// no primary can be elected with this router's view.
+    async fn start_health(&self) {
+        self.tasks
+            .spawn_worker(self.health.clone().run(self.tasks.stop_token()));
+        tracing::info!(
+            praefect_name = self.health.praefect_name(),
+            "waiting for the first health round to be recorded"
+        );
+        self.health.first_write().await;
+    }
+
+    /// The read cache, with its change listener started.
+    fn start_cache(&self) -> Arc<StorageCache> {
+        let cache = StorageCache::with_settings(
+            self.store.clone(),
+            &self.virtual_storages(),
+            crate::datastore::CACHE_CAPACITY,
+            self.config.database.stale_read_window(),
+        );
+        self.tasks.spawn_worker(cache.clone().listen(
+            ListenerSettings {
+                connection: self.config.direct_database(),
+                retry: LISTENER_RETRY,
+            },
+            self.tasks.stop_token(),
+        ));
+        cache
+    }
+
+    /// The background verifier and its lease releaser, unless verification is disabled.
+    fn start_verification(&self) {
+        let cluster = NodeCluster {
+            nodes: self.nodes.clone(),
+            health: self.health.clone(),
+        };
+        let settings = &self.config.background_verification;
+        match Verifier::from_config(self.store.clone(), cluster, settings) {
+            Some(verifier) => {
+                self.tasks
+                    .spawn_worker(verifier.run(self.tasks.stop_token()));
+                self.tasks.spawn_worker(verification::run_lease_releaser(
+                    self.store.clone(),
+                    self.tasks.stop_token(),
+                ));
+            }
+            None => tracing::info!("background verification is disabled"),
+        }
+    }
+
+    /// The replicator and the reconciler.
+    fn start_replication(&self) {
+        let replicator = Replicator {
+            config: self.config.clone(),
+            nodes: self.nodes.clone(),
+            health: self.health.clone(),
+            store: self.store.clone(),
+        };
+        self.tasks
+            .spawn_replication(replicator.run(self.tasks.stop_token()));
+        let reconciler =
+            Reconciler::new(self.config.clone(), self.health.clone(), self.store.clone());
+        self.tasks
+            .spawn_replication(reconciler.run(self.tasks.stop_token()));
+    }
+
+    fn proxy(&self, cache: Arc<StorageCache>) -> Arc<Proxy> {
+        Arc::new(Proxy::new(
+            self.config.clone(),
+            self.nodes.clone(),
+            self.health.clone(),
+            cache,
+            self.sessions.clone(),
+        ))
+    }
+
+    /// The Prometheus listener (`/metrics` and `/readiness`), when configured.
+    async fn start_metrics(&self, proxy: Arc<Proxy>) -> anyhow::Result<()> {
+        if self.config.prometheus_listen_addr.is_empty() {
+            return Ok(());
+        }
+        let addr = self
+            .config
+            .prometheus_listen_addr
+            .trim_start_matches("tcp://");
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for Prometheus on {addr}"))?;
+        tracing::info!(address = %listener.local_addr()?, scheme = "http", "prometheus listening");
+        self.tasks.spawn_worker(crate::metrics::serve(
+            listener,
+            self.tasks.stop_token(),
+            readiness_route(proxy),
+        ));
+        Ok(())
+    }
+
+    /// Binds the gRPC listeners and serves, behind authentication, the gRPC health service
+    /// (serving) and the proxy on each.
+    async fn start_servers(&self, proxy: Arc<Proxy>) -> anyhow::Result<()> {
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let service = crate::proxy::router_service(proxy, health_service);
+        let auth = AuthLayer::new(AuthConfig::new(
+            &self.config.auth.token,
+            self.config.auth.transitioning,
+        ));
+        let yamux = yamux_config(
+            u32::try_from(self.config.yamux.maximum_stream_window_size_bytes).unwrap_or(u32::MAX),
+            usize::try_from(self.config.yamux.accept_backlog).unwrap_or(256),
+        );
+        for listener in bind(&self.config).await? {
+            let server = tonic::transport::Server::builder().layer(auth.clone());
+            let stream = incoming(listener, self.sessions.clone(), yamux);
+            self.tasks.spawn_server(server.serve_with_incoming_shutdown(
+                service.clone(),
+                stream,
+                self.tasks.stop_token().cancelled_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn log_started(&self, postgresql_version_num: i64) {
+        let config = &self.config;
+        tracing::info!(
+            version = crate::cli::VERSION,
+            listen_addr = %config.listen_addr,
+            tls_listen_addr = %config.tls_listen_addr,
+            socket_path = %config.socket_path,
+            virtual_storages = ?self.virtual_storages(),
+            election_strategy = config.effective_election_strategy(),
+            postgresql_version_num,
+            praefect_name = self.health.praefect_name(),
+            "praefect started"
+        );
+    }
+
+    fn virtual_storages(&self) -> Vec<String> {
+        self.config
+            .virtual_storage
+            .iter()
+            .map(|vs| vs.name.clone())
+            .collect()
+    }
+}
+
+/// Connects to the database (waiting up to [`DATABASE_STARTUP_WAIT`] for it) and checks the
+/// server and the schema; the server's `server_version_num`.
+async fn connect_database(config: &Config) -> anyhow::Result<(Datastore, i64)> {
+    let store = Datastore::connect_with_retry(
+        &config.database.connection(),
+        PoolSettings::default(),
+        DATABASE_STARTUP_WAIT,
+    )
+    .await
+    .context("connecting to the database")?;
+    let version = store
+        .check_server()
+        .await
+        .context("checking the database server")?;
+    store
+        .check_migrations_up_to_date()
+        .await
+        .context("checking the database schema")?;
+    Ok((store, version))
+}
+
+impl RunningApp {
+    /// Stops the router: the listeners stop accepting and in-flight calls get `grace`;
+    /// running replication jobs get `grace` too; the other workers stop; the database pool
+    /// is closed.
+    pub async fn shutdown(self, grace: Duration) {
+        self.tasks.stop(grace).await;
+        self.store.close().await;
+        tracing::info!("praefect stopped");
+    }
+}

@@ -1,0 +1,82 @@
+//! `praefect serve` (also the default without a subcommand).
+//!
+//! Startup: configuration loaded and valid; database reachable (bounded wait), PostgreSQL 11
+//! or later, migrations up to date; node connections (lazy: a node that is down does not stop
+//! the start); the health manager, whose first recorded round startup waits for; the read
+//! cache's change listener; then the listeners. SIGTERM or SIGINT stops accepting, lets
+//! in-flight calls finish for up to `graceful_stop_timeout`, then exits.
+//!
+//! [`app`] starts and stops the router, [`tasks`] groups its tasks for shutdown, and this
+//! module is the entry point: signals in, exit code out. The readiness route is here too;
+//! the service the listeners serve is `proxy::router_service`.
+
+mod app;
+mod listen;
+mod tasks;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::logging;
+use crate::proxy::Proxy;
+
+use app::App;
+
+pub async fn run(config: Config) -> ExitCode {
+    logging::init(&config.logging);
+    match serve(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %format!("{err:#}"), "praefect failed");
+            eprintln!("praefect: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts the router and runs it until SIGTERM or SIGINT. The handlers are installed before
+/// anything starts, so that a signal during startup stops the router once it is up instead
+/// of killing it halfway.
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let grace = config.graceful_stop_timeout.to_std();
+    let app = App::start(config).await?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+        _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+    }
+    app.shutdown(grace).await;
+    Ok(())
+}
+
+/// HTTP `/readiness`: 200 when every readiness check passes, 503 with the failed checks
+/// otherwise (JSON either way). See `health::readiness` for what to point a load balancer at.
+fn readiness_route(proxy: Arc<Proxy>) -> axum::Router {
+    axum::Router::new().route(
+        "/readiness",
+        axum::routing::get(move || {
+            let failed = proxy.failed_readiness_checks();
+            async move {
+                let status = if failed.is_empty() {
+                    http::StatusCode::OK
+                } else {
+                    http::StatusCode::SERVICE_UNAVAILABLE
+                };
+                let report = crate::health::readiness::ReadinessReport {
+                    ready: failed.is_empty(),
+                    failed_checks: failed,
+                };
+                (
+                    status,
+                    [(http::header::CONTENT_TYPE, "application/json")],
+                    serde_json::to_string(&report).unwrap_or_default(),
+                )
+            }
+        }),
+    )
+}
