@@ -19,7 +19,9 @@ use bytes::{Buf, Bytes};
 use http_body::{Body, Frame};
 use tokio_yamux::{Control, StreamHandle};
 
-use super::subchannel::RequestBody;
+/// The request body every node call has: the proxy's forwarded frames and tonic's encoded
+/// messages are both `tonic::body::Body`.
+pub(crate) type RequestBody = tonic::body::Body;
 
 /// HTTP/2 pings every interval, idle or not, as the router always did: a node that vanished
 /// without closing its socket is noticed within interval + timeout.
