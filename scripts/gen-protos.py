@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes proto/gitaly/*.proto from the protocol facts in the workspace's shared TSV files.
+"""Writes crates/wire/proto/gitaly/*.proto from the protocol facts in the workspace's shared TSV files.
 
 The TSVs list every message field (name, number, type, label, oneof), every enum value and
 every RPC (streaming flags, request and response types) of the Gitaly protocol. From those
@@ -15,7 +15,7 @@ import os
 import sys
 
 shared = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "..", "shared")
-out_dir = os.path.join(os.path.dirname(__file__), "..", "proto", "gitaly")
+out_dir = os.path.join(os.path.dirname(__file__), "..", "crates", "wire", "proto", "gitaly")
 
 
 def rows(name):

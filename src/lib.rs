@@ -16,7 +16,10 @@ pub mod proxy;
 pub mod replication;
 pub mod routing;
 pub mod verification;
-pub mod wire;
+
+/// What router and gitnode both speak (the `praefect-wire` crate), at its old path so that
+/// `crate::wire::...` and `praefect::wire::...` keep working.
+pub use praefect_wire as wire;
 
 #[cfg(test)]
 mod architecture_tests;

@@ -1,6 +1,6 @@
 //! Turning raw commit objects into Gitaly's GitCommit message.
 
-use praefect::wire::proto::{CommitAuthor, GitCommit, SignatureType};
+use praefect_wire::proto::{CommitAuthor, GitCommit, SignatureType};
 
 /// Parses `git cat-file commit` output of commit `oid`.
 pub fn parse_commit(oid: &str, raw: &[u8]) -> GitCommit {

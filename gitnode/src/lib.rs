@@ -13,7 +13,7 @@ pub mod storage;
 
 use std::path::PathBuf;
 
-use praefect::wire::backchannel::SessionRegistry;
+use praefect_wire::backchannel::SessionRegistry;
 
 /// What every service shares.
 #[derive(Clone)]

@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use praefect::wire::auth::{AuthConfig, AuthLayer};
-use praefect::wire::backchannel::{incoming, yamux_config, Listener, SessionRegistry};
-use praefect::wire::proto::commit_service_server::CommitServiceServer;
-use praefect::wire::proto::ref_service_server::RefServiceServer;
-use praefect::wire::proto::repository_service_server::RepositoryServiceServer;
-use praefect::wire::proto::server_service_server::ServerServiceServer;
-use praefect::wire::proto::smart_http_service_server::SmartHttpServiceServer;
-use praefect::wire::proto::ssh_service_server::SshServiceServer;
+use praefect_wire::auth::{AuthConfig, AuthLayer};
+use praefect_wire::backchannel::{incoming, yamux_config, Listener, SessionRegistry};
+use praefect_wire::proto::commit_service_server::CommitServiceServer;
+use praefect_wire::proto::ref_service_server::RefServiceServer;
+use praefect_wire::proto::repository_service_server::RepositoryServiceServer;
+use praefect_wire::proto::server_service_server::ServerServiceServer;
+use praefect_wire::proto::smart_http_service_server::SmartHttpServiceServer;
+use praefect_wire::proto::ssh_service_server::SshServiceServer;
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::config::Config;
@@ -63,9 +63,9 @@ pub async fn serve(
         listeners.push(Listener::Tcp(listener));
     }
     if !config.tls_listen_addr.is_empty() {
-        let acceptor = praefect::wire::tls::acceptor(
+        let acceptor = praefect_wire::tls::acceptor(
             std::path::Path::new(&config.tls.certificate_path),
-            praefect::wire::tls::KeySource::File(std::path::Path::new(&config.tls.key_path)),
+            praefect_wire::tls::KeySource::File(std::path::Path::new(&config.tls.key_path)),
             false,
         )?;
         let addr = config.tls_listen_addr.trim_start_matches("tls://");

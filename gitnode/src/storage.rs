@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
-use praefect::wire::proto::Repository;
+use praefect_wire::proto::Repository;
 use tonic::Status;
 
 /// Directory inside every storage for gitnode's own temporary files; clients cannot name it.

@@ -8,11 +8,11 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use common::*;
-use praefect::wire::auth::sign_v2;
-use praefect::wire::proto::ref_service_client::RefServiceClient;
-use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
-use praefect::wire::proto::server_service_client::ServerServiceClient;
-use praefect::wire::proto::*;
+use praefect_wire::auth::sign_v2;
+use praefect_wire::proto::ref_service_client::RefServiceClient;
+use praefect_wire::proto::repository_service_client::RepositoryServiceClient;
+use praefect_wire::proto::server_service_client::ServerServiceClient;
+use praefect_wire::proto::*;
 use tonic::Code;
 
 fn refs_of(dir: &Path) -> String {
@@ -412,7 +412,7 @@ async fn bad_input_gets_clear_errors_and_the_node_keeps_serving() {
         .await
         .unwrap();
         let mut ssh =
-            praefect::wire::proto::ssh_service_client::SshServiceClient::new(node.channel());
+            praefect_wire::proto::ssh_service_client::SshServiceClient::new(node.channel());
         let call = tokio::spawn(async move {
             ssh.ssh_receive_pack(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await
@@ -486,9 +486,9 @@ impl tonic::codec::Decoder for RawCodec {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn smart_http_advertises_refs_and_serves_packs_over_the_sidechannel() {
-    use praefect::wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
-    use praefect::wire::proto::smart_http_service_client::SmartHttpServiceClient;
-    use praefect::wire::{pktline, sidechannel};
+    use praefect_wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
+    use praefect_wire::proto::smart_http_service_client::SmartHttpServiceClient;
+    use praefect_wire::{pktline, sidechannel};
     use tokio::io::AsyncReadExt;
 
     let node = GitNode::start("gitaly-http");
@@ -511,7 +511,7 @@ async fn smart_http_advertises_refs_and_serves_packs_over_the_sidechannel() {
     let channel = dial_lazy(&node.address, yamux_config(0, 256), handler).unwrap();
     let mut client = SmartHttpServiceClient::with_interceptor(
         channel,
-        praefect::wire::auth::TokenInterceptor::new(TOKEN),
+        praefect_wire::auth::TokenInterceptor::new(TOKEN),
     );
 
     let mut advertisement = Vec::new();

@@ -10,9 +10,9 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use hickory_resolver::TokioResolver;
@@ -20,11 +20,12 @@ use http::uri::{Authority, Scheme};
 use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
 
+use super::address::{AddressError, Resolution};
 use super::balancer::AddressSet;
-use super::http2::{ResponseBody, SendError};
+use super::http2::{RequestBody, ResponseBody, SendError};
 use super::resolve::{self, ResolveError};
-use super::subchannel::{ConnectSettings, RequestBody, Sender, Subchannel};
-use crate::wire::auth::sign_v2;
+use super::subchannel::{ConnectSettings, Sender, Subchannel};
+use crate::wire::auth::TokenCache;
 use crate::wire::backchannel::DialTarget;
 
 /// How often a `dns:` name is resolved again while its channel is in use.
@@ -65,14 +66,6 @@ impl NodeError {
     }
 }
 
-/// How a node's addresses are found.
-pub(crate) enum Resolution {
-    /// One address, dialed as written (`tcp://`, `tls://`, `unix:`).
-    Fixed(String),
-    /// A name whose addresses come from DNS; with TLS, certificates are checked for the name.
-    Dns { host: String, port: u16, tls: bool },
-}
-
 /// A connection to a node: cheap to clone (clones share the connections), and a
 /// `tower::Service` for `http::Request<tonic::body::Body>`, so `oneshot` and tonic's
 /// generated clients both work with it. Every request gets the node's `authorization` token
@@ -104,33 +97,6 @@ struct DnsState {
     refresher_started: AtomicBool,
 }
 
-/// The `authorization` value, signed again when the second changes: a v2 token only carries
-/// whole seconds, so within one second the signature would come out the same anyway.
-struct TokenCache {
-    secret: Arc<[u8]>,
-    current: Mutex<Option<(u64, http::HeaderValue)>>,
-}
-
-impl TokenCache {
-    fn header(&self) -> Option<http::HeaderValue> {
-        let now = SystemTime::now();
-        let Ok(second) = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()) else {
-            return http::HeaderValue::try_from(format!("Bearer {}", sign_v2(&self.secret, now)))
-                .ok();
-        };
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, value)) = current.as_ref() {
-            if *at == second {
-                return Some(value.clone());
-            }
-        }
-        let value =
-            http::HeaderValue::try_from(format!("Bearer {}", sign_v2(&self.secret, now))).ok()?;
-        *current = Some((second, value.clone()));
-        Some(value)
-    }
-}
-
 impl NodeChannel {
     /// A channel that connects on first use: nothing is dialed or resolved now, so a node that
     /// is down does not keep the router from starting.
@@ -139,8 +105,8 @@ impl NodeChannel {
         resolution: Resolution,
         token: &str,
         settings: ConnectSettings,
-    ) -> Result<NodeChannel, super::AddressError> {
-        let unsupported = || super::AddressError::Unsupported(address.to_string());
+    ) -> Result<NodeChannel, AddressError> {
+        let unsupported = || AddressError::Unsupported(address.to_string());
         let settings = Arc::new(settings);
         let mut set = AddressSet::new();
         let (authority, dns) = match resolution {
@@ -180,10 +146,7 @@ impl NodeChannel {
             shared: Arc::new(ChannelShared {
                 address: address.to_string(),
                 authority,
-                token: (!token.is_empty()).then(|| TokenCache {
-                    secret: Arc::from(token.as_bytes()),
-                    current: Mutex::new(None),
-                }),
+                token: TokenCache::new(token),
                 settings,
                 set: RwLock::new(set),
                 dns,

@@ -17,9 +17,13 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
 use tokio_yamux::{Control, StreamHandle};
 
-use super::subchannel::RequestBody;
+/// The request body every node call has: the proxy's forwarded frames and tonic's encoded
+/// messages are both `tonic::body::Body`.
+pub(crate) type RequestBody = tonic::body::Body;
 
 /// HTTP/2 pings every interval, idle or not, as the router always did: a node that vanished
 /// without closing its socket is noticed within interval + timeout.
@@ -68,15 +72,37 @@ impl SendError {
     }
 }
 
+/// Why HTTP/2 could not be started on a connection.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StartError {
+    #[error(transparent)]
+    Handshake(#[from] h2::Error),
+    /// The connection ended before the node sent anything (its SETTINGS come first).
+    #[error("connection closed before the node's HTTP/2 settings")]
+    Closed,
+}
+
 impl Http2Conn {
-    /// Starts HTTP/2 on `stream` (the first stream of a backchannel session) and spawns the
-    /// connection's task; when the connection ends, the session is closed with it (nothing
-    /// else would close it while the node keeps the socket open).
+    /// Starts HTTP/2 on `stream` (the first stream of a backchannel session), spawns the
+    /// connection's task and waits for the node's first bytes (its SETTINGS); when the
+    /// connection ends, the session is closed with it (nothing else would close it while the
+    /// node keeps the socket open).
+    ///
+    /// The client's side of the handshake needs nothing from the node, so without the wait a
+    /// node that accepts the connection and then says nothing (wedged, or not speaking HTTP/2)
+    /// would count as connected and get calls that wait for keepalive to notice (40 s). With
+    /// it, such a node fails the connection attempt within the caller's connect timeout, as
+    /// gRPC's own clients do. A caller that gives up waiting ends the connection.
     pub(crate) async fn start(
         stream: StreamHandle,
         mut control: Control,
         label: String,
-    ) -> Result<Http2Conn, h2::Error> {
+    ) -> Result<Http2Conn, StartError> {
+        let (heard_tx, heard) = oneshot::channel();
+        let stream = FirstRead {
+            io: stream,
+            heard: Some(heard_tx),
+        };
         let handshake = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -88,15 +114,24 @@ impl Http2Conn {
             Ok(pair) => pair,
             Err(err) => {
                 control.close().await;
-                return Err(err);
+                return Err(err.into());
             }
         };
         let closed = Arc::new(AtomicBool::new(false));
         let closed_flag = closed.clone();
         let pings = connection.ping_pong();
+        // Dropped unsent if this function is dropped (or fails) while waiting for the node:
+        // the connection then ends instead of living on unused.
+        let (keep_tx, keep) = oneshot::channel::<()>();
+        let abandoned = async move {
+            if keep.await.is_ok() {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::spawn(async move {
-            // Ends when the node closes the connection, keepalive fails, or every handle is
-            // gone (the address left DNS) and the last stream is done.
+            // Ends when the node closes the connection, keepalive fails, every handle is
+            // gone (the address left DNS) and the last stream is done, or the node never
+            // spoke and the caller gave up on it.
             tokio::select! {
                 result = &mut connection => {
                     if let Err(err) = result {
@@ -106,11 +141,15 @@ impl Http2Conn {
                 failure = keepalive(pings) => {
                     tracing::warn!(target = %label, error = %failure, "node connection dropped");
                 }
+                () = abandoned => {}
             }
             closed_flag.store(true, Ordering::Release);
             drop(connection);
             control.close().await;
         });
+        // An error here: the connection task ended and dropped the stream before any byte.
+        heard.await.map_err(|_| StartError::Closed)?;
+        let _ = keep_tx.send(());
         Ok(Http2Conn { send, closed })
     }
 
@@ -165,12 +204,17 @@ impl Http2Conn {
         })
         .await
         .map_err(SendError::Failed)?;
-        if let Some(pipe) = pipe {
-            // The answer came while the request is still streaming: the rest goes on alone.
+        let (parts, recv) = head.into_parts();
+        let mut body = ResponseBody::new(recv);
+        if let Some(mut pipe) = pipe {
+            // The answer came while the request is still streaming: the rest goes on alone,
+            // until the caller drops the answer (see `PipeBody::answer_dropped`).
+            let (tx, rx) = oneshot::channel();
+            pipe.answer_dropped = Some(rx);
+            body.pipe_guard = Some(tx);
             tokio::spawn(pipe);
         }
-        let (parts, recv) = head.into_parts();
-        Ok(http::Response::from_parts(parts, ResponseBody::new(recv)))
+        Ok(http::Response::from_parts(parts, body))
     }
 }
 
@@ -197,6 +241,12 @@ struct PipeBody {
     pending: Bytes,
     /// The body ended after `pending`.
     ended: bool,
+    /// Ready when the caller dropped the call's [`ResponseBody`] (for a pipe that outlives
+    /// the response head). Nobody will read the answer then, and the node might never open
+    /// its window or end the call: without this, the pipe (the stream and the request body
+    /// it holds) would wait for ever, so it resets the stream instead, as dropping the
+    /// whole call before its head does.
+    answer_dropped: Option<oneshot::Receiver<()>>,
 }
 
 impl PipeBody {
@@ -206,6 +256,7 @@ impl PipeBody {
             stream,
             pending: Bytes::new(),
             ended: false,
+            answer_dropped: None,
         }
     }
 
@@ -271,6 +322,12 @@ impl Future for PipeBody {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        if let Some(dropped) = this.answer_dropped.as_mut() {
+            if Pin::new(dropped).poll(cx).is_ready() {
+                this.stream.send_reset(h2::Reason::CANCEL);
+                return Poll::Ready(());
+            }
+        }
         match ready!(this.poll_pipe(cx)) {
             Ok(()) => Poll::Ready(()),
             Err(err) => {
@@ -287,6 +344,8 @@ pub struct ResponseBody {
     recv: h2::RecvStream,
     data_done: bool,
     done: bool,
+    /// Tells the request body's pipe, if one still runs, that the answer is dropped.
+    pipe_guard: Option<oneshot::Sender<()>>,
 }
 
 impl ResponseBody {
@@ -295,6 +354,7 @@ impl ResponseBody {
             recv,
             data_done: false,
             done: false,
+            pipe_guard: None,
         }
     }
 }
@@ -345,3 +405,55 @@ impl std::fmt::Debug for ResponseBody {
             .finish_non_exhaustive()
     }
 }
+
+/// The connection to a node, reporting its first successful read: the node's first bytes.
+struct FirstRead {
+    io: StreamHandle,
+    heard: Option<oneshot::Sender<()>>,
+}
+
+impl AsyncRead for FirstRead {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = ready!(Pin::new(&mut self.io).poll_read(cx, buf));
+        if result.is_ok() && buf.filled().len() > before {
+            if let Some(heard) = self.heard.take() {
+                let _ = heard.send(());
+            }
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl AsyncWrite for FirstRead {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -17,9 +17,6 @@ use tokio_yamux::Config as YamuxConfig;
 use super::http2::Http2Conn;
 use crate::wire::backchannel::{self, ClientHandler, DialTarget};
 
-/// The request body every node call has: the proxy's forwarded frames and tonic's encoded
-/// messages are both `tonic::body::Body`.
-pub(crate) type RequestBody = tonic::body::Body;
 pub(crate) type Sender = Http2Conn;
 
 /// Delay before the attempt after the first failed one; it doubles per failure up to the cap.

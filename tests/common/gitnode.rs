@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use praefect::wire::auth::TokenInterceptor;
-use praefect::wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
+use praefect_wire::auth::TokenInterceptor;
+use praefect_wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -151,8 +151,8 @@ impl GitNode {
             .unwrap()
     }
 
-    pub fn repository(&self, relative_path: &str) -> praefect::wire::proto::Repository {
-        praefect::wire::proto::Repository {
+    pub fn repository(&self, relative_path: &str) -> praefect_wire::proto::Repository {
+        praefect_wire::proto::Repository {
             storage_name: self.storage.clone(),
             relative_path: relative_path.to_string(),
             ..Default::default()
@@ -161,10 +161,10 @@ impl GitNode {
 
     /// CreateRepository with `main` as the default branch.
     pub async fn create_repository(&self, relative_path: &str) {
-        praefect::wire::proto::repository_service_client::RepositoryServiceClient::new(
+        praefect_wire::proto::repository_service_client::RepositoryServiceClient::new(
             self.channel(),
         )
-        .create_repository(praefect::wire::proto::CreateRepositoryRequest {
+        .create_repository(praefect_wire::proto::CreateRepositoryRequest {
             repository: Some(self.repository(relative_path)),
             default_branch: b"main".to_vec(),
             ..Default::default()

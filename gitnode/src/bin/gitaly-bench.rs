@@ -12,10 +12,10 @@
 
 use std::time::{Duration, Instant};
 
-use praefect::wire::auth::TokenInterceptor;
-use praefect::wire::backchannel::{dial, yamux_config, ClientHandler};
-use praefect::wire::proto::ref_service_client::RefServiceClient;
-use praefect::wire::proto::{FindDefaultBranchNameRequest, Repository};
+use praefect_wire::auth::TokenInterceptor;
+use praefect_wire::backchannel::{dial, yamux_config, ClientHandler};
+use praefect_wire::proto::ref_service_client::RefServiceClient;
+use praefect_wire::proto::{FindDefaultBranchNameRequest, Repository};
 use tonic::transport::{Channel, Endpoint};
 
 const USAGE: &str =

@@ -20,14 +20,14 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use praefect::wire::auth::TokenInterceptor;
-use praefect::wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
-use praefect::wire::pktline;
-use praefect::wire::proto::ssh_service_client::SshServiceClient;
-use praefect::wire::proto::{
+use praefect_wire::auth::TokenInterceptor;
+use praefect_wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
+use praefect_wire::pktline;
+use praefect_wire::proto::ssh_service_client::SshServiceClient;
+use praefect_wire::proto::{
     Repository, SshReceivePackRequest, SshUploadPackWithSidechannelRequest,
 };
-use praefect::wire::sidechannel;
+use praefect_wire::sidechannel;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn env(name: &str) -> anyhow::Result<String> {
@@ -117,8 +117,8 @@ async fn run() -> anyhow::Result<u8> {
 
 /// `gitnode-ssh create`: CreateRepository for the repository in the environment.
 async fn create() -> anyhow::Result<u8> {
-    use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
-    use praefect::wire::proto::CreateRepositoryRequest;
+    use praefect_wire::proto::repository_service_client::RepositoryServiceClient;
+    use praefect_wire::proto::CreateRepositoryRequest;
     let channel = dial_lazy(
         &env("GITALY_ADDRESS")?,
         yamux_config(0, 256),

@@ -1,7 +1,7 @@
 //! CommitService: FindCommit and CountCommits.
 
-use praefect::wire::proto::commit_service_server::CommitService;
-use praefect::wire::proto::*;
+use praefect_wire::proto::commit_service_server::CommitService;
+use praefect_wire::proto::*;
 use tonic::{Request, Response, Status};
 
 use super::refs::read_commits;

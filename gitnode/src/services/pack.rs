@@ -3,8 +3,8 @@
 use std::path::Path;
 use std::process::Stdio;
 
-use praefect::wire::backchannel::PeerInfo;
-use praefect::wire::{pktline, sidechannel};
+use praefect_wire::backchannel::PeerInfo;
+use praefect_wire::{pktline, sidechannel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tonic::metadata::MetadataMap;

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use praefect::wire::proto::ref_service_server::RefService;
-use praefect::wire::proto::*;
+use praefect_wire::proto::ref_service_server::RefService;
+use praefect_wire::proto::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tonic::{Request, Response, Status};
 

@@ -4,12 +4,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use praefect::wire::auth::TokenInterceptor;
-use praefect::wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
-use praefect::wire::proto::ref_service_client::RefServiceClient;
-use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
-use praefect::wire::proto::repository_service_server::RepositoryService;
-use praefect::wire::proto::*;
+use praefect_wire::auth::TokenInterceptor;
+use praefect_wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
+use praefect_wire::proto::ref_service_client::RefServiceClient;
+use praefect_wire::proto::repository_service_client::RepositoryServiceClient;
+use praefect_wire::proto::repository_service_server::RepositoryService;
+use praefect_wire::proto::*;
 use serde::Deserialize;
 use sha1::{Digest, Sha1};
 use tonic::{Request, Response, Status};

@@ -1,7 +1,7 @@
 //! ServerService: ServerInfo and DiskStatistics.
 
-use praefect::wire::proto::server_service_server::ServerService;
-use praefect::wire::proto::{
+use praefect_wire::proto::server_service_server::ServerService;
+use praefect_wire::proto::{
     disk_statistics_response, server_info_response, DiskStatisticsRequest, DiskStatisticsResponse,
     ServerInfoRequest, ServerInfoResponse,
 };

@@ -1,9 +1,9 @@
 //! SmartHTTPService: ref advertisements, fetch over the sidechannel, push over the stream.
 
-use praefect::wire::backchannel::PeerInfo;
-use praefect::wire::pktline;
-use praefect::wire::proto::smart_http_service_server::SmartHttpService;
-use praefect::wire::proto::*;
+use praefect_wire::backchannel::PeerInfo;
+use praefect_wire::pktline;
+use praefect_wire::proto::smart_http_service_server::SmartHttpService;
+use praefect_wire::proto::*;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::pack::{collect_stderr, report_failure, spawn, Pack, PackOptions};

@@ -1,8 +1,8 @@
 //! SSHService: fetch over the sidechannel, push over the gRPC stream.
 
-use praefect::wire::backchannel::PeerInfo;
-use praefect::wire::proto::ssh_service_server::SshService;
-use praefect::wire::proto::*;
+use praefect_wire::backchannel::PeerInfo;
+use praefect_wire::proto::ssh_service_server::SshService;
+use praefect_wire::proto::*;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::pack::PackOptions;

@@ -13,7 +13,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use super::listen::bind;
-use super::readiness_route;
+use super::readiness::readiness_route;
 use super::tasks::Tasks;
 use crate::config::Config;
 use crate::datastore::{Datastore, ListenerSettings, PoolSettings, StorageCache};

@@ -7,22 +7,21 @@
 //! in-flight calls finish for up to `graceful_stop_timeout`, then exits.
 //!
 //! [`app`] starts and stops the router, [`tasks`] groups its tasks for shutdown, and this
-//! module is the entry point: signals in, exit code out. The readiness route is here too;
-//! the service the listeners serve is `proxy::router_service`.
+//! module is the entry point: signals in, exit code out. The service the listeners serve is
+//! `proxy::router_service`; [`readiness`] is the HTTP readiness route.
 
 mod app;
 mod listen;
+mod readiness;
 mod tasks;
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 use crate::logging;
-use crate::proxy::Proxy;
 
 use app::App;
 
@@ -52,31 +51,4 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     app.shutdown(grace).await;
     Ok(())
-}
-
-/// HTTP `/readiness`: 200 when every readiness check passes, 503 with the failed checks
-/// otherwise (JSON either way). See `health::readiness` for what to point a load balancer at.
-fn readiness_route(proxy: Arc<Proxy>) -> axum::Router {
-    axum::Router::new().route(
-        "/readiness",
-        axum::routing::get(move || {
-            let failed = proxy.failed_readiness_checks();
-            async move {
-                let status = if failed.is_empty() {
-                    http::StatusCode::OK
-                } else {
-                    http::StatusCode::SERVICE_UNAVAILABLE
-                };
-                let report = crate::health::readiness::ReadinessReport {
-                    ready: failed.is_empty(),
-                    failed_checks: failed,
-                };
-                (
-                    status,
-                    [(http::header::CONTENT_TYPE, "application/json")],
-                    serde_json::to_string(&report).unwrap_or_default(),
-                )
-            }
-        }),
-    )
 }

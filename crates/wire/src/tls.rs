@@ -2,11 +2,12 @@
 //!
 //! Servers offer ALPN `h2` but do not require it: Praefect disables ALPN enforcement because
 //! some Gitaly clients do not send it. Clients trust the system's roots (which honour
-//! `SSL_CERT_FILE` and `SSL_CERT_DIR`, as Gitaly's clients do).
+//! `SSL_CERT_FILE` and `SSL_CERT_DIR`, as Gitaly's clients do), read once per process: the
+//! client configuration is built on the first TLS connection and shared by all the others.
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -54,8 +55,24 @@ pub fn acceptor(cert_path: &Path, key: KeySource<'_>, min_tls13: bool) -> io::Re
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// A connector trusting the system roots.
+/// A connector trusting the system roots, shared by every client connection of the process.
+///
+/// Loading the system roots reads and parses every certificate in the store, which costs far
+/// more than the handshake it is for; the configuration is the same for every connection, so
+/// it is built on first use and then shared (the connector holds it in an `Arc`). Only a
+/// success is kept: while no roots can be found, each connection tries again and fails as it
+/// did before.
 pub fn connector() -> io::Result<TlsConnector> {
+    static SHARED: OnceLock<TlsConnector> = OnceLock::new();
+    if let Some(connector) = SHARED.get() {
+        return Ok(connector.clone());
+    }
+    let built = TlsConnector::from(Arc::new(client_config()?));
+    Ok(SHARED.get_or_init(|| built).clone())
+}
+
+/// The client configuration: the system roots, ALPN `h2`.
+fn client_config() -> io::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     let loaded = rustls_native_certs::load_native_certs();
     for cert in loaded.certs {
@@ -70,7 +87,7 @@ pub fn connector() -> io::Result<TlsConnector> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }
 
 /// Connects to `host:port` over TLS, verifying the certificate against `host`.

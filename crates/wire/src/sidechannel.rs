@@ -16,8 +16,11 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
-use super::backchannel::{BoxIo, PeerInfo, SessionRegistry, SIDECHANNEL_MAGIC};
+use crate::backchannel::io::BoxIo;
+use crate::backchannel::sessions::{PeerInfo, SessionRegistry};
 
+/// What the server writes first on a sidechannel stream, before the id.
+pub const SIDECHANNEL_MAGIC: &[u8; 11] = b"sidechannel";
 /// The metadata key that carries the sidechannel id.
 pub const METADATA_KEY: &str = "gitaly-sidechannel-id";
 /// Bound on opening a sidechannel, both sides.

@@ -78,7 +78,50 @@ pub fn sign_v2(secret: &[u8], now: SystemTime) -> String {
 
 /// The `authorization` metadata value for `secret`, stamped now.
 pub fn bearer(secret: &[u8]) -> String {
-    format!("Bearer {}", sign_v2(secret, SystemTime::now()))
+    bearer_at(secret, SystemTime::now())
+}
+
+fn bearer_at(secret: &[u8], now: SystemTime) -> String {
+    format!("Bearer {}", sign_v2(secret, now))
+}
+
+/// A caller's `authorization` value for one secret, signed again only when the second changes:
+/// a v2 token carries whole seconds, so within one second the signature comes out the same
+/// anyway, and a busy caller (the router's node connections) need not compute an HMAC and a
+/// header per call. Shared by the clones of a connection; the lock is held only to copy the
+/// value out or put a new one in.
+#[derive(Debug)]
+pub struct TokenCache {
+    secret: Arc<[u8]>,
+    current: Mutex<Option<(u64, http::HeaderValue)>>,
+}
+
+impl TokenCache {
+    /// A cache for `token`; none for an empty token (no `authorization` is sent).
+    pub fn new(token: &str) -> Option<Self> {
+        (!token.is_empty()).then(|| TokenCache {
+            secret: Arc::from(token.as_bytes()),
+            current: Mutex::new(None),
+        })
+    }
+
+    /// The value for now: the one signed earlier in this second, or a new one.
+    pub fn header(&self) -> Option<http::HeaderValue> {
+        let now = SystemTime::now();
+        let Ok(second) = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()) else {
+            // A clock before 1970 has no second to key on: sign every time.
+            return http::HeaderValue::try_from(bearer_at(&self.secret, now)).ok();
+        };
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, value)) = current.as_ref() {
+            if *at == second {
+                return Some(value.clone());
+            }
+        }
+        let value = http::HeaderValue::try_from(bearer_at(&self.secret, now)).ok()?;
+        *current = Some((second, value.clone()));
+        Some(value)
+    }
 }
 
 /// Checks an `authorization` metadata value against `secret` at time `now`.
@@ -456,6 +499,25 @@ mod tests {
         let disabled = AuthConfig::new("", false);
         assert!(disabled
             .authorize("/gitaly.RefService/RefExists", None)
+            .is_ok());
+    }
+
+    #[test]
+    fn cached_tokens_are_valid_and_reused_within_their_second() {
+        assert!(TokenCache::new("").is_none(), "no token, no header");
+        let cache = TokenCache::new("secret").unwrap();
+        let (first, second) = loop {
+            let before = unix_seconds(SystemTime::now());
+            let pair = (cache.header().unwrap(), cache.header().unwrap());
+            // Both within one second, or the comparison below says nothing.
+            if unix_seconds(SystemTime::now()) == before {
+                break pair;
+            }
+        };
+        assert_eq!(first, second);
+        let config = AuthConfig::new("secret", false);
+        assert!(config
+            .authorize("/gitaly.RefService/RefExists", first.to_str().ok())
             .is_ok());
     }
 }

@@ -1,0 +1,41 @@
+//! The backchannel: one TCP (or Unix, or TLS) connection that carries the client's gRPC calls
+//! to the server *and* lets the server open streams back to the client.
+//!
+//! A backchannel-aware client writes the 11 bytes `backchannel`, then runs a yamux client
+//! session over the connection and speaks HTTP/2 (gRPC) on the first stream it opens. The
+//! server looks at the first 11 bytes of every accepted connection: with the magic it runs a
+//! yamux server session and serves gRPC on each stream the client opens; without it, the
+//! connection is plain gRPC and is served unchanged. The server keeps each session's control
+//! handle in a [`SessionRegistry`] so a handler can open a stream back to its caller (that is
+//! how sidechannels reach the client). On the client, streams the server opens are either
+//! sidechannels (they start with `sidechannel`) or gRPC calls to the client's own services.
+//!
+//! One file per concern: `io` (boxed connections, sniffing a magic), `yamux` (settings),
+//! `sessions` (the server's registry of sessions, [`PeerInfo`]), `listener` and `server`
+//! (accepting), `coalesce` (the server session's batched writes), `connect` (a client's raw
+//! connection), `client` (the client's session) and `dial` (tonic channels over it).
+//! Everything public is re-exported here, at the paths it always had; sidechannels use `io`
+//! and `sessions` directly, so that they do not depend on the client that depends on them.
+
+mod client;
+mod coalesce;
+mod connect;
+mod dial;
+pub(crate) mod io;
+mod listener;
+mod server;
+pub(crate) mod sessions;
+mod yamux;
+
+pub use client::{start_client_session, ClientHandler, ClientSession};
+pub use coalesce::{finish_writes, next_stream, Coalesced, CoalescedWriter};
+pub use connect::{connect_raw, connect_target, DialTarget};
+pub use dial::{dial, dial_lazy, error_chain};
+pub use io::{sniff, BoxIo, Io, Prefixed, BACKCHANNEL_MAGIC};
+pub use listener::Listener;
+pub use server::{incoming, ServerConn};
+pub use sessions::{PeerInfo, SessionRegistry};
+pub use yamux::yamux_config;
+
+/// What the server writes first on a sidechannel stream (defined with the sidechannel).
+pub use crate::sidechannel::SIDECHANNEL_MAGIC;

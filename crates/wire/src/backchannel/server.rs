@@ -1,0 +1,170 @@
+//! The server's side: every accepted connection is sniffed for the backchannel magic and
+//! becomes either one plain gRPC connection or a yamux session whose streams are each one.
+//! Both come out of [`incoming`] as [`ServerConn`]s for tonic's server.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_yamux::{Config as YamuxConfig, Session};
+use tonic::transport::server::Connected;
+
+use super::coalesce::{finish_writes, next_stream, Coalesced};
+use super::io::{sniff, BoxIo, BACKCHANNEL_MAGIC, SNIFF_TIMEOUT};
+use super::listener::{Accepted, Listener};
+use super::sessions::{PeerInfo, SessionRegistry};
+
+/// One HTTP/2 connection for the gRPC server: a plain socket or one yamux stream.
+pub struct ServerConn {
+    io: BoxIo,
+    info: PeerInfo,
+}
+
+impl Connected for ServerConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for ServerConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ServerConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Accepts connections on `listener` and yields one [`ServerConn`] per plain connection and
+/// per yamux stream of each backchannel session, ready for
+/// `tonic::transport::Server::serve_with_incoming`.
+pub fn incoming(
+    listener: Listener,
+    registry: SessionRegistry,
+    yamux: YamuxConfig,
+) -> ReceiverStream<io::Result<ServerConn>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (accepted, remote_addr) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            tokio::spawn(handle_connection(
+                accepted,
+                remote_addr,
+                tx.clone(),
+                registry.clone(),
+                yamux,
+            ));
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+async fn handle_connection(
+    accepted: Accepted,
+    remote_addr: String,
+    tx: mpsc::Sender<io::Result<ServerConn>>,
+    registry: SessionRegistry,
+    yamux: YamuxConfig,
+) {
+    let handshake = async {
+        let io = accepted.into_io().await?;
+        sniff(io, BACKCHANNEL_MAGIC).await
+    };
+    let sniffed = tokio::time::timeout(SNIFF_TIMEOUT, handshake).await;
+    let (is_backchannel, io) = match sniffed {
+        Ok(Ok(result)) => result,
+        Ok(Err(err)) => {
+            tracing::debug!(error = %err, remote_addr, "connection failed before its first bytes");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(remote_addr, "connection sent nothing; closed");
+            return;
+        }
+    };
+    if !is_backchannel {
+        let conn = ServerConn {
+            io: Box::new(io),
+            info: PeerInfo {
+                remote_addr: remote_addr.into(),
+                backchannel_id: None,
+            },
+        };
+        let _ = tx.send(Ok(conn)).await;
+        return;
+    }
+    let (io, writer) = Coalesced::new(io);
+    let mut session = Session::new_server(io, yamux);
+    let id = registry.insert(session.control());
+    let remote_addr: Arc<str> = remote_addr.into();
+    tracing::debug!(
+        remote_addr = %remote_addr,
+        backchannel_id = id,
+        "backchannel session started"
+    );
+    while let Some(stream) = next_stream(&mut session, &writer).await {
+        match stream {
+            Ok(stream) => {
+                let conn = ServerConn {
+                    io: Box::new(stream),
+                    info: PeerInfo {
+                        remote_addr: remote_addr.clone(),
+                        backchannel_id: Some(id),
+                    },
+                };
+                if tx.send(Ok(conn)).await.is_err() {
+                    break;
+                }
+            }
+            Err(err) => {
+                tracing::debug!(backchannel_id = id, error = ?err, "backchannel session ended");
+                break;
+            }
+        }
+    }
+    registry.remove(id);
+    finish_writes(&writer).await;
+}

@@ -1,0 +1,393 @@
+//! The HTTP/2 client against nodes that misbehave, over real loopback sockets and real
+//! backchannel sessions: each case is a node the router could meet (one that goes away in the
+//! middle of a call, resets a stream, never opens its window, never says anything), and each
+//! test bounds how long the client may take to notice, so a hang fails the test instead of
+//! stalling it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+
+use futures::StreamExt;
+use http_body_util::BodyExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Notify};
+
+use super::*;
+use crate::nodes::subchannel::{ConnectSettings, Subchannel};
+use crate::wire::backchannel::{
+    self, incoming, yamux_config, ClientHandler, DialTarget, Listener, ServerConn, SessionRegistry,
+};
+
+/// How long any one thing a test waits for may take before the test calls it a hang.
+const BOUND: Duration = Duration::from_secs(5);
+
+/// A node that speaks the backchannel: the HTTP/2 connection of its first client (the first
+/// stream of the session) goes to `serve`.
+async fn node<F, Fut>(serve: F) -> SocketAddr
+where
+    F: FnOnce(ServerConn) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut conns = incoming(
+        Listener::Tcp(listener),
+        SessionRegistry::default(),
+        yamux_config(0, 256),
+    );
+    tokio::spawn(async move {
+        if let Some(Ok(conn)) = conns.next().await {
+            serve(conn).await;
+        }
+    });
+    addr
+}
+
+/// The client's connection to `addr`, as a subchannel makes it.
+async fn connect(addr: SocketAddr) -> Http2Conn {
+    let io = TcpStream::connect(addr).await.unwrap();
+    let session = backchannel::start_client_session(
+        Box::new(io),
+        yamux_config(0, 256),
+        ClientHandler::default(),
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(
+        BOUND,
+        Http2Conn::start(session.stream, session.control, addr.to_string()),
+    )
+    .await
+    .expect("HTTP/2 start hung")
+    .expect("HTTP/2 start failed")
+}
+
+fn request(body: RequestBody) -> http::Request<RequestBody> {
+    http::Request::builder()
+        .method("POST")
+        .uri("http://node/gitaly.RefService/RefExists")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap()
+}
+
+/// A request body that never ends: a chunk whenever the pipe asks, counted.
+fn endless_body(pulled: Arc<AtomicUsize>) -> RequestBody {
+    let chunks = futures::stream::repeat_with(move || {
+        pulled.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![0u8; 16 * 1024])))
+    });
+    RequestBody::new(http_body_util::StreamBody::new(chunks))
+}
+
+/// A request body fed by the test; the sender's `closed()` says when the client dropped it.
+fn fed_body() -> (mpsc::Sender<Bytes>, RequestBody) {
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    let frames = tokio_stream::wrappers::ReceiverStream::new(rx)
+        .map(|data| Ok::<_, std::convert::Infallible>(Frame::data(data)));
+    (
+        tx,
+        RequestBody::new(http_body_util::StreamBody::new(frames)),
+    )
+}
+
+/// A 200 gRPC response head, without end of stream.
+fn grpc_head() -> http::Response<()> {
+    http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap()
+}
+
+/// Serves every request on `conn` with `answer`, until the connection ends.
+async fn serve_each<F>(conn: ServerConn, mut answer: F)
+where
+    F: FnMut(
+            usize,
+            http::Request<h2::RecvStream>,
+            h2::server::SendResponse<Bytes>,
+        ) -> futures::future::BoxFuture<'static, ()>
+        + Send
+        + 'static,
+{
+    let mut connection = h2::server::handshake(conn).await.unwrap();
+    let mut n = 0;
+    while let Some(Ok((request, respond))) = connection.accept().await {
+        tokio::spawn(answer(n, request, respond));
+        n += 1;
+    }
+}
+
+/// An answer that completes the call with OK.
+async fn answer_ok(mut respond: h2::server::SendResponse<Bytes>) {
+    let mut stream = respond.send_response(grpc_head(), false).unwrap();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    stream.send_trailers(trailers).unwrap();
+}
+
+#[tokio::test]
+async fn a_goaway_in_the_middle_of_a_call_fails_the_call_and_closes_the_connection() {
+    // Signalled once the client has the head: the GOAWAY then comes in the middle of the
+    // answer, not before it.
+    let head_seen = Arc::new(Notify::new());
+    let go = head_seen.clone();
+    let addr = node(|conn| async move {
+        let mut connection = h2::server::handshake(conn).await.unwrap();
+        let (_request, mut respond) = connection.accept().await.unwrap().unwrap();
+        let mut stream = respond.send_response(grpc_head(), false).unwrap();
+        stream
+            .send_data(Bytes::from_static(b"\0\0\0\0\0"), false)
+            .unwrap();
+        // The connection must be driven (to write the head) while the client reads it.
+        tokio::select! {
+            () = go.notified() => {}
+            _ = connection.accept() => {}
+        }
+        // Away, with the call half answered.
+        connection.abrupt_shutdown(h2::Reason::INTERNAL_ERROR);
+        let _ = std::future::poll_fn(|cx| connection.poll_closed(cx)).await;
+    })
+    .await;
+    let conn = connect(addr).await;
+    let response = tokio::time::timeout(BOUND, conn.send(request(RequestBody::empty())))
+        .await
+        .expect("response head hung")
+        .expect("the head came before the GOAWAY");
+    head_seen.notify_one();
+    let mut body = response.into_body();
+    let error = tokio::time::timeout(BOUND, async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(err)) => return err,
+                None => panic!("the body ended cleanly after a GOAWAY"),
+            }
+        }
+    })
+    .await
+    .expect("reading the body hung after a GOAWAY");
+    assert!(error.is_go_away() || error.is_io(), "{error:?}");
+    // The connection is gone for new calls, and says so at once.
+    tokio::time::timeout(BOUND, async {
+        while !conn.is_closed() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the connection was not marked closed");
+    let again = tokio::time::timeout(BOUND, conn.send(request(RequestBody::empty())))
+        .await
+        .expect("a call on a gone connection hung");
+    assert!(matches!(again, Err(SendError::NotSent { .. })), "{again:?}");
+}
+
+#[tokio::test]
+async fn a_reset_stream_fails_its_call_only() {
+    let head_seen = Arc::new(Notify::new());
+    let go = head_seen.clone();
+    let addr = node(|conn| {
+        serve_each(conn, move |n, _request, mut respond| {
+            let go = go.clone();
+            Box::pin(async move {
+                match n {
+                    // Reset before any answer.
+                    0 => respond.send_reset(h2::Reason::INTERNAL_ERROR),
+                    // Reset in the middle of the answer.
+                    1 => {
+                        let mut stream = respond.send_response(grpc_head(), false).unwrap();
+                        go.notified().await;
+                        stream.send_reset(h2::Reason::CANCEL);
+                    }
+                    _ => answer_ok(respond).await,
+                }
+            })
+        })
+    })
+    .await;
+    let conn = connect(addr).await;
+    let first = tokio::time::timeout(BOUND, conn.send(request(RequestBody::empty())))
+        .await
+        .expect("a reset call hung");
+    match first {
+        Err(SendError::Failed(error)) => {
+            assert_eq!(
+                error.reason(),
+                Some(h2::Reason::INTERNAL_ERROR),
+                "{error:?}"
+            );
+            assert!(!error.is_go_away());
+        }
+        other => panic!("expected the stream's failure, got {other:?}"),
+    }
+    let second = tokio::time::timeout(BOUND, conn.send(request(RequestBody::empty())))
+        .await
+        .expect("response head hung")
+        .expect("the head came before the reset");
+    head_seen.notify_one();
+    let error = tokio::time::timeout(BOUND, async {
+        let mut body = second.into_body();
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(err)) => return Some(err),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("reading a reset body hung")
+    .expect("a reset body ended cleanly");
+    assert_eq!(error.reason(), Some(h2::Reason::CANCEL), "{error:?}");
+    // The connection carries on.
+    assert!(!conn.is_closed());
+    let third = tokio::time::timeout(BOUND, conn.send(request(RequestBody::empty())))
+        .await
+        .expect("a call after the resets hung")
+        .expect("a call after the resets failed");
+    let trailers = third
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .trailers()
+        .cloned();
+    assert_eq!(trailers.unwrap()["grpc-status"], "0");
+}
+
+/// A node whose stream windows are zero and that never opens them: `respond_first` says
+/// whether it answers with a head (as a streaming call's server would) or says nothing.
+async fn zero_window_node(respond_first: bool) -> (SocketAddr, mpsc::Receiver<h2::Reason>) {
+    let (resets_tx, resets) = mpsc::channel(4);
+    let addr = node(move |conn| async move {
+        let mut connection = h2::server::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, Bytes>(conn)
+            .await
+            .unwrap();
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            let resets_tx = resets_tx.clone();
+            tokio::spawn(async move {
+                // Never read (the window stays shut); report how the client ends the stream
+                // (after a head, the reset is the head's stream's to see).
+                let body = request.into_body();
+                let reason = if respond_first {
+                    let mut stream = respond.send_response(grpc_head(), false).unwrap();
+                    std::future::poll_fn(|cx| stream.poll_reset(cx)).await
+                } else {
+                    std::future::poll_fn(|cx| respond.poll_reset(cx)).await
+                };
+                drop(body);
+                if let Ok(reason) = reason {
+                    let _ = resets_tx.send(reason).await;
+                }
+            });
+        }
+    })
+    .await;
+    (addr, resets)
+}
+
+#[tokio::test]
+async fn a_zero_window_call_buffers_a_bounded_amount_and_ends_at_its_deadline() {
+    let (addr, mut resets) = zero_window_node(false).await;
+    let conn = connect(addr).await;
+    let pulled = Arc::new(AtomicUsize::new(0));
+    // The caller's deadline: the node never answers, so the call must end here.
+    let call = tokio::time::timeout(
+        Duration::from_millis(500),
+        conn.send(request(endless_body(pulled.clone()))),
+    )
+    .await;
+    assert!(
+        call.is_err(),
+        "a call to a node that never answers returned"
+    );
+    // The pipe waited for window instead of reading the body on: one chunk at most in hand.
+    assert!(pulled.load(Ordering::SeqCst) <= 2, "{pulled:?} chunks read");
+    // Dropping the call cancelled its stream at the node.
+    let reason = tokio::time::timeout(BOUND, resets.recv())
+        .await
+        .expect("the node never saw the dropped call end");
+    assert_eq!(reason, Some(h2::Reason::CANCEL));
+    assert!(!conn.is_closed());
+}
+
+#[tokio::test]
+async fn a_zero_window_call_whose_answer_is_dropped_releases_its_stream_and_body() {
+    let (addr, mut resets) = zero_window_node(true).await;
+    let conn = connect(addr).await;
+    let (feed, body) = fed_body();
+    feed.send(Bytes::from_static(b"first message"))
+        .await
+        .unwrap();
+    let response = tokio::time::timeout(BOUND, conn.send(request(body)))
+        .await
+        .expect("response head hung")
+        .expect("the node answered with a head");
+    // The request body is still being written (no window) when the caller gives up.
+    drop(response);
+    tokio::time::timeout(BOUND, feed.closed())
+        .await
+        .expect("the client kept the request body of a dropped call");
+    let reason = tokio::time::timeout(BOUND, resets.recv())
+        .await
+        .expect("the node never saw the dropped call end");
+    assert_eq!(reason, Some(h2::Reason::CANCEL));
+}
+
+#[tokio::test]
+async fn a_node_that_never_sends_its_settings_fails_the_connection_attempt() {
+    // The backchannel session comes up; HTTP/2 on it never says a word.
+    let addr = node(|conn| async move {
+        let _held = conn;
+        std::future::pending::<()>().await;
+    })
+    .await;
+    let settings = Arc::new(ConnectSettings {
+        yamux: yamux_config(0, 256),
+        handler: ClientHandler::default(),
+        timeout: Duration::from_millis(500),
+    });
+    let target = DialTarget::Resolved {
+        addr,
+        tls_server_name: None,
+    };
+    let sub = Arc::new(Subchannel::new(target, settings));
+    let attempt = sub.connect().unwrap();
+    let result = tokio::time::timeout(BOUND, attempt)
+        .await
+        .expect("the connection attempt hung");
+    let Err(failure) = result else {
+        panic!("a node that never sent its SETTINGS counts as connected");
+    };
+    assert!(failure.0.contains("no connection within"), "{failure}");
+    assert!(!sub.is_ready());
+}
+
+#[tokio::test]
+async fn a_socket_that_never_answers_fails_the_connection_attempt() {
+    // Accepts TCP, then neither reads nor writes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _held = listener.accept().await;
+        std::future::pending::<()>().await;
+    });
+    let settings = Arc::new(ConnectSettings {
+        yamux: yamux_config(0, 256),
+        handler: ClientHandler::default(),
+        timeout: Duration::from_millis(500),
+    });
+    let target = DialTarget::Resolved {
+        addr,
+        tls_server_name: None,
+    };
+    let sub = Arc::new(Subchannel::new(target, settings));
+    let result = tokio::time::timeout(BOUND, sub.connect().unwrap())
+        .await
+        .expect("the connection attempt hung");
+    assert!(result.is_err(), "a silent socket counts as connected");
+}
