@@ -21,7 +21,7 @@
 // datastore's rule about unnamed statements (clippy.toml) does not apply here.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
