@@ -413,7 +413,7 @@ async fn calls_spread_over_every_address_of_a_name() {
 
 /// The client's CPU per call, tonic's `Channel` (what the router used before) against
 /// `NodeChannel`, both over a backchannel to one gitnode, 64 calls in flight. A measurement,
-/// not a check: `cargo test --release --test nodes -- --ignored --nocapture client_cost`.
+/// not a check: `cargo test --release --test it -- --ignored --nocapture nodes::client_cost`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "micro-benchmark; run by hand in release"]
 async fn client_cost_per_call_tonic_channel_vs_node_channel() {

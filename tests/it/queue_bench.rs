@@ -5,7 +5,7 @@
 //! twice). Run it by hand, in release:
 //!
 //! ```sh
-//! cargo test --release --test queue_bench -- --ignored --nocapture
+//! cargo test --release --test it -- --ignored --nocapture queue_bench::
 //! ```
 //!
 //! `QUEUE_BENCH_REPOS` (default 1000) and `QUEUE_BENCH_TARGETS` (default 100) set the shape:
