@@ -1,18 +1,16 @@
 //! gitnode across processes: real nodes, real git, pushes and clones through gitnode-ssh,
 //! replication between nodes, auth and bad input.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use common::*;
 use praefect_wire::auth::sign_v2;
 use praefect_wire::proto::ref_service_client::RefServiceClient;
 use praefect_wire::proto::repository_service_client::RepositoryServiceClient;
 use praefect_wire::proto::server_service_client::ServerServiceClient;
 use praefect_wire::proto::*;
+use testkit::gitnode::*;
 use tonic::Code;
 
 fn refs_of(dir: &Path) -> String {

@@ -13,7 +13,6 @@
 //! promotes only that standby. With asynchronous replication a failover may lose the last
 //! commits the leader acknowledged, and no client of the database (the router included) can
 //! keep an acknowledged write then; operators who need no loss run it this way.
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
@@ -21,9 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use praefect::config::DatabaseConnection;
-
-use super::pg::{find_pg_binary, free_port, server_identity};
+use crate::pg::{find_pg_binary, free_port, server_identity, Conn};
+use crate::wait::wait_until_blocking;
 
 pub const PASSWORD: &str = "postgres";
 const MEMBERS: usize = 3;
@@ -94,7 +92,7 @@ impl Patroni {
             members: (0..MEMBERS).map(|_| None).collect(),
             identity,
         };
-        wait_for("etcd to answer", Duration::from_secs(20), || {
+        wait_until_blocking(Duration::from_secs(20), "etcd answers", || {
             http_get(cluster.etcd_port, "/health").is_some_and(|(_, body)| body.contains("true"))
         });
         for member in 0..MEMBERS {
@@ -102,14 +100,14 @@ impl Patroni {
         }
         // The first member bootstraps alone, so the others clone it instead of racing initdb.
         cluster.start_member(0);
-        wait_for("pg1 to lead", Duration::from_secs(60), || {
+        wait_until_blocking(Duration::from_secs(60), "pg1 leads", || {
             cluster.role(0) == Role::Leader
         });
         cluster.start_member(1);
         cluster.start_member(2);
-        wait_for(
-            "two streaming replicas, one of them synchronous",
+        wait_until_blocking(
             Duration::from_secs(120),
+            "two replicas stream, one of them synchronous",
             || {
                 cluster.role(1) == Role::Replica
                     && cluster.role(2) == Role::Replica
@@ -262,8 +260,8 @@ tags: {{nofailover: false, noloadbalance: false, clonefrom: false, nosync: false
 
     /// The libpq-style multi-host settings of database `dbname`, as an operator writes them
     /// into `[database]`.
-    pub fn connection(&self, dbname: &str) -> DatabaseConnection {
-        DatabaseConnection {
+    pub fn connection(&self, dbname: &str) -> Conn {
+        Conn {
             host: ["127.0.0.1"; MEMBERS].join(","),
             port: self
                 .pg_ports
@@ -274,46 +272,44 @@ tags: {{nofailover: false, noloadbalance: false, clonefrom: false, nosync: false
             user: "postgres".into(),
             password: PASSWORD.into(),
             dbname: dbname.into(),
-            sslmode: "disable".into(),
-            ..Default::default()
         }
     }
 
     /// A planned switchover to another member (a streaming replica); returns (old, new).
     /// Retries while Patroni refuses because the candidate is not ready yet.
     pub fn switchover(&self) -> (usize, usize) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let leader = self.leader().expect("a leader before the switchover");
-            // In synchronous mode only the synchronous standby may take over.
-            let candidate = (0..MEMBERS)
-                .find(|&m| m != leader && self.is_sync_standby(m))
-                .expect("a synchronous standby to switch over to");
-            let output = Command::new("patronictl")
-                .arg("-c")
-                .arg(self.dir.join(format!("{}.yml", Self::member_name(leader))))
-                .args(["switchover", "--leader"])
-                .arg(Self::member_name(leader))
-                .arg("--candidate")
-                .arg(Self::member_name(candidate))
-                .args(["--force", "praefect-test"])
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-            if output.status.success() && !text.contains("failed") && !text.contains("Error") {
-                return (leader, candidate);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "patronictl switchover kept failing: {text}"
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        wait_until_blocking(
+            Duration::from_secs(60),
+            "patronictl switchover succeeds",
+            || {
+                let leader = self.leader().expect("a leader before the switchover");
+                // In synchronous mode only the synchronous standby may take over.
+                let candidate = (0..MEMBERS)
+                    .find(|&m| m != leader && self.is_sync_standby(m))
+                    .expect("a synchronous standby to switch over to");
+                let output = Command::new("patronictl")
+                    .arg("-c")
+                    .arg(self.dir.join(format!("{}.yml", Self::member_name(leader))))
+                    .args(["switchover", "--leader"])
+                    .arg(Self::member_name(leader))
+                    .arg("--candidate")
+                    .arg(Self::member_name(candidate))
+                    .args(["--force", "praefect-test"])
+                    .stdin(Stdio::null())
+                    .output()
+                    .unwrap();
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                if output.status.success() && !text.contains("failed") && !text.contains("Error") {
+                    Ok((leader, candidate))
+                } else {
+                    Err(text)
+                }
+            },
+        )
     }
 
     /// SIGKILLs the leader's Patroni and postmaster; returns the member.
@@ -443,15 +439,4 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((code, body))
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out after {timeout:?} waiting for {what}");
 }

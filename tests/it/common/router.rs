@@ -1,7 +1,9 @@
 //! Real `praefect serve` processes for the end-to-end tests: a configuration writer, a process
 //! handle that learns the bound addresses from the JSON log, and a client channel with the
 //! router's token and the backchannel handshake.
-#![allow(dead_code)]
+// Tests read and write the database directly (not through PgBouncer), so the
+// datastore's rule about unnamed statements (clippy.toml) does not apply here.
+#![allow(clippy::disallowed_methods)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -434,4 +436,48 @@ pub async fn praefect_cli(dir: &std::path::Path, args: &[&str]) -> (i32, String,
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// Waits until every live router has recorded a health round, begun after this call, in
+/// which it saw `storage` healthy (`healthy`) or not. A router publishes its round to its
+/// routing before it records it in `node_status`, so from then on the routers route by it.
+///
+/// A round that saw the node down can only have probed it down, and one that saw it up only
+/// up (these tests kill and restart nodes, they never flap them), so a round recorded after
+/// this call reflects the node's state as of this call. Routers whose last round of any kind
+/// is more than 5 s old (stopped ones) are not waited for.
+pub async fn wait_for_health_round(db: &super::pg::TestDb, storage: &str, healthy: bool) {
+    let mut conn = db.raw().await;
+    let since: String = sqlx::query_scalar("SELECT now()::text")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let state = if healthy { "healthy" } else { "unhealthy" };
+    super::wait::wait_until(
+        Duration::from_secs(30),
+        &format!("every router's health round records {storage} {state}"),
+        async || {
+            // Both timestamps are the `now()` of one statement: equal when the round saw the
+            // node healthy.
+            let rows: Vec<(bool, bool)> = sqlx::query_as(
+                "SELECT last_contact_attempt_at > $2::timestamptz,
+                        last_seen_active_at IS NOT DISTINCT FROM last_contact_attempt_at
+                 FROM node_status
+                 WHERE node_name = $1
+                   AND praefect_name IN (SELECT praefect_name FROM node_status
+                                         WHERE last_contact_attempt_at
+                                               > $2::timestamptz - interval '5 seconds')",
+            )
+            .bind(storage)
+            .bind(&since)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            !rows.is_empty()
+                && rows
+                    .iter()
+                    .all(|&(recorded, seen)| recorded && seen == healthy)
+        },
+    )
+    .await;
 }

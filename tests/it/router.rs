@@ -3,7 +3,7 @@
 // datastore's rule about unnamed statements (clippy.toml) does not apply here.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,7 +11,8 @@ use std::time::Duration;
 use common::gitnode::GitNode;
 use common::pg::TestDb;
 use common::router::{
-    router_git_env, seed_repository, virtual_repo, write_config_with, NodeEntry, Router,
+    router_git_env, seed_repository, virtual_repo, wait_for_health_round, write_config_with,
+    NodeEntry, Router,
 };
 use common::wait::wait_until;
 use praefect::config::DatabaseConnection;
@@ -65,8 +66,8 @@ async fn health_rounds_are_recorded_and_follow_nodes_down_and_up() {
         assert_eq!(row.praefect_name, name);
     }
     wait_until(
-        "both nodes are seen healthy",
         Duration::from_secs(20),
+        "both nodes are seen healthy",
         || async {
             node_status(&db)
                 .await
@@ -80,7 +81,15 @@ async fn health_rounds_are_recorded_and_follow_nodes_down_and_up() {
 
     // gitaly-2 goes down: still probed every second, no longer seen.
     b.kill();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_until(
+        Duration::from_secs(20),
+        "gitaly-2 is still probed but not seen for 2 s",
+        || async {
+            let rows = node_status(&db).await;
+            rows[1].since_attempt < 2.0 && rows[1].since_seen.is_some_and(|s| s >= 2.0)
+        },
+    )
+    .await;
     let rows = node_status(&db).await;
     assert!(rows[0].since_seen.unwrap() < 2.0, "{rows:?}");
     assert!(rows[1].since_attempt < 2.0, "{rows:?}");
@@ -89,8 +98,8 @@ async fn health_rounds_are_recorded_and_follow_nodes_down_and_up() {
     // It comes back: recovery is seen too.
     b.restart();
     wait_until(
-        "gitaly-2 is seen healthy again",
         Duration::from_secs(20),
+        "gitaly-2 is seen healthy again",
         || async {
             node_status(&db).await[1]
                 .since_seen
@@ -260,7 +269,7 @@ async fn accessors_are_proxied_to_healthy_up_to_date_replicas() {
         head_only: false,
     };
     b.kill();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_health_round(&db, "gitaly-2", false).await;
     for _ in 0..10 {
         refs.find_default_branch_name(read()).await.unwrap();
     }
@@ -273,10 +282,10 @@ async fn accessors_are_proxied_to_healthy_up_to_date_replicas() {
         .increment_generation(id, std::slice::from_ref(&a.storage))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_health_round(&db, "gitaly-2", true).await;
     let mut a = a;
     a.kill();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_health_round(&db, "gitaly-1", false).await;
     let err = refs.find_default_branch_name(read()).await.unwrap_err();
     assert_eq!(
         (err.code(), err.message()),
@@ -434,14 +443,14 @@ async fn writes_go_to_the_primary_and_leave_jobs_for_the_other_replicas() {
         (&mut b, &mut a)
     };
     primary_node.kill();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_health_round(&db, &primary, false).await;
     let err = repos.write_ref(bad).await.unwrap_err();
     assert_eq!(
         (err.code(), err.message()),
         (Code::Internal, "primary gitaly is not healthy")
     );
     primary_node.restart();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_health_round(&db, &primary, true).await;
 
     // RemoveRepository: records first, then the replicas.
     repos

@@ -9,16 +9,14 @@
 //! router must send only startup parameters PgBouncer tracks. PgBouncer 1.18 (Debian 12)
 //! keeps no prepared statements across server connections, which is what
 //! `max_prepared_statements = 0` means in later versions.
-#![allow(dead_code)]
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use praefect::config::DatabaseConnection;
-
-use super::pg::{free_port, server_identity};
+use crate::pg::{free_port, server_identity, Conn};
+use crate::wait::wait_until_blocking;
 
 /// The PgBouncer database names.
 pub const TRANSACTION_DB: &str = "praefect_tx";
@@ -97,26 +95,20 @@ impl PgBouncer {
             .spawn()
             .expect("starting pgbouncer");
         let bouncer = PgBouncer { port, dir, child };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pgbouncer did not listen: {}",
-                bouncer.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_until_blocking(Duration::from_secs(20), "pgbouncer listens", || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .map_err(|err| format!("{err}; pgbouncer's log: {}", bouncer.log()))
+        });
         bouncer
     }
 
     /// The settings of PgBouncer database `alias`.
-    pub fn connection(&self, alias: &str, user: &str) -> DatabaseConnection {
-        DatabaseConnection {
+    pub fn connection(&self, alias: &str, user: &str) -> Conn {
+        Conn {
             host: "127.0.0.1".into(),
             port: self.port.to_string(),
             user: user.into(),
             dbname: alias.into(),
-            sslmode: "disable".into(),
             ..Default::default()
         }
     }

@@ -1,7 +1,23 @@
+//! PostgreSQL for the tests: one shared server, a fresh database per test, and servers of a
+//! test's own.
+//!
+//! Without PGHOST/PGPORT, the harness starts one private server from the system's
+//! PostgreSQL binaries (initdb into `target/tmp/praefect-test-pg`, a free port on 127.0.0.1;
+//! when run as root, as the unprivileged `postgres` user, because PostgreSQL refuses root, and
+//! with its data under `/tmp/praefect-test-pg-<hash>` where that user can reach it). The server is
+//! shared by every test process of a run and reused by later runs; a file lock makes the
+//! start-up safe when processes start at once. Every test gets its own database, copied from a
+//! template that the caller's migrations made once, and dropped when the test ends.
+// The harness reads and writes the database directly (not through PgBouncer), so the
+// datastore's rule about unnamed statements (clippy.toml) does not apply here.
+#![allow(clippy::disallowed_methods)]
+
 use std::fs::{self, OpenOptions};
+use std::future::Future;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -9,8 +25,21 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use sqlx::{Connection, Executor, PgConnection};
 
-use praefect::config::DatabaseConnection;
-use praefect::datastore::{migrations::known_migrations, Datastore, PoolSettings};
+/// How to reach one database: what a router's `[database]` section holds. The tests turn it
+/// into the router's own configuration type; this crate does not know that type.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Conn {
+    pub host: String,
+    /// A port, or comma-separated ports for multi-host settings (libpq style).
+    pub port: String,
+    pub user: String,
+    pub password: String,
+    pub dbname: String,
+}
+
+/// Applies a schema to the database at `Conn`; how is the caller's business (the router's
+/// tests run its migrations).
+pub type Migrate = fn(Conn) -> Pin<Box<dyn Future<Output = ()>>>;
 
 /// Where the shared server lives, and how to reach it.
 #[derive(Clone, Debug)]
@@ -21,20 +50,16 @@ pub struct PgServer {
     pub password: String,
     /// Set when the harness manages the server (not PGHOST).
     pub data_dir: Option<PathBuf>,
-    /// The database with every migration applied that test databases are copied from.
-    pub template: String,
 }
 
 impl PgServer {
-    pub fn connection(&self, dbname: &str) -> DatabaseConnection {
-        DatabaseConnection {
+    pub fn connection(&self, dbname: &str) -> Conn {
+        Conn {
             host: self.host.clone(),
             port: self.port.to_string(),
             user: self.user.clone(),
             password: self.password.clone(),
             dbname: dbname.to_string(),
-            sslmode: "disable".to_string(),
-            ..Default::default()
         }
     }
 
@@ -57,27 +82,25 @@ impl PgServer {
     }
 }
 
-/// The shared server, started (or found) on first use.
-pub fn server() -> &'static PgServer {
-    static SERVER: OnceLock<PgServer> = OnceLock::new();
-    SERVER.get_or_init(|| {
-        // Setup runs on its own thread and runtime so it can be called from any test, async
-        // or not.
-        std::thread::spawn(|| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(setup())
-        })
-        .join()
-        .expect("test database setup panicked")
+/// Runs `work` to completion on a thread and runtime of its own, so that the harness's set-up
+/// can be called from any test, async or not, and outlives the test's runtime.
+fn on_own_runtime<T: Send + 'static, F: Future<Output = T>>(
+    work: impl FnOnce() -> F + Send + 'static,
+) -> T {
+    std::thread::spawn(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(work())
     })
+    .join()
+    .expect("test database setup panicked")
 }
 
-async fn setup() -> PgServer {
-    let state_dir = state_dir();
-    fs::create_dir_all(&state_dir).expect("creating the test server directory");
+/// Holds the harness's lock file (shared by every test process of the checkout) while alive.
+fn lock_state_dir(state_dir: &Path) -> fs::File {
+    fs::create_dir_all(state_dir).expect("creating the test server directory");
     let lock = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -85,28 +108,47 @@ async fn setup() -> PgServer {
         .open(state_dir.join("lock"))
         .expect("opening the harness lock file");
     lock.lock().expect("locking the harness lock file");
+    lock
+}
 
-    let mut server = match (std::env::var("PGHOST"), std::env::var("PGPORT")) {
+/// The shared server, started (or found) on first use.
+pub fn server() -> &'static PgServer {
+    static SERVER: OnceLock<PgServer> = OnceLock::new();
+    SERVER.get_or_init(|| on_own_runtime(setup))
+}
+
+async fn setup() -> PgServer {
+    let state_dir = state_dir();
+    let lock = lock_state_dir(&state_dir);
+    let server = match (std::env::var("PGHOST"), std::env::var("PGPORT")) {
         (Ok(host), Ok(port)) if !host.is_empty() => PgServer {
             host,
             port: port.parse().expect("PGPORT is a number"),
             user: std::env::var("PGUSER").unwrap_or_else(|_| "postgres".into()),
             password: std::env::var("PGPASSWORD").unwrap_or_default(),
             data_dir: None,
-            template: String::new(),
         },
         _ => start_private_server(&state_dir).await,
     };
-    server.template = ensure_template(&server).await;
     drop(lock);
     server
+}
+
+/// The target directory of the running test (`target/<profile>/deps/<test>` is the test's
+/// executable): Cargo's `CARGO_TARGET_TMPDIR` is given to test crates, not to this library.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.ancestors()
+        .nth(3)
+        .expect("tests run from target/<profile>/deps")
+        .to_path_buf()
 }
 
 /// Where the private server keeps its data. Normally under `target/tmp`; when the server runs
 /// as another user (we are root), under the system temp dir instead, because that user may not
 /// be able to enter our checkout (a clone in a 0700 temp dir, say).
 fn state_dir() -> PathBuf {
-    let in_target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("praefect-test-pg");
+    let in_target = target_dir().join("tmp").join("praefect-test-pg");
     if server_identity().is_none() {
         return in_target;
     }
@@ -114,22 +156,36 @@ fn state_dir() -> PathBuf {
     std::env::temp_dir().join(format!("praefect-test-pg-{tag}"))
 }
 
-fn migrations_fingerprint() -> String {
+/// A fingerprint of `parts` (a schema's migrations, say) for naming a template database.
+pub fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
     let mut hasher = Sha256::new();
-    for m in known_migrations() {
-        hasher.update(m.id.as_bytes());
-        hasher.update(m.up.as_bytes());
-        hasher.update(m.down.unwrap_or("").as_bytes());
+    for part in parts {
+        hasher.update(part.len().to_le_bytes());
+        hasher.update(part.as_bytes());
     }
     hex::encode(&hasher.finalize()[..8])
 }
 
-/// Creates the migrated template database once per migration set.
-async fn ensure_template(server: &PgServer) -> String {
-    let name = format!("praefect_template_{}", migrations_fingerprint());
+impl PgServer {
+    /// Makes template database `name` with `migrate`, unless a test process made it before
+    /// (its name should carry a [`fingerprint`] of the schema, so that a changed schema gets
+    /// a new template). Test databases are copied from it ([`TestDb::new`]); callers keep
+    /// the answer rather than asking for every test.
+    pub fn ensure_template(&'static self, name: &str, migrate: Migrate) {
+        let name = name.to_string();
+        on_own_runtime(move || async move {
+            let lock = lock_state_dir(&state_dir());
+            ensure_template(self, &name, migrate).await;
+            drop(lock);
+        });
+    }
+}
+
+/// Creates template database `name` with `migrate` unless it exists.
+async fn ensure_template(server: &PgServer, name: &str, migrate: Migrate) {
     let mut admin = server.admin().await;
     let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
-        .bind(&name)
+        .bind(name)
         .fetch_optional(&mut admin)
         .await
         .expect("looking for the template database");
@@ -143,20 +199,12 @@ async fn ensure_template(server: &PgServer) -> String {
             .execute(format!("CREATE DATABASE \"{building}\"").as_str())
             .await
             .expect("creating the template database");
-        let store = Datastore::connect(&server.connection(&building), PoolSettings::default())
-            .await
-            .expect("connecting to the template database");
-        store
-            .migrate_up(false, |_| {})
-            .await
-            .expect("migrating the template database");
-        store.close().await;
+        migrate(server.connection(&building)).await;
         admin
             .execute(format!("ALTER DATABASE \"{building}\" RENAME TO \"{name}\"").as_str())
             .await
             .expect("renaming the template database");
     }
-    name
 }
 
 pub fn find_pg_binary(name: &str) -> PathBuf {
@@ -302,7 +350,6 @@ async fn start_private_server(state_dir: &Path) -> PgServer {
         user: "postgres".to_string(),
         password: String::new(),
         data_dir: Some(data_dir.clone()),
-        template: String::new(),
     };
     if let Some(port) = fs::read_to_string(&port_file)
         .ok()
@@ -336,13 +383,12 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// A fresh database with every migration applied.
-    pub async fn new() -> TestDb {
-        let server = server();
-        Self::create(server, Some(&server.template)).await
+    /// A fresh database copied from `template` (see [`PgServer::ensure_template`]).
+    pub async fn new(template: &str) -> TestDb {
+        Self::create(server(), Some(template)).await
     }
 
-    /// A fresh database without any migration, for the migration tests.
+    /// A fresh, empty database.
     pub async fn empty() -> TestDb {
         Self::create(server(), None).await
     }
@@ -361,18 +407,12 @@ impl TestDb {
         TestDb { name, server }
     }
 
-    pub fn connection(&self) -> DatabaseConnection {
+    pub fn connection(&self) -> Conn {
         self.server.connection(&self.name)
     }
 
     pub fn url(&self) -> String {
         self.server.url(&self.name)
-    }
-
-    pub async fn datastore(&self) -> Datastore {
-        Datastore::connect(&self.connection(), PoolSettings::default())
-            .await
-            .expect("connecting the datastore to the test database")
     }
 
     /// A plain connection for seeding and inspecting test data.
@@ -387,19 +427,12 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
         let server = self.server;
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let mut admin = server.admin().await;
-                let _ = admin
-                    .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
-                    .await;
-            });
-        })
-        .join();
+        on_own_runtime(move || async move {
+            let mut admin = server.admin().await;
+            let _ = admin
+                .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+                .await;
+        });
     }
 }
 
@@ -412,9 +445,9 @@ pub struct OwnServer {
 }
 
 impl OwnServer {
-    /// initdb into a fresh directory and start on a free port, with a migrated database
-    /// `praefect`.
-    pub async fn start() -> OwnServer {
+    /// initdb into a fresh directory and start on a free port, with a database `praefect`
+    /// that `migrate` has prepared.
+    pub async fn start(migrate: Migrate) -> OwnServer {
         let identity = server_identity();
         let dir =
             std::env::temp_dir().join(format!("praefect-own-pg-{}", uuid::Uuid::new_v4().simple()));
@@ -435,11 +468,7 @@ impl OwnServer {
             .await
             .unwrap();
         admin.execute("CREATE DATABASE praefect").await.unwrap();
-        let store = Datastore::connect(&server.connection(), PoolSettings::default())
-            .await
-            .unwrap();
-        store.migrate_up(false, |_| {}).await.unwrap();
-        store.close().await;
+        migrate(server.connection()).await;
         server
     }
 
@@ -451,13 +480,12 @@ impl OwnServer {
     }
 
     /// The settings of database `praefect`.
-    pub fn connection(&self) -> DatabaseConnection {
-        DatabaseConnection {
+    pub fn connection(&self) -> Conn {
+        Conn {
             host: "127.0.0.1".into(),
             port: self.port.to_string(),
             user: "postgres".into(),
             dbname: "praefect".into(),
-            sslmode: "disable".into(),
             ..Default::default()
         }
     }

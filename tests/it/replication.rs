@@ -7,7 +7,7 @@
 // datastore's rule about unnamed statements (clippy.toml) does not apply here.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use common::gitnode::{as_refs, git, GitNode};
 use common::pg::TestDb;
 use common::router::{
     commit_and_push, praefect_cli, router_git_env, sample, scrape_metrics, seed_repository,
-    start_router_on, virtual_repo, work_tree, NodeEntry, Router,
+    start_router_on, virtual_repo, wait_for_health_round, work_tree, NodeEntry, Router,
 };
 use common::wait::wait_until;
 use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
@@ -128,8 +128,8 @@ async fn writes_reach_every_replica_and_a_returning_node_catches_up() {
         &as_refs(&env),
     );
     wait_until(
-        "every replica holds the push",
         Duration::from_secs(30),
+        "every replica holds the push",
         || converged(&db, path, &all),
     )
     .await;
@@ -168,7 +168,7 @@ async fn writes_reach_every_replica_and_a_returning_node_catches_up() {
         .expect("a secondary");
     let secondary_name = secondary.storage.clone();
     secondary.kill();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_health_round(&db, &secondary_name, false).await;
     for name in ["c", "d", "e"] {
         commit_and_push(work.path(), &router, path, name);
     }
@@ -185,8 +185,8 @@ async fn writes_reach_every_replica_and_a_returning_node_catches_up() {
         .unwrap()
         .restart();
     wait_until(
-        "the returning secondary caught up",
         Duration::from_secs(40),
+        "the returning secondary caught up",
         || converged(&db, path, &all),
     )
     .await;
@@ -226,8 +226,8 @@ async fn a_dead_primary_is_replaced_without_losing_acknowledged_writes() {
         commit_and_push(work.path(), &router, path, name);
     }
     wait_until(
-        "every replica holds the pushes",
         Duration::from_secs(30),
+        "every replica holds the pushes",
         || converged(&db, path, &all),
     )
     .await;
@@ -354,11 +354,11 @@ async fn another_router_finishes_the_job_of_a_killed_router() {
     .unwrap();
     let dir_b = tempfile::tempdir().unwrap();
     let _router_b = start_router(&db, dir_b.path(), &[&a, &b], "").await;
-    wait_until("router B finished the job", Duration::from_secs(60), || {
+    wait_until(Duration::from_secs(60), "router B finished the job", || {
         converged(&db, path, &["gitaly-1", "gitaly-2"])
     })
     .await;
-    wait_until("the queue is empty", Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(10), "the queue is empty", || {
         let db = &db;
         async move {
             let left: i64 = sqlx::query_scalar("SELECT count(*) FROM replication_queue")
@@ -383,7 +383,7 @@ async fn a_thousand_writes_against_a_stopped_secondary_collapse_to_a_few_replica
     let dir = tempfile::tempdir().unwrap();
     let router = start_router(&db, dir.path(), &[&a, &b], "").await;
     b.kill();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_health_round(&db, &b.storage, false).await;
 
     let writes = futures::stream::iter(0..1000).map(|i| {
         let mut client = RepositoryServiceClient::new(router.channel());
@@ -411,7 +411,7 @@ async fn a_thousand_writes_against_a_stopped_secondary_collapse_to_a_few_replica
 
     let before = metrics(&router).await;
     b.restart();
-    wait_until("gitaly-2 caught up", Duration::from_secs(40), || {
+    wait_until(Duration::from_secs(40), "gitaly-2 caught up", || {
         converged(&db, path, &["gitaly-1", "gitaly-2"])
     })
     .await;
@@ -461,7 +461,7 @@ async fn replication_factor_changes_are_carried_out_by_the_reconciler() {
     create(&router, path).await;
     let work = work_tree(&["a"], 20_000);
     commit_and_push(work.path(), &router, path, "b");
-    wait_until("three replicas", Duration::from_secs(30), || {
+    wait_until(Duration::from_secs(30), "three replicas", || {
         converged(&db, path, &all)
     })
     .await;
@@ -507,13 +507,13 @@ async fn replication_factor_changes_are_carried_out_by_the_reconciler() {
         .unwrap()
         .to_string();
     wait_until(
-        "the unassigned replica is removed",
         Duration::from_secs(30),
+        "the unassigned replica is removed",
         || async { replica_storages(&db, path).await == assigned },
     )
     .await;
     let dropped_node = nodes.iter().find(|n| n.storage == dropped).unwrap();
-    wait_until("its directory is gone", Duration::from_secs(10), || async {
+    wait_until(Duration::from_secs(10), "its directory is gone", || async {
         !dropped_node.root.join(&replica).exists()
     })
     .await;
@@ -526,7 +526,7 @@ async fn replication_factor_changes_are_carried_out_by_the_reconciler() {
         out.trim(),
         "current assignments: gitaly-1, gitaly-2, gitaly-3"
     );
-    wait_until("the replica is back", Duration::from_secs(30), || {
+    wait_until(Duration::from_secs(30), "the replica is back", || {
         converged(&db, path, &all)
     })
     .await;
@@ -581,7 +581,7 @@ async fn a_lost_replica_is_found_by_the_verifier_and_recreated_by_the_reconciler
     create(&router, path).await;
     let work = work_tree(&["a"], 20_000);
     commit_and_push(work.path(), &router, path, "b");
-    wait_until("both replicas", Duration::from_secs(30), || {
+    wait_until(Duration::from_secs(30), "both replicas", || {
         converged(&db, path, &both)
     })
     .await;
@@ -595,8 +595,8 @@ async fn a_lost_replica_is_found_by_the_verifier_and_recreated_by_the_reconciler
         count
     };
     wait_until(
-        "the verifier checked both replicas",
         Duration::from_secs(20),
+        "the verifier checked both replicas",
         || async { verified().await == 2 },
     )
     .await;
@@ -631,7 +631,7 @@ async fn a_lost_replica_is_found_by_the_verifier_and_recreated_by_the_reconciler
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    wait_until("the replica is recreated", Duration::from_secs(30), || {
+    wait_until(Duration::from_secs(30), "the replica is recreated", || {
         converged(&db, path, &both)
     })
     .await;

@@ -6,7 +6,7 @@
 // datastore's rule about unnamed statements (clippy.toml) does not apply here.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,6 +27,7 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tower::ServiceExt;
 
 use common::gitnode::{binary, GitNode, TestCerts, TOKEN};
+use common::wait::wait_until;
 
 /// The test CA, trusted by the process (rustls-native-certs reads SSL_CERT_FILE). Set once,
 /// before any test of this binary dials anything.
@@ -62,21 +63,6 @@ async fn exists(channel: &NodeChannel, node: &GitNode) -> Result<bool, tonic::St
         })
         .await
         .map(|r| r.into_inner().exists)
-}
-
-async fn eventually<F, Fut, T>(what: &str, mut call: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match call().await {
-            Ok(value) => return value,
-            Err(status) if Instant::now() > deadline => panic!("{what}: still failing: {status:?}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
 }
 
 #[tokio::test]
@@ -163,7 +149,10 @@ async fn calls_work_again_after_the_node_restarts() {
     let channel = open(&format!("dns:localhost:{}", port(&node)));
     assert!(!exists(&channel, &node).await.unwrap());
     node.restart();
-    eventually("call after restart", || exists(&channel, &node)).await;
+    wait_until(Duration::from_secs(20), "call after restart", || {
+        exists(&channel, &node)
+    })
+    .await;
     // And the connection is back for good: calls in a row succeed.
     for _ in 0..20 {
         exists(&channel, &node).await.unwrap();
@@ -194,7 +183,10 @@ async fn a_node_down_at_creation_fails_calls_as_unavailable_until_it_is_up() {
     assert!(dialed.is_err());
 
     node.restart();
-    eventually("call once the node is up", || exists(&channel, &node)).await;
+    wait_until(Duration::from_secs(20), "call once the node is up", || {
+        exists(&channel, &node)
+    })
+    .await;
     praefect::nodes::dial(&config, &address, TOKEN, Duration::from_secs(5))
         .await
         .expect("dial once the node is up");
@@ -361,16 +353,20 @@ async fn calls_spread_over_every_address_of_a_name() {
         endpoints.len() == 2 && endpoints.iter().all(|(_, ready)| *ready)
     };
     let count = |answers: &[bool]| answers.iter().filter(|v6| **v6).count();
-    eventually("both addresses connected", || async {
-        answered_by_v6(&channel).await?;
-        match both_ready(&channel) {
-            true => Ok(()),
-            false => Err(tonic::Status::unavailable(format!(
-                "{:?}",
-                channel.endpoints()
-            ))),
-        }
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "both addresses connected",
+        || async {
+            answered_by_v6(&channel).await?;
+            match both_ready(&channel) {
+                true => Ok(()),
+                false => Err(tonic::Status::unavailable(format!(
+                    "{:?}",
+                    channel.endpoints()
+                ))),
+            }
+        },
+    )
     .await;
     let mut answers = Vec::new();
     for _ in 0..40 {
@@ -395,25 +391,29 @@ async fn calls_spread_over_every_address_of_a_name() {
     assert_eq!(count(&answers), 0, "{answers:?}");
 
     v6.restart();
-    eventually("the restarted address is used again", || async {
-        let mut seen_v6 = false;
-        for _ in 0..4 {
-            seen_v6 |= answered_by_v6(&channel).await?;
-        }
-        match seen_v6 {
-            true => Ok(()),
-            false => Err(tonic::Status::unavailable(format!(
-                "{:?}",
-                channel.endpoints()
-            ))),
-        }
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "the restarted address is used again",
+        || async {
+            let mut seen_v6 = false;
+            for _ in 0..4 {
+                seen_v6 |= answered_by_v6(&channel).await?;
+            }
+            match seen_v6 {
+                true => Ok(()),
+                false => Err(tonic::Status::unavailable(format!(
+                    "{:?}",
+                    channel.endpoints()
+                ))),
+            }
+        },
+    )
     .await;
 }
 
 /// The client's CPU per call, tonic's `Channel` (what the router used before) against
 /// `NodeChannel`, both over a backchannel to one gitnode, 64 calls in flight. A measurement,
-/// not a check: `cargo test --release --test nodes -- --ignored --nocapture client_cost`.
+/// not a check: `cargo test --release --test it -- --ignored --nocapture nodes::client_cost`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "micro-benchmark; run by hand in release"]
 async fn client_cost_per_call_tonic_channel_vs_node_channel() {

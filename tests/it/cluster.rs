@@ -6,15 +6,15 @@
 // datastore's rule about unnamed statements (clippy.toml) does not apply here.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
 use common::gitnode::{as_refs, git, GitNode};
 use common::pg::TestDb;
 use common::router::{
-    free_port, router_git_env, sample, seed_repository, virtual_repo, write_config_on,
-    write_config_with, NodeEntry, Router,
+    free_port, router_git_env, sample, seed_repository, virtual_repo, wait_for_health_round,
+    write_config_on, write_config_with, NodeEntry, Router,
 };
 use common::wait::wait_until;
 use praefect::wire::proto::ref_service_client::RefServiceClient;
@@ -146,8 +146,8 @@ async fn two_routers_serve_one_cluster() {
     // all three. (That reads never reach an outdated replica is tests/router.rs's business.)
     let primary = primary_of(&db, path).await;
     wait_until(
-        "every replica holds the push",
         Duration::from_secs(30),
+        "every replica holds the push",
         || async {
             let mut raw = db.raw().await;
             let behind: i64 = sqlx::query_scalar(
@@ -241,7 +241,7 @@ async fn two_routers_serve_one_cluster() {
         .find(|n| n.storage == primary)
         .expect("the primary is one of the nodes");
     primary_node.kill();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_health_round(&db, &primary, false).await;
     for _ in 0..10 {
         refs_b
             .find_default_branch_name(find_default_branch(path))
@@ -313,8 +313,8 @@ async fn health_quorum_across_routers_decides_the_primary() {
     };
     // Two of three routers see gitaly-3: healthy by quorum, and it stays the primary.
     wait_until(
-        "gitaly-3 is healthy by quorum",
         Duration::from_secs(30),
+        "gitaly-3 is healthy by quorum",
         || healthy_by_quorum("gitaly-3"),
     )
     .await;
@@ -339,8 +339,8 @@ async fn health_quorum_across_routers_decides_the_primary() {
     // gitaly-3, below the quorum. The next write through A elects another up-to-date replica.
     router_b.stop();
     wait_until(
-        "gitaly-3 drops out of the quorum",
         Duration::from_secs(30),
+        "gitaly-3 drops out of the quorum",
         || async { !healthy_by_quorum("gitaly-3").await },
     )
     .await;
@@ -468,7 +468,7 @@ async fn maintenance_reaches_every_replica_and_size_reads_the_primary() {
 
     // One replica down: maintenance goes to the healthy one and succeeds.
     b.kill();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_for_health_round(&db, &b.storage, false).await;
     repos
         .prune_unreachable_objects(PruneUnreachableObjectsRequest {
             repository: Some(virtual_repo(path)),
@@ -535,6 +535,14 @@ async fn graceful_stop_lets_calls_finish_then_cuts_them() {
     .await;
     let (tx, mut responses) = open_push(&router, path).await;
     router.terminate();
+    wait_until(
+        Duration::from_secs(10),
+        "the router logs its SIGTERM",
+        async || !router.log_lines("shutting down").is_empty(),
+    )
+    .await;
+    // Kept: what is checked is an absence (the router has not exited), which takes time to
+    // observe; a router that did not wait for the call would exit within milliseconds.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         router.child.try_wait().unwrap().is_none(),

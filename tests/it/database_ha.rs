@@ -14,7 +14,7 @@
 // datastore's rule about unnamed statements (clippy.toml) does not apply here.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::gitnode::GitNode;
 use common::patroni::Patroni;
-use common::pg::OwnServer;
+use common::pg::{database_connection, OwnServer};
 use common::router::{start_router_on, virtual_repo, NodeEntry, Router};
 use common::wait::wait_until;
 use praefect::config::DatabaseConnection;
@@ -439,7 +439,7 @@ async fn patroni_switchover_and_failover_under_load() {
     assert!(cluster
         .psql(leader, "postgres", "CREATE DATABASE praefect")
         .is_empty());
-    let connection = cluster.connection("praefect");
+    let connection = database_connection(cluster.connection("praefect"));
     let store = Datastore::connect(&connection, PoolSettings::default())
         .await
         .unwrap();
@@ -553,7 +553,7 @@ async fn postgresql_stopped_for_30_seconds() {
     let router = start_router(dir.path(), &server.connection(), None, &nodes, "").await;
     let pid = router.child.id();
     let warm = warm_up(&router, 3, "warm").await;
-    wait_until("the router is ready", Duration::from_secs(20), || async {
+    wait_until(Duration::from_secs(20), "the router is ready", || async {
         router.http_get("/readiness").0 == 200
     })
     .await;
@@ -609,8 +609,8 @@ async fn postgresql_stopped_for_30_seconds() {
     }
     let recovered_after = recovered_after.expect("writes succeed again after the restart");
     wait_until(
-        "the router is ready again",
         Duration::from_secs(20),
+        "the router is ready again",
         || async { router.http_get("/readiness").0 == 200 },
     )
     .await;
@@ -671,7 +671,7 @@ async fn postgresql_stopped_for_30_seconds() {
 
     // One line per worker kind when the database went away, one when it came back (the
     // replicator's idle back-off may take up to 5 s to try again).
-    wait_until("every worker resumed", Duration::from_secs(20), || async {
+    wait_until(Duration::from_secs(20), "every worker resumed", || async {
         BUSY_WORKERS
             .iter()
             .all(|w| !router.log_lines(&format!("{w} resumed after")).is_empty())
@@ -715,9 +715,9 @@ async fn through_pgbouncer(listen_through_pgbouncer: bool) {
     let db = common::pg::TestDb::new().await;
     let user = db.server.user.clone();
     let bouncer = PgBouncer::start(db.server.port, &db.name, &user);
-    let main = bouncer.connection(TRANSACTION_DB, &user);
+    let main = database_connection(bouncer.connection(TRANSACTION_DB, &user));
     let session = if listen_through_pgbouncer {
-        bouncer.connection(SESSION_DB, &user)
+        database_connection(bouncer.connection(SESSION_DB, &user))
     } else {
         db.connection()
     };
@@ -731,7 +731,7 @@ async fn through_pgbouncer(listen_through_pgbouncer: bool) {
         "[reconciliation]\nscheduling_interval = \"1s\"\n[background_verification]\nverification_interval = \"1s\"\n",
     )
     .await;
-    wait_until("the router is ready", Duration::from_secs(20), || async {
+    wait_until(Duration::from_secs(20), "the router is ready", || async {
         router.http_get("/readiness").0 == 200
     })
     .await;
@@ -783,8 +783,8 @@ async fn through_pgbouncer(listen_through_pgbouncer: bool) {
         behind == 0
     };
     wait_until(
-        "three up-to-date replicas",
         Duration::from_secs(30),
+        "three up-to-date replicas",
         up_to_date,
     )
     .await;
@@ -803,14 +803,14 @@ async fn through_pgbouncer(listen_through_pgbouncer: bool) {
     let before = evictions(&router);
     tokio::task::block_in_place(|| commit_and_push(work.path(), &router, path, "d"));
     wait_until(
-        "the write's NOTIFY evicts the entry",
         Duration::from_secs(10),
+        "the write's NOTIFY evicts the entry",
         || async { evictions(&router) > before },
     )
     .await;
 
     // Background verification records its results.
-    wait_until("the verifier verified the replicas", Duration::from_secs(30), || async {
+    wait_until(Duration::from_secs(30), "the verifier verified the replicas", || async {
         let mut raw = db.raw().await;
         let verified: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM storage_repositories WHERE repository_id = $1 AND verified_at IS NOT NULL",
@@ -840,8 +840,8 @@ async fn through_pgbouncer(listen_through_pgbouncer: bool) {
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("current assignments: "), "{out}");
     wait_until(
-        "the third replica is removed",
         Duration::from_secs(30),
+        "the third replica is removed",
         || async {
             let mut raw = db.raw().await;
             let replicas: i64 = sqlx::query_scalar(

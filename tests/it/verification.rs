@@ -6,7 +6,7 @@
 // datastore's rule about unnamed statements (clippy.toml) does not apply here.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,6 +24,7 @@ use common::router::{
     free_port, sample, seed_repository, virtual_repo, write_config_on, write_config_with,
     NodeEntry, Router, BIN,
 };
+use common::wait::wait_until;
 use praefect::config::{BackgroundVerification, GoDuration};
 use praefect::datastore::{
     Datastore, HealthyStorage, NewRepository, RemovedReplica, ReplicaSelector, VerificationJob,
@@ -657,17 +658,6 @@ async fn the_worker_checks_a_batch_and_records_it() {
     );
 }
 
-async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
-
 /// Runs `praefect` with `args`; (exit code, stdout, stderr).
 async fn praefect(args: &[&str]) -> (i32, String, String) {
     let output = tokio::process::Command::new(BIN)
@@ -721,17 +711,21 @@ async fn a_replica_lost_on_disk_is_found_and_dropped() {
     let mut raw = db.raw().await;
 
     // The worker verifies both replicas soon after the start.
-    wait_until("both replicas are verified", async || {
-        let verified: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM storage_repositories
+    wait_until(
+        Duration::from_secs(30),
+        "both replicas are verified",
+        async || {
+            let verified: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM storage_repositories
              WHERE repository_id = $1 AND verified_at IS NOT NULL",
-        )
-        .bind(id)
-        .fetch_one(&mut raw)
-        .await
-        .unwrap();
-        verified == 2
-    })
+            )
+            .bind(id)
+            .fetch_one(&mut raw)
+            .await
+            .unwrap();
+            verified == 2
+        },
+    )
     .await;
     let metrics = scrape(&router).await;
     for storage in ["gitaly-1", "gitaly-2"] {
@@ -763,9 +757,11 @@ async fn a_replica_lost_on_disk_is_found_and_dropped() {
     assert_eq!(stdout, "2 replicas marked unverified\n");
 
     let marked = Instant::now();
-    wait_until("the lost replica's record is removed", async || {
-        replica_state(&mut raw, id, "gitaly-2").await.is_none()
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the lost replica's record is removed",
+        async || replica_state(&mut raw, id, "gitaly-2").await.is_none(),
+    )
     .await;
     assert!(
         marked.elapsed() < Duration::from_secs(15),

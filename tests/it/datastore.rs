@@ -4,7 +4,7 @@
 // datastore's rule about unnamed statements (clippy.toml) does not apply here.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -606,19 +606,13 @@ async fn a_demoted_server_is_left_and_the_pool_recovers() {
 
 mod cache {
     use super::*;
+    use crate::common::wait::wait_until;
+
+    /// How long the cache tests wait for the listener or a notification.
+    const WAIT: Duration = Duration::from_secs(5);
     use praefect::datastore::{ListenerSettings, StorageCache};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
-
-    async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-        for _ in 0..100 {
-            if check() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("timed out waiting until {what}");
-    }
 
     /// Starts the listener; it stops when the returned guard is dropped.
     fn listen(cache: &Arc<StorageCache>, db: &TestDb) -> tokio_util::sync::DropGuard {
@@ -660,7 +654,7 @@ mod cache {
         cache.get("vs", "r.git").await.unwrap().unwrap();
         assert_eq!(cache.stats.bypassed.load(Ordering::Relaxed), 1);
         let _stop = listen(&cache, &db);
-        wait_for("the listener connects", || cache.is_enabled()).await;
+        wait_until(WAIT, "the listener connects", async || cache.is_enabled()).await;
 
         let first = cache.get("vs", "r.git").await.unwrap().unwrap();
         assert_eq!(first.storages, ["g1", "g2", "g3"]);
@@ -690,7 +684,7 @@ mod cache {
         // Deleting the repository evicts it as well.
         let mut raw = db.raw().await;
         raw.execute("DELETE FROM repositories").await.unwrap();
-        wait_for("the deletion is seen", || {
+        wait_until(WAIT, "the deletion is seen", async || {
             cache.stats.evictions.load(Ordering::Relaxed) >= 2
         })
         .await;
@@ -708,7 +702,7 @@ mod cache {
             .unwrap();
         let cache = StorageCache::new(store.clone(), &["vs".to_string()]);
         let _stop = listen(&cache, &db);
-        wait_for("the listener connects", || cache.is_enabled()).await;
+        wait_until(WAIT, "the listener connects", async || cache.is_enabled()).await;
         cache.get("vs", "r.git").await.unwrap();
         cache.get("vs", "r.git").await.unwrap();
         assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 1);
@@ -727,14 +721,14 @@ mod cache {
             )
             .await
             .unwrap();
-        wait_for("the cache is disabled", || !cache.is_enabled()).await;
+        wait_until(WAIT, "the cache is disabled", async || !cache.is_enabled()).await;
         // A change made while nobody listens...
         store
             .increment_generation(id, &["g1".to_string()])
             .await
             .unwrap();
         // ...is seen: after the reconnect the cache starts empty.
-        wait_for("the listener reconnects", || cache.is_enabled()).await;
+        wait_until(WAIT, "the listener reconnects", async || cache.is_enabled()).await;
         let found = cache.get("vs", "r.git").await.unwrap().unwrap();
         assert_eq!(found.storages, ["g1"]);
     }
@@ -764,11 +758,11 @@ mod cache {
             },
             stop,
         ));
-        wait_for("the listener connects", || cache.is_enabled()).await;
+        wait_until(WAIT, "the listener connects", async || cache.is_enabled()).await;
         cache.get("vs", "r.git").await.unwrap().unwrap();
 
         tokio::task::block_in_place(|| server.stop());
-        wait_for("the listener is lost", || !cache.is_enabled()).await;
+        wait_until(WAIT, "the listener is lost", async || !cache.is_enabled()).await;
         // The window counts from the moment the listener was lost, at or before now.
         let lost_by = std::time::Instant::now();
         let found = cache.get("vs", "r.git").await.unwrap().unwrap();
@@ -799,7 +793,7 @@ mod cache {
         assert!(err.is_unavailable(), "{err}");
 
         tokio::task::block_in_place(|| server.start_again());
-        wait_for("the listener is back", || cache.is_enabled()).await;
+        wait_until(WAIT, "the listener is back", async || cache.is_enabled()).await;
         assert!(cache.stats.listener_connects.load(Ordering::Relaxed) >= 2);
         assert!(store.is_writable());
         let found = cache.get("vs", "r.git").await.unwrap().unwrap();
@@ -817,7 +811,7 @@ mod cache {
             .unwrap();
         let cache = StorageCache::new(store.clone(), &["vs".to_string()]);
         let _stop = listen(&cache, &db);
-        wait_for("the listener connects", || cache.is_enabled()).await;
+        wait_until(WAIT, "the listener connects", async || cache.is_enabled()).await;
         cache.get("vs", "r.git").await.unwrap();
         cache.on_notification("not json").await;
         let before = cache.stats.misses.load(Ordering::Relaxed);

@@ -1,15 +1,14 @@
 //! Real gitnode processes on loopback ports and real git, for the end-to-end tests of both
 //! gitnode and the router. The binaries come from the workspace's target directory, so run
 //! the tests with `cargo test --workspace` (which builds them first).
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use praefect_wire::auth::TokenInterceptor;
-use praefect_wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
+use crate::wire::auth::TokenInterceptor;
+use crate::wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -151,8 +150,8 @@ impl GitNode {
             .unwrap()
     }
 
-    pub fn repository(&self, relative_path: &str) -> praefect_wire::proto::Repository {
-        praefect_wire::proto::Repository {
+    pub fn repository(&self, relative_path: &str) -> crate::wire::proto::Repository {
+        crate::wire::proto::Repository {
             storage_name: self.storage.clone(),
             relative_path: relative_path.to_string(),
             ..Default::default()
@@ -161,16 +160,14 @@ impl GitNode {
 
     /// CreateRepository with `main` as the default branch.
     pub async fn create_repository(&self, relative_path: &str) {
-        praefect_wire::proto::repository_service_client::RepositoryServiceClient::new(
-            self.channel(),
-        )
-        .create_repository(praefect_wire::proto::CreateRepositoryRequest {
-            repository: Some(self.repository(relative_path)),
-            default_branch: b"main".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("CreateRepository");
+        crate::wire::proto::repository_service_client::RepositoryServiceClient::new(self.channel())
+            .create_repository(crate::wire::proto::CreateRepositoryRequest {
+                repository: Some(self.repository(relative_path)),
+                default_branch: b"main".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect("CreateRepository");
     }
 
     pub fn kill(&mut self) {

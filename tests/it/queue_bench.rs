@@ -5,7 +5,7 @@
 //! twice). Run it by hand, in release:
 //!
 //! ```sh
-//! cargo test --release --test queue_bench -- --ignored --nocapture
+//! cargo test --release --test it -- --ignored --nocapture queue_bench::
 //! ```
 //!
 //! `QUEUE_BENCH_REPOS` (default 1000) and `QUEUE_BENCH_TARGETS` (default 100) set the shape:
@@ -21,7 +21,7 @@
 // datastore's rule about unnamed statements (clippy.toml) does not apply here.
 #![allow(clippy::disallowed_methods)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};

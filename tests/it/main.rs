@@ -1,0 +1,17 @@
+//! The router's end-to-end and integration tests, one module per area, in one test binary so
+//! that the library and the harness are linked once rather than once per file. Run one area
+//! with a filter on its module path, e.g. `cargo test --test it -- replication::`.
+
+mod common;
+
+mod cli;
+mod cluster;
+mod database_ha;
+mod datastore;
+mod nodes;
+mod proxy_walk;
+mod queue;
+mod queue_bench;
+mod replication;
+mod router;
+mod verification;
