@@ -400,3 +400,64 @@ fn config_command_output_is_merged_on_top() {
         Err(ConfigError::ConfigCommand(_))
     ));
 }
+
+/// Hostile or careless input: every case is an error with a key path, never a panic (a
+/// panic in debug builds is how the long-fraction duration overflow showed).
+#[test]
+fn bad_input_is_an_error_never_a_panic() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "graceful_stop_timeout = \"99999999999999999999h\"",
+            "graceful_stop_timeout",
+        ),
+        (
+            "graceful_stop_timeout = \"9223372036854775807ns1ns\"",
+            "graceful_stop_timeout",
+        ),
+        ("graceful_stop_timeout = \"-.s\"", "graceful_stop_timeout"),
+        ("graceful_stop_timeout = \"1\u{0}s\"", "line 1 column"),
+        ("graceful_stop_timeout = 5", "graceful_stop_timeout"),
+        (
+            "[replication]\nbatch_size = 99999999999999999999",
+            "number too large",
+        ),
+        ("[replication]\nbatch_size = -1", "replication.batch_size"),
+        (
+            "[yamux]\nmaximum_stream_window_size_bytes = -5",
+            "yamux.maximum_stream_window_size_bytes",
+        ),
+        ("[database]\nport = 70000", "database.port"),
+        ("[[virtual_storage]]\nname = \"\"", "virtual_storage"),
+        ("virtual_storage = 3", "virtual_storage"),
+        ("listen_addr = [1, 2]", "listen_addr"),
+    ];
+    for (fragment, key) in cases {
+        let text = format!("{MINIMAL}\n{fragment}\n");
+        // Fragments that only add keys go before the tables of MINIMAL.
+        let text = if fragment.starts_with('[') {
+            text
+        } else {
+            format!("{fragment}\n{MINIMAL}")
+        };
+        let outcome = std::panic::catch_unwind(|| load_str(&text));
+        let Ok(result) = outcome else {
+            panic!("{fragment:?} panicked");
+        };
+        let Err(err) = result else {
+            panic!("{fragment:?} was accepted");
+        };
+        let message = format!("{err:?}");
+        let first_key = key.split('.').next().unwrap_or(key);
+        assert!(message.contains(first_key), "{fragment:?}: {message}");
+    }
+    // Go truncates fraction digits beyond what a nanosecond count holds: about an hour.
+    let config = load_str(&format!(
+        "graceful_stop_timeout = \"0.99999999999999999999999999h\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    let nanos = config.graceful_stop_timeout.as_nanos();
+    assert!(
+        (3_599_000_000_000..=3_600_000_000_000).contains(&nanos),
+        "{nanos}"
+    );
+}
