@@ -56,7 +56,7 @@ impl Storages {
 
     /// The on-disk path of the repository a request names, whether or not it exists.
     pub fn repo_path(&self, repo: Option<&Repository>) -> Result<PathBuf, Status> {
-        let repo = repo.ok_or_else(|| Status::invalid_argument("empty Repository"))?;
+        let repo = required(repo)?;
         let root = self.root(&repo.storage_name)?;
         let relative = check_relative_path(&repo.relative_path)?;
         let path = root.join(relative);
@@ -73,9 +73,9 @@ impl Storages {
 
     /// The path of a repository that must exist.
     pub fn existing_repo(&self, repo: Option<&Repository>) -> Result<PathBuf, Status> {
-        let path = self.repo_path(repo)?;
+        let repo = required(repo)?;
+        let path = self.repo_path(Some(repo))?;
         if !is_repository(&path) {
-            let repo = repo.expect("repo_path checked it is set");
             return Err(Status::not_found(format!(
                 "repository not found: {}/{}",
                 repo.storage_name, repo.relative_path
@@ -83,6 +83,12 @@ impl Storages {
         }
         Ok(path)
     }
+}
+
+/// The repository a request names, or InvalidArgument when the request has none. Handlers
+/// that need the repository's fields after [`Storages::repo_path`] take it from here first.
+pub fn required(repo: Option<&Repository>) -> Result<&Repository, Status> {
+    repo.ok_or_else(|| Status::invalid_argument("empty Repository"))
 }
 
 /// Refuses relative paths that are empty, absolute, contain NUL or `..`, or name gitnode's

@@ -1,6 +1,10 @@
 //! gitnode across processes: real nodes, real git, pushes and clones through gitnode-ssh,
 //! replication between nodes, auth and bad input.
 
+// Test code: a test (or the harness under it) that panics on a broken precondition reports
+// the failure where it happened, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 

@@ -11,7 +11,7 @@ pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
 /// Time spent in each named datastore operation.
 static DB_QUERY_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
-    let histogram = HistogramVec::new(
+    let histogram = defined(HistogramVec::new(
         HistogramOpts::new(
             "gitaly_praefect_datastore_operation_seconds",
             "Time spent in each named database operation",
@@ -20,8 +20,7 @@ static DB_QUERY_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
         ]),
         &["operation", "result"],
-    )
-    .expect("static metric definition is valid");
+    ));
     // Registration only fails on a duplicate name, which the LazyLock rules out.
     let _ = REGISTRY.register(Box::new(histogram.clone()));
     histogram
@@ -48,11 +47,10 @@ pub static NOTIFICATION_RECONNECTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 /// `gitaly_praefect_database_writer_up`: 1 while a database server accepting writes is
 /// known, 0 while the router is looking for one.
 pub static DATABASE_WRITER_UP: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
-    let gauge = prometheus::IntGauge::new(
+    let gauge = defined(prometheus::IntGauge::new(
         "gitaly_praefect_database_writer_up",
         "Whether a database server accepting writes is known (1) or being searched for (0)",
-    )
-    .expect("static metric definition is valid");
+    ));
     let _ = REGISTRY.register(Box::new(gauge.clone()));
     gauge
 });
@@ -118,18 +116,27 @@ pub static VERIFICATION_JOBS_COMPLETED: LazyLock<IntCounterVec> = LazyLock::new(
 /// released by this router.
 pub static STALE_VERIFICATION_LEASES_RELEASED: LazyLock<prometheus::IntCounter> =
     LazyLock::new(|| {
-        let counter = prometheus::IntCounter::new(
+        let counter = defined(prometheus::IntCounter::new(
             "gitaly_praefect_stale_verification_leases_released_total",
             "Number of stale verification leases released",
-        )
-        .expect("static metric definition is valid");
+        ));
         let _ = REGISTRY.register(Box::new(counter.clone()));
         counter
     });
 
+/// The metric a definition made of this crate's constants (name, help, label names,
+/// buckets) describes. prometheus rejects a definition only for an invalid name or label name,
+/// or buckets that do not increase: a typo in the source that the first scrape in any test
+/// shows, never something input to the router can cause, so it panics rather than return an
+/// error every caller would have to carry. Definitions with configured parts (the
+/// reconciler's buckets) return the error instead.
+#[allow(clippy::expect_used)]
+pub(crate) fn defined<T>(definition: prometheus::Result<T>) -> T {
+    definition.expect("static metric definition is valid")
+}
+
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let counter = IntCounterVec::new(Opts::new(name, help), labels)
-        .expect("static metric definition is valid");
+    let counter = defined(IntCounterVec::new(Opts::new(name, help), labels));
     let _ = REGISTRY.register(Box::new(counter.clone()));
     counter
 }

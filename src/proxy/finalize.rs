@@ -111,12 +111,13 @@ impl Body for Finalizing {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         loop {
-            if let Some((future, _)) = self.pending.as_mut() {
+            if let Some((future, trailers)) = self.pending.as_mut() {
                 let outcome = match future.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(outcome) => outcome,
                 };
-                let (_, trailers) = self.pending.take().expect("pending is set");
+                let trailers = std::mem::take(trailers);
+                self.pending = None;
                 let trailers = match outcome {
                     Ok(()) => trailers,
                     Err(status) => status_trailers(status),

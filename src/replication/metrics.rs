@@ -4,11 +4,10 @@ use std::sync::LazyLock;
 
 use prometheus::{HistogramOpts, HistogramVec, IntGaugeVec, Opts};
 
-use crate::metrics::REGISTRY;
+use crate::metrics::{defined, REGISTRY};
 
 fn histogram(name: &str, help: &str) -> HistogramVec {
-    let histogram = HistogramVec::new(HistogramOpts::new(name, help), &["type"])
-        .expect("static metric definition is valid");
+    let histogram = defined(HistogramVec::new(HistogramOpts::new(name, help), &["type"]));
     let _ = REGISTRY.register(Box::new(histogram.clone()));
     histogram
 }
@@ -31,14 +30,13 @@ pub static DELAY: LazyLock<HistogramVec> = LazyLock::new(|| {
 
 /// `gitaly_praefect_replication_jobs{virtual_storage,gitaly_storage,change_type}`.
 pub static JOBS_IN_FLIGHT: LazyLock<IntGaugeVec> = LazyLock::new(|| {
-    let gauge = IntGaugeVec::new(
+    let gauge = defined(IntGaugeVec::new(
         Opts::new(
             "gitaly_praefect_replication_jobs",
             "Replication jobs running now",
         ),
         &["virtual_storage", "gitaly_storage", "change_type"],
-    )
-    .expect("static metric definition is valid");
+    ));
     let _ = REGISTRY.register(Box::new(gauge.clone()));
     gauge
 });

@@ -29,10 +29,12 @@ pub struct Reconciler {
 static SCHEDULING_SECONDS: LazyLock<std::sync::Mutex<Option<Histogram>>> =
     LazyLock::new(|| std::sync::Mutex::new(None));
 
-fn scheduling_histogram(buckets: &[f64]) -> Histogram {
+/// The buckets come from the configuration, so a definition prometheus rejects (buckets not
+/// increasing, which validation already refuses) is an error for startup to report.
+fn scheduling_histogram(buckets: &[f64]) -> prometheus::Result<Histogram> {
     let mut slot = SCHEDULING_SECONDS.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(existing) = slot.as_ref() {
-        return existing.clone();
+        return Ok(existing.clone());
     }
     let mut opts = HistogramOpts::new(
         "gitaly_praefect_reconciliation_scheduling_seconds",
@@ -41,21 +43,26 @@ fn scheduling_histogram(buckets: &[f64]) -> Histogram {
     if !buckets.is_empty() {
         opts = opts.buckets(buckets.to_vec());
     }
-    let histogram = Histogram::with_opts(opts).expect("static metric definition is valid");
+    let histogram = Histogram::with_opts(opts)?;
     let _ = crate::metrics::REGISTRY.register(Box::new(histogram.clone()));
     *slot = Some(histogram.clone());
-    histogram
+    Ok(histogram)
 }
 
 impl Reconciler {
-    pub fn new(config: Arc<Config>, health: HealthManager, store: Datastore) -> Self {
-        let seconds = scheduling_histogram(&config.reconciliation.histogram_buckets);
-        Reconciler {
+    /// Fails when prometheus refuses the configured histogram buckets.
+    pub fn new(
+        config: Arc<Config>,
+        health: HealthManager,
+        store: Datastore,
+    ) -> prometheus::Result<Self> {
+        let seconds = scheduling_histogram(&config.reconciliation.histogram_buckets)?;
+        Ok(Reconciler {
             config,
             health,
             store,
             seconds,
-        }
+        })
     }
 
     /// Schedules every `scheduling_interval`, the first run after one interval.

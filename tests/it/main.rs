@@ -2,6 +2,10 @@
 //! that the library and the harness are linked once rather than once per file. Run one area
 //! with a filter on its module path, e.g. `cargo test --test it -- replication::`.
 
+// Test code: a test (or the harness under it) that panics on a broken precondition reports
+// the failure where it happened, which is what a test should do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 mod cli;

@@ -12,6 +12,11 @@
 //! translate [`pg::Conn`] into those, and migrate databases through a function they pass.
 //! That keeps this crate usable from gitnode's tests, which do not link the router library.
 
+// Test-only harness code: when a precondition breaks (PostgreSQL does not start, a port cannot
+// be read) panicking fails the test that needed it, with the message; there is no caller that
+// could recover.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 /// The Gitaly protocol: client stubs, the backchannel dialer and the token interceptor.
 pub use praefect_wire as wire;
 

@@ -83,8 +83,8 @@ impl Services {
             .map_err(|e| Status::unavailable(format!("opening sidechannel: {e}")))?;
         let (mut from_client, mut to_client) = tokio::io::split(channel);
         let mut child = spawn(self.pack_command(Pack::UploadPack, path, options)?, true)?;
-        let mut stdin = child.stdin.take().expect("piped");
-        let mut stdout = child.stdout.take().expect("piped");
+        let mut stdin = take_pipe(&mut child.stdin, "stdin")?;
+        let mut stdout = take_pipe(&mut child.stdout, "stdout")?;
         let stderr = collect_stderr(&mut child);
         let (input_done, mut input_result) = tokio::sync::oneshot::channel();
         let input = tokio::spawn(async move {
@@ -137,7 +137,7 @@ impl Services {
         data: fn(M) -> Vec<u8>,
     ) -> Result<Child, Status> {
         let mut child = spawn(self.pack_command(Pack::ReceivePack, path, options)?, true)?;
-        let mut stdin = child.stdin.take().expect("piped");
+        let mut stdin = take_pipe(&mut child.stdin, "stdin")?;
         tokio::spawn(async move {
             if stdin.write_all(&first).await.is_err() {
                 return;
@@ -181,6 +181,14 @@ pub fn spawn(mut command: Command, with_stdin: bool) -> Result<Child, Status> {
     command
         .spawn()
         .map_err(|e| Status::internal(format!("starting git: {e}")))
+}
+
+/// Takes one of a child's pipes (`child.stdin`, `.stdout`, `.stderr`). Every command here is
+/// started with the pipes it reads or writes, so this only fails if a command was built
+/// without one: that is an Internal error of the request, not a panic of the node.
+pub fn take_pipe<T>(pipe: &mut Option<T>, name: &str) -> Result<T, Status> {
+    pipe.take()
+        .ok_or_else(|| Status::internal(format!("git's {name} is not piped")))
 }
 
 /// Collects a child's stderr in the background (bounded to 64 KiB).

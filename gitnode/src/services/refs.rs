@@ -8,6 +8,7 @@ use praefect_wire::proto::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tonic::{Request, Response, Status};
 
+use super::pack::take_pipe;
 use super::stream::{channel, ResponseStream};
 use super::Services;
 use crate::commit::parse_commit;
@@ -28,12 +29,12 @@ pub async fn read_commits(
         .stdin(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| Status::internal(format!("git cat-file: {e}")))?;
-    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdin = take_pipe(&mut child.stdin, "stdin")?;
     let input: String = oids.iter().map(|o| format!("{o}\n")).collect();
     let writer = tokio::spawn(async move {
         let _ = stdin.write_all(input.as_bytes()).await;
     });
-    let mut out = BufReader::new(child.stdout.take().expect("piped"));
+    let mut out = BufReader::new(take_pipe(&mut child.stdout, "stdout")?);
     let mut commits = Vec::with_capacity(oids.len());
     for _ in oids {
         let mut header = String::new();

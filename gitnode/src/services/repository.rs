@@ -15,7 +15,7 @@ use sha1::{Digest, Sha1};
 use tonic::{Request, Response, Status};
 
 use super::Services;
-use crate::storage::is_repository;
+use crate::storage::{is_repository, required};
 
 /// Metadata that tells a replication target how to reach the source.
 pub const GITALY_SERVERS_KEY: &str = "gitaly-servers";
@@ -169,14 +169,14 @@ impl RepositoryService for Services {
         request: Request<CreateRepositoryRequest>,
     ) -> Result<Response<CreateRepositoryResponse>, Status> {
         let req = request.into_inner();
-        let repo = req.repository.as_ref();
-        let path = self.0.storages.repo_path(repo)?;
+        let repo = required(req.repository.as_ref())?;
+        let path = self.0.storages.repo_path(Some(repo))?;
         if path.exists() {
             return Err(Status::already_exists(
                 "creating repository: repository exists already",
             ));
         }
-        let storage = &repo.expect("checked").storage_name;
+        let storage = &repo.storage_name;
         let temp = self
             .init_temp(storage, &req.default_branch, req.object_format)
             .await?;
@@ -201,15 +201,12 @@ impl RepositoryService for Services {
         &self,
         request: Request<RemoveRepositoryRequest>,
     ) -> Result<Response<RemoveRepositoryResponse>, Status> {
-        let repo = request.get_ref().repository.as_ref();
-        let path = self.0.storages.repo_path(repo)?;
+        let repo = required(request.get_ref().repository.as_ref())?;
+        let path = self.0.storages.repo_path(Some(repo))?;
         if !is_repository(&path) {
             return Err(Status::not_found("repository does not exist"));
         }
-        let trash = self
-            .0
-            .storages
-            .temp_path(&repo.expect("checked").storage_name, "delete")?;
+        let trash = self.0.storages.temp_path(&repo.storage_name, "delete")?;
         // Renaming first makes the removal atomic for readers; the copy in trash goes after.
         blocking(move || {
             std::fs::rename(&path, &trash)?;
@@ -225,7 +222,8 @@ impl RepositoryService for Services {
     ) -> Result<Response<ReplicateRepositoryResponse>, Status> {
         let servers = gitaly_servers(request.metadata())?;
         let req = request.into_inner();
-        let target = self.0.storages.repo_path(req.repository.as_ref())?;
+        let repo = required(req.repository.as_ref())?;
+        let target = self.0.storages.repo_path(Some(repo))?;
         let source = req
             .source
             .ok_or_else(|| Status::invalid_argument("empty source repository"))?;
@@ -264,7 +262,7 @@ impl RepositoryService for Services {
             .into_inner()
             .name;
 
-        let storage = &req.repository.as_ref().expect("checked").storage_name;
+        let storage = &repo.storage_name;
         let created = if is_repository(&target) {
             None
         } else {

@@ -6,7 +6,7 @@ use praefect_wire::proto::smart_http_service_server::SmartHttpService;
 use praefect_wire::proto::*;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::pack::{collect_stderr, report_failure, spawn, Pack, PackOptions};
+use super::pack::{collect_stderr, report_failure, spawn, take_pipe, Pack, PackOptions};
 use super::stream::{channel, forward, ResponseStream};
 use super::Services;
 
@@ -26,7 +26,7 @@ impl Services {
             config: &req.git_config_options,
         };
         let mut child = spawn(self.pack_command(pack, &path, &options)?, false)?;
-        let stdout = child.stdout.take().expect("piped");
+        let stdout = take_pipe(&mut child.stdout, "stdout")?;
         let stderr = collect_stderr(&mut child);
         let (tx, stream) = channel();
         tokio::spawn(async move {
@@ -113,7 +113,7 @@ impl SmartHttpService for Services {
         };
         let mut child =
             self.start_receive_pack(&path, &options, first.data.clone(), requests, |m| m.data)?;
-        let stdout = child.stdout.take().expect("piped");
+        let stdout = take_pipe(&mut child.stdout, "stdout")?;
         let stderr = collect_stderr(&mut child);
         let (tx, stream) = channel();
         tokio::spawn(async move {

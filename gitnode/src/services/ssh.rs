@@ -5,7 +5,7 @@ use praefect_wire::proto::ssh_service_server::SshService;
 use praefect_wire::proto::*;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::pack::PackOptions;
+use super::pack::{take_pipe, PackOptions};
 use super::stream::{channel, forward, ResponseStream};
 use super::Services;
 
@@ -56,8 +56,8 @@ impl SshService for Services {
         };
         let mut child =
             self.start_receive_pack(&path, &options, first.stdin.clone(), requests, |m| m.stdin)?;
-        let stdout = child.stdout.take().expect("piped");
-        let stderr = child.stderr.take().expect("piped");
+        let stdout = take_pipe(&mut child.stdout, "stdout")?;
+        let stderr = take_pipe(&mut child.stderr, "stderr")?;
         let (tx, stream) = channel();
         tokio::spawn(async move {
             let wrap_out = |data| SshReceivePackResponse {

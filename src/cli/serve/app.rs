@@ -70,7 +70,7 @@ impl App {
         app.start_health().await;
         let cache = app.start_cache();
         app.start_verification();
-        app.start_replication();
+        app.start_replication()?;
         let proxy = app.proxy(cache);
         app.start_metrics(proxy.clone()).await?;
         app.start_servers(proxy).await?;
@@ -133,7 +133,7 @@ impl App {
     }
 
     /// The replicator and the reconciler.
-    fn start_replication(&self) {
+    fn start_replication(&self) -> anyhow::Result<()> {
         let replicator = Replicator {
             config: self.config.clone(),
             nodes: self.nodes.clone(),
@@ -143,9 +143,11 @@ impl App {
         self.tasks
             .spawn_replication(replicator.run(self.tasks.stop_token()));
         let reconciler =
-            Reconciler::new(self.config.clone(), self.health.clone(), self.store.clone());
+            Reconciler::new(self.config.clone(), self.health.clone(), self.store.clone())
+                .context("reconciliation.histogram_buckets")?;
         self.tasks
             .spawn_replication(reconciler.run(self.tasks.stop_token()));
+        Ok(())
     }
 
     fn proxy(&self, cache: Arc<StorageCache>) -> Arc<Proxy> {
