@@ -9,9 +9,10 @@ use crate::common;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::pg::TestDb;
+use common::wait::wait_until_blocking;
 use praefect::config::DatabaseConnection;
 use praefect::datastore::migrations::known_migrations;
 
@@ -84,25 +85,102 @@ fn version_flag_in_both_spellings() {
     }
 }
 
+/// Command lines an operator may get wrong: each is refused before any configuration is
+/// read (`x.toml` does not exist), with the usage exit code 2, a message on stderr saying
+/// what is wrong, and nothing on stdout.
 #[test]
-fn missing_config_is_a_usage_error() {
-    for args in [&["sql-ping"][..], &[][..], &["serve"][..]] {
+fn bad_arguments_are_usage_errors() {
+    let required = "-config flag is required";
+    let cases: [(&str, &[&str], &str); 17] = [
+        ("no -config, a subcommand", &["sql-ping"], required),
+        ("no -config, nothing", &[], required),
+        ("no -config, serve", &["serve"], required),
+        (
+            "unknown subcommand",
+            &["-config", "x.toml", "no-such-command"],
+            "unrecognized subcommand 'no-such-command'",
+        ),
+        (
+            "extra argument",
+            &["-config", "x.toml", "sql-ping", "extra"],
+            "unexpected argument 'extra' found",
+        ),
+        (
+            "unknown flag",
+            &["-config", "x.toml", "-no-such-flag"],
+            "unexpected argument '--no-such-flag' found",
+        ),
+        (
+            "-config without a value",
+            &["-config"],
+            "a value is required for '--config <FILE>'",
+        ),
+        (
+            "sql-migrate-down without N",
+            &["-config", "x.toml", "sql-migrate-down"],
+            "the following required arguments were not provided:\n  <N>",
+        ),
+        (
+            "sql-migrate-down, N not a number",
+            &["-config", "x.toml", "sql-migrate-down", "-f", "abc"],
+            "invalid value 'abc' for '<N>'",
+        ),
+        (
+            "verify without a selector",
+            &["-config", "x.toml", "verify"],
+            "<--repository-id <ID>|--virtual-storage <NAME>>",
+        ),
+        (
+            "verify, repository id 0",
+            &["-config", "x.toml", "verify", "-repository-id", "0"],
+            "invalid value '0' for '--repository-id <ID>'",
+        ),
+        (
+            "verify, repository id not a number",
+            &["-config", "x.toml", "verify", "-repository-id", "x"],
+            "invalid value 'x' for '--repository-id <ID>'",
+        ),
+        (
+            "verify, both selectors",
+            &[
+                "-config",
+                "x.toml",
+                "verify",
+                "-repository-id",
+                "1",
+                "-virtual-storage",
+                "default",
+            ],
+            "'--repository-id <ID>' cannot be used with '--virtual-storage <NAME>'",
+        ),
+        (
+            "verify, -storage without -virtual-storage",
+            &["-config", "x.toml", "verify", "-storage", "gitaly-1"],
+            "<--repository-id <ID>|--virtual-storage <NAME>>",
+        ),
+        (
+            "set-replication-factor without its flags",
+            &["-config", "x.toml", "set-replication-factor"],
+            "--virtual-storage <NAME>\n  --relative-path <PATH>\n  --replication-factor <N>",
+        ),
+        (
+            "dial-nodes, a timeout that is no duration",
+            &["-config", "x.toml", "dial-nodes", "-timeout", "bogus"],
+            "invalid value 'bogus' for '--timeout <DURATION>'",
+        ),
+        (
+            "configuration without its subcommand",
+            &["-config", "x.toml", "configuration"],
+            "Usage: praefect configuration",
+        ),
+    ];
+    for (what, args, says) in cases {
         let output = praefect(args);
-        assert_eq!(output.status.code(), Some(2), "{args:?}");
-        assert!(
-            stderr(&output).contains("-config flag is required"),
-            "{}",
-            stderr(&output)
-        );
+        let err = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{what}: {args:?}: {err}");
+        assert!(err.contains(says), "{what}: {args:?}: {err}");
+        assert_eq!(stdout(&output), "", "{what}: {args:?}");
     }
-}
-
-#[test]
-fn unknown_subcommands_and_arguments_are_refused() {
-    let output = praefect(&["-config", "x.toml", "no-such-command"]);
-    assert_eq!(output.status.code(), Some(2));
-    let output = praefect(&["-config", "x.toml", "sql-ping", "extra"]);
-    assert_eq!(output.status.code(), Some(2));
 }
 
 #[tokio::test]
@@ -371,20 +449,86 @@ fn configuration_validate_syntax_errors_and_success() {
     assert_eq!(stdout(&output), "");
 }
 
+/// A configuration file that cannot be used stops every subcommand (and `serve`, the default)
+/// before it does anything: exit code 1 and every mistake named on stderr.
 #[test]
 fn an_invalid_config_file_stops_every_subcommand() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("bad.toml");
-    std::fs::write(
-        &config,
-        "listen_addr = \"x:1\"\n[replication]\nbatch_size = -1\n",
-    )
-    .unwrap();
-    let output = praefect_with_config(&config, &["-config"], &["sql-ping"]);
-    assert_eq!(output.status.code(), Some(1));
-    let err = stderr(&output);
-    assert!(err.contains("replication.batch_size"), "{err}");
-    assert!(err.contains("virtual_storage"), "{err}");
+    let node = "[[virtual_storage]]\nname = \"default\"\n[[virtual_storage.node]]\nstorage = \"gitaly-1\"\naddress = \"tcp://127.0.0.1:1\"\n";
+    enum File {
+        Text(String),
+        Missing,
+        Directory,
+    }
+    use File::{Directory, Missing, Text};
+    let cases: [(&str, File, &[&str]); 6] = [
+        (
+            "invalid values",
+            Text("listen_addr = \"x:1\"\n[replication]\nbatch_size = -1\n".into()),
+            &["replication.batch_size", "virtual_storage"],
+        ),
+        (
+            "not TOML",
+            Text("listen_addr = \n".into()),
+            &["line 1 column 15"],
+        ),
+        (
+            "empty",
+            Text(String::new()),
+            &["no listener configured", "virtual_storage"],
+        ),
+        (
+            "unknown key",
+            Text(format!(
+                "listen_addr = \"127.0.0.1:0\"\nno_such_key = 1\n{node}"
+            )),
+            &["unknown configuration key \"no_such_key\""],
+        ),
+        (
+            "missing file",
+            Missing,
+            &["reading config file", "No such file or directory"],
+        ),
+        (
+            "a directory",
+            Directory,
+            &["reading config file", "Is a directory"],
+        ),
+    ];
+    let subcommands: [&[&str]; 5] = [
+        &["sql-ping"],
+        &[],
+        &["sql-migrate-status"],
+        &["dial-nodes"],
+        &["verify", "-virtual-storage", "default"],
+    ];
+    for (i, (what, contents, says)) in cases.iter().enumerate() {
+        let config = dir.path().join(format!("{i}.toml"));
+        match contents {
+            Text(text) => std::fs::write(&config, text).unwrap(),
+            Missing => {}
+            Directory => std::fs::create_dir(&config).unwrap(),
+        }
+        for subcommand in subcommands {
+            let output = praefect_with_config(&config, &["-config"], subcommand);
+            let err = stderr(&output);
+            assert_eq!(
+                output.status.code(),
+                Some(1),
+                "{what} {subcommand:?}: {err}"
+            );
+            assert!(
+                err.starts_with(&format!(
+                    "praefect: loading configuration {}",
+                    config.display()
+                )),
+                "{what} {subcommand:?}: {err}"
+            );
+            for text in *says {
+                assert!(err.contains(text), "{what} {subcommand:?}: {err}");
+            }
+        }
+    }
 }
 
 #[tokio::test]
@@ -416,14 +560,9 @@ async fn serve_starts_logs_and_stops_on_sigterm() {
         .status()
         .unwrap();
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exit = wait_until_blocking(Duration::from_secs(30), "serve stops on SIGTERM", || {
+        child.try_wait().unwrap()
+    });
     assert!(exit.success(), "{exit:?}");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(

@@ -8,7 +8,7 @@
 
 use crate::common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::gitnode::{as_refs, git, GitNode};
 use common::pg::TestDb;
@@ -248,26 +248,26 @@ async fn two_routers_serve_one_cluster() {
             .await
             .unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let written = RepositoryServiceClient::new(router_a.channel())
-            .write_ref(WriteRefRequest {
-                repository: Some(virtual_repo(path)),
-                r#ref: b"refs/heads/copy".to_vec(),
-                revision: b"refs/heads/main".to_vec(),
-                old_revision: vec![],
-            })
-            .await;
-        match written {
-            Ok(_) => break,
-            Err(err) if Instant::now() < deadline => {
+    wait_until(
+        Duration::from_secs(15),
+        "a write succeeds after the primary died",
+        async || {
+            let written = RepositoryServiceClient::new(router_a.channel())
+                .write_ref(WriteRefRequest {
+                    repository: Some(virtual_repo(path)),
+                    r#ref: b"refs/heads/copy".to_vec(),
+                    revision: b"refs/heads/main".to_vec(),
+                    old_revision: vec![],
+                })
+                .await;
+            if let Err(err) = &written {
                 // Until the quorum forgets the dead primary (10 s), it stays elected.
                 assert_eq!(err.message(), "primary gitaly is not healthy");
-                tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(err) => panic!("no write succeeded after the primary died: {err:?}"),
-        }
-    }
+            written
+        },
+    )
+    .await;
     assert_ne!(primary_of(&db, path).await, primary);
 }
 
@@ -563,13 +563,15 @@ async fn graceful_stop_lets_calls_finish_then_cuts_them() {
     }
     assert_eq!(exit_code, Some(0));
     let status = tokio::task::spawn_blocking(move || {
-        let status = router.wait_exit(Duration::from_secs(15));
+        let status = router.wait_exited(
+            Duration::from_secs(15),
+            "the router exits once its calls finished",
+        );
         (status, router)
     })
     .await
     .unwrap()
-    .0
-    .expect("the router exits once its calls finished");
+    .0;
     assert!(status.success(), "{status:?}");
 
     // A call still running at the graceful stop timeout is cut, and the router exits.
@@ -583,13 +585,15 @@ async fn graceful_stop_lets_calls_finish_then_cuts_them() {
     .await;
     let (_tx, mut responses) = open_push(&router, path).await;
     router.terminate();
-    let (status, _router) = tokio::task::spawn_blocking(move || {
-        let status = router.wait_exit(Duration::from_secs(15));
-        (status, router)
+    let _router = tokio::task::spawn_blocking(move || {
+        router.wait_exited(
+            Duration::from_secs(15),
+            "the router exits after the graceful stop timeout",
+        );
+        router
     })
     .await
     .unwrap();
-    assert!(status.is_some(), "the router exits after the timeout");
     let outcome = loop {
         match responses.message().await {
             Ok(Some(_)) => continue,

@@ -190,6 +190,7 @@ impl Load {
                         .unwrap()
                         .listener_down
                         .push((Instant::now(), down));
+                    // A readiness sample every 100 ms: the resolution of the listener figures.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }));
@@ -386,24 +387,27 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     let load = Load::start(router.clone(), name, warm.to_vec(), Some(probe));
+    // Kept: the scenario, steady load before the fault (the figures' window starts 1 s
+    // before it).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let fault_at = Instant::now();
     fault().await;
     // Until the database took a write again (the probe), then some steady state.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let recovered = load
-            .log
-            .lock()
-            .unwrap()
-            .probe_ok
-            .iter()
-            .any(|t| *t > fault_at + Duration::from_millis(200));
-        if recovered || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        Duration::from_secs(90),
+        &format!("{name}: the probe writes to the database again"),
+        async || {
+            load.log
+                .lock()
+                .unwrap()
+                .probe_ok
+                .iter()
+                .any(|t| *t > fault_at + Duration::from_millis(200))
+        },
+    )
+    .await;
+    // Kept: the scenario, 8 s of load after the recovery, in which the router must have
+    // caught up (the figures measure gaps up to the end of this window).
     tokio::time::sleep(Duration::from_secs(8)).await;
     let end = Instant::now();
     let log = load.finish().await;
@@ -567,6 +571,7 @@ async fn postgresql_stopped_for_30_seconds() {
     let mut health = Vec::new();
     let mut last_write = Instant::now() - Duration::from_secs(2);
     let mut n = 0;
+    // The scenario: 30 s of outage under reads (every 200 ms) and writes (every second).
     while stopped_at.elapsed() < Duration::from_secs(30) {
         for path in &warm {
             match read(&router, path).await {
@@ -593,21 +598,19 @@ async fn postgresql_stopped_for_30_seconds() {
 
     tokio::task::block_in_place(|| server.start_again());
     let restarted = Instant::now();
-    let mut recovered_after = None;
-    while restarted.elapsed() < Duration::from_secs(30) {
-        if create(
-            &router,
-            &format!("after/{}.git", restarted.elapsed().as_millis()),
-        )
-        .await
-        .is_ok()
-        {
-            recovered_after = Some(restarted.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let recovered_after = recovered_after.expect("writes succeed again after the restart");
+    let recovered_after = wait_until(
+        Duration::from_secs(30),
+        "writes succeed again after the restart",
+        async || {
+            create(
+                &router,
+                &format!("after/{}.git", restarted.elapsed().as_millis()),
+            )
+            .await
+            .map(|()| restarted.elapsed())
+        },
+    )
+    .await;
     wait_until(
         Duration::from_secs(20),
         "the router is ready again",

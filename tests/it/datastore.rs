@@ -13,6 +13,7 @@ use sqlx::postgres::PgListener;
 use sqlx::Executor;
 
 use common::pg::TestDb;
+use common::wait::wait_until;
 use praefect::config::DatabaseConnection;
 use praefect::datastore::{
     migrations::known_migrations, Datastore, DatastoreError, HealthObservation, HealthyStorage,
@@ -563,6 +564,9 @@ async fn a_demoted_server_is_left_and_the_pool_recovers() {
         .unwrap_err();
     assert!(err.is_unavailable(), "{err}");
     // New connections to a read-only server are refused by the role check.
+    // Kept: what is checked is an absence (no write gets through while the server stays
+    // read-only), so the server is left read-only for over a second first: several probe
+    // rounds and two watchdog checks of the datastore's writer.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let err = store
         .record_health("p1", &[observation("vs", "g1", true)])
@@ -582,22 +586,16 @@ async fn a_demoted_server_is_left_and_the_pool_recovers() {
         )
         .await
         .unwrap();
-    let mut recovered = false;
-    for _ in 0..50 {
-        if store
-            .record_health("p1", &[observation("vs", "g1", true)])
-            .await
-            .is_ok()
-        {
-            recovered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        recovered,
-        "the datastore did not recover after the server became writable"
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "the datastore recovers after the server became writable",
+        async || {
+            store
+                .record_health("p1", &[observation("vs", "g1", true)])
+                .await
+        },
+    )
+    .await;
     assert_eq!(
         store.healthy_storages().await.unwrap(),
         vec![healthy("vs", "g1")]
@@ -606,7 +604,6 @@ async fn a_demoted_server_is_left_and_the_pool_recovers() {
 
 mod cache {
     use super::*;
-    use crate::common::wait::wait_until;
 
     /// How long the cache tests wait for the listener or a notification.
     const WAIT: Duration = Duration::from_secs(5);
@@ -629,15 +626,17 @@ mod cache {
 
     /// Reads until a read is served by a fresh query (the entry was evicted).
     async fn until_miss(cache: &StorageCache, path: &str) -> Vec<String> {
-        for _ in 0..100 {
-            let before = cache.stats.misses.load(Ordering::Relaxed);
-            let found = cache.get("vs", path).await.unwrap().unwrap();
-            if cache.stats.misses.load(Ordering::Relaxed) > before {
-                return found.storages.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the entry of {path} was never evicted");
+        wait_until(
+            WAIT,
+            &format!("the entry of {path} is evicted"),
+            async || {
+                let before = cache.stats.misses.load(Ordering::Relaxed);
+                let found = cache.get("vs", path).await.unwrap().unwrap();
+                (cache.stats.misses.load(Ordering::Relaxed) > before)
+                    .then(|| found.storages.clone())
+            },
+        )
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread")]

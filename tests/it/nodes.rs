@@ -27,7 +27,7 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tower::ServiceExt;
 
 use common::gitnode::{binary, GitNode, TestCerts, TOKEN};
-use common::wait::wait_until;
+use common::wait::{wait_until, wait_until_blocking};
 
 /// The test CA, trusted by the process (rustls-native-certs reads SSL_CERT_FILE). Set once,
 /// before any test of this binary dials anything.
@@ -85,6 +85,49 @@ async fn calls_go_through_a_dns_address() {
         format!("dns://127.0.0.53/localhost:{}", port(&node)),
     ] {
         assert!(!exists(&open(&address), &node).await.unwrap(), "{address}");
+    }
+}
+
+/// Addresses an operator may mistype are refused when the channel is made (at startup, not
+/// at the first call), naming the address and the schemes that work; `dial` (what dial-nodes
+/// uses) says the same as an invalid input, without dialing anything.
+#[tokio::test]
+async fn bad_addresses_are_refused_when_the_channel_is_made() {
+    let cases = [
+        ("no scheme", "127.0.0.1:8075"),
+        ("another scheme", "http://127.0.0.1:8075"),
+        ("empty", ""),
+        ("tcp without host", "tcp://"),
+        ("tls without host", "tls://"),
+        ("unix without path", "unix:"),
+        ("unix:// without path", "unix://"),
+        ("dns without name", "dns:"),
+        ("dns+tls without name", "dns+tls:"),
+        ("dns, port not a number", "dns:localhost:http"),
+        ("dns, port out of range", "dns:localhost:65536"),
+        ("dns, empty host", "dns::8075"),
+        ("dns, unclosed bracket", "dns:[::1:8075"),
+        ("dns, empty brackets", "dns:[]:8075"),
+    ];
+    let config = praefect::config::Config::default();
+    for (what, address) in cases {
+        let expected =
+            format!("unsupported address {address:?}: use tcp://, tls://, unix:, dns: or dns+tls:");
+        let err = node_channel(
+            address,
+            TOKEN,
+            yamux_config(0, 256),
+            ClientHandler::default(),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{what}: {address:?} was accepted"));
+        assert_eq!(err.to_string(), expected, "{what}");
+        let err = praefect::nodes::dial(&config, address, TOKEN, Duration::from_secs(2))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{what}: {address:?} was dialed"));
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{what}");
+        assert_eq!(err.to_string(), expected, "{what}");
     }
 }
 
@@ -278,14 +321,11 @@ impl NodeAt {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting gitnode");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(listen).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "gitnode on {listen} did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until_blocking(
+            Duration::from_secs(20),
+            &format!("gitnode on {listen} accepts connections"),
+            || std::net::TcpStream::connect(listen),
+        );
         child
     }
 

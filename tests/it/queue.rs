@@ -356,6 +356,7 @@ async fn concurrent_routers_never_run_two_jobs_for_one_replica() {
                 let jobs = store.dequeue("vs", target, 3).await.unwrap();
                 if jobs.is_empty() {
                     idle_rounds += 1;
+                    // A worker's idle pause; five empty rounds in a row end it.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
@@ -370,6 +371,7 @@ async fn concurrent_routers_never_run_two_jobs_for_one_replica() {
                         ));
                     }
                 }
+                // The "work": the locks are held a moment, for another router to collide.
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 for queued in &jobs {
                     running.lock().unwrap().remove(&queued.lock_id);

@@ -644,7 +644,12 @@ async fn the_worker_checks_a_batch_and_records_it() {
         let stop = stop.clone();
         async move { verifier.run_once(&stop).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the hanging check is under way",
+        async || cluster.calls.load(Ordering::SeqCst) == 6,
+    )
+    .await;
     stop.cancel();
     let summary = run.await.unwrap().unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));

@@ -363,6 +363,8 @@ impl Drop for Patroni {
         for child in self.members.iter_mut().flatten() {
             kill(child.id(), "-TERM");
         }
+        // A grace period, not a check (so not `wait_until_blocking`): this runs in `Drop`,
+        // and a member that ignores SIGTERM is killed below, never a panic.
         let deadline = Instant::now() + Duration::from_secs(15);
         for child in self.members.iter_mut().flatten() {
             while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {

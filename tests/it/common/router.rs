@@ -194,17 +194,27 @@ impl Router {
             .status();
     }
 
-    /// Waits up to `timeout` for the process to exit; its exit status if it did.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+    /// Waits up to `timeout` for the process to exit and returns its exit status; panics
+    /// after, naming `what` (phrased to follow "waiting until").
+    pub fn wait_exited(&mut self, timeout: Duration, what: &str) -> std::process::ExitStatus {
+        let status =
+            super::wait::wait_until_blocking(timeout, what, || self.child.try_wait().unwrap());
+        self.stopped = true;
+        status
+    }
+
+    /// Gives the process up to `timeout` to exit after SIGTERM; whether it did. Not
+    /// [`wait_until_blocking`](super::wait::wait_until_blocking): this is a grace period, not
+    /// a check, run from `Drop` (a process that ignores SIGTERM is killed, not a panic).
+    fn exited_within(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                self.stopped = true;
-                return Some(status);
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        None
+        false
     }
 
     pub fn stop(&mut self) {
@@ -213,7 +223,7 @@ impl Router {
             return;
         }
         self.terminate();
-        if self.wait_exit(Duration::from_secs(30)).is_none() {
+        if !self.exited_within(Duration::from_secs(30)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
