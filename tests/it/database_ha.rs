@@ -320,15 +320,45 @@ async fn assert_nothing_lost(
     acknowledged.len()
 }
 
-async fn warm_up(router: &Router, count: usize, prefix: &str) -> Vec<String> {
+async fn warm_up(
+    router: &Router,
+    db: &DatabaseConnection,
+    count: usize,
+    prefix: &str,
+) -> Vec<String> {
     let mut warm = Vec::new();
     for i in 0..count {
         let path = format!("{prefix}/warm-{i}.git");
         create(router, &path).await.unwrap();
-        // The first read populates the cache; the second is a hit.
-        read(router, &path).await.unwrap();
-        read(router, &path).await.unwrap();
         warm.push(path);
+    }
+    // Each creation queued replication to the other nodes; a replica recorded later evicts
+    // its repository from the read cache (NOTIFY), and an evicted entry cannot be served
+    // while the database is away. So the cache is filled only once replication is done.
+    let store = Datastore::connect(db, PoolSettings::default())
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the warm repositories are replicated", || async {
+        store
+            .run("pending_jobs", |conn| {
+                Box::pin(async move {
+                    sqlx::query_scalar::<_, i64>(
+                        "SELECT count(*) FROM replication_queue WHERE state IN ('ready', 'in_progress')",
+                    )
+                    .persistent(false)
+                    .fetch_one(&mut *conn)
+                    .await
+                })
+            })
+            .await
+            .is_ok_and(|pending| pending == 0)
+    })
+    .await;
+    store.close().await;
+    for path in &warm {
+        // The first read populates the cache; the second is a hit.
+        read(router, path).await.unwrap();
+        read(router, path).await.unwrap();
     }
     warm
 }
@@ -463,7 +493,7 @@ async fn patroni_switchover_and_failover_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let router = Arc::new(start_router(dir.path(), &connection, None, &nodes, "").await);
     let pid = router.child.id();
-    let warm = warm_up(&router, 3, "warm").await;
+    let warm = warm_up(&router, &connection, 3, "warm").await;
 
     // 1. Planned switchover.
     let (switched, switch_log) = under_load(
@@ -556,7 +586,7 @@ async fn postgresql_stopped_for_30_seconds() {
     let dir = tempfile::tempdir().unwrap();
     let router = start_router(dir.path(), &server.connection(), None, &nodes, "").await;
     let pid = router.child.id();
-    let warm = warm_up(&router, 3, "warm").await;
+    let warm = warm_up(&router, &server.connection(), 3, "warm").await;
     wait_until(Duration::from_secs(20), "the router is ready", || async {
         router.http_get("/readiness").0 == 200
     })
