@@ -1,4 +1,4 @@
-//! The tower layers every call to the router goes through, after authentication: a
+//! The steps every call to the router goes through, after authentication, as tower layers: a
 //! correlation id (kept from the client, or made), the request span whose fields every log
 //! line of the call carries, and the method-type metric of routed calls.
 
@@ -16,7 +16,7 @@ use crate::routing::registry::{OpType, Registry};
 pub const CORRELATION_HEADER: &str = "x-gitlab-correlation-id";
 const CORRELATION_NAME: http::HeaderName = http::HeaderName::from_static(CORRELATION_HEADER);
 
-/// The call's correlation id (set by [`CorrelationLayer`]).
+/// The call's correlation id (set by [`ensure_correlation_id`]).
 pub fn correlation_id(headers: &http::HeaderMap) -> String {
     headers
         .get(&CORRELATION_NAME)
@@ -35,46 +35,24 @@ fn new_correlation_id() -> http::HeaderValue {
     http::HeaderValue::from_str(text).unwrap_or(http::HeaderValue::from_static("0"))
 }
 
+/// The request type every step sees.
+pub type Request = http::Request<tonic::body::Body>;
+
+/// A step that only looks at (or adds to) the request, as `tower::util::MapRequest` runs it.
+pub type RequestStep = fn(Request) -> Request;
+
 /// Gives every call a correlation id: the client's, or a new one when it sent none.
-#[derive(Clone, Copy, Default)]
-pub struct CorrelationLayer;
-
-impl<S> Layer<S> for CorrelationLayer {
-    type Service = Correlation<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Correlation { inner }
+pub fn ensure_correlation_id(mut request: Request) -> Request {
+    let has_id = request
+        .headers()
+        .get(&CORRELATION_NAME)
+        .is_some_and(|id| !id.is_empty() && id.to_str().is_ok());
+    if !has_id {
+        request
+            .headers_mut()
+            .insert(CORRELATION_NAME, new_correlation_id());
     }
-}
-
-#[derive(Clone)]
-pub struct Correlation<S> {
-    inner: S,
-}
-
-impl<S, B> Service<http::Request<B>> for Correlation<S>
-where
-    S: Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> S::Future {
-        let has_id = request
-            .headers()
-            .get(&CORRELATION_NAME)
-            .is_some_and(|id| !id.is_empty() && id.to_str().is_ok());
-        if !has_id {
-            request
-                .headers_mut()
-                .insert(CORRELATION_NAME, new_correlation_id());
-        }
-        self.inner.call(request)
-    }
+    request
 }
 
 /// Runs every call inside a span with `grpc.method`, `correlation_id` and (once routed)
@@ -119,47 +97,19 @@ where
 
 /// Counts routed calls by operation type (`gitaly_praefect_method_types`); calls the router
 /// answers itself are not routed and not counted.
-#[derive(Clone, Copy, Default)]
-pub struct MethodTypesLayer;
-
-impl<S> Layer<S> for MethodTypesLayer {
-    type Service = MethodTypes<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        MethodTypes { inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct MethodTypes<S> {
-    inner: S,
-}
-
-impl<S, B> Service<http::Request<B>> for MethodTypes<S>
-where
-    S: Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> S::Future {
-        let path = request.uri().path();
-        if let Some(method) = Registry::global().lookup(path) {
-            if !method.intercepted && local::answered_by(path).is_none() {
-                count_method_type(method.op_type);
-            }
+pub fn count_method_type(request: Request) -> Request {
+    let path = request.uri().path();
+    if let Some(method) = Registry::global().lookup(path) {
+        if !method.intercepted && local::answered_by(path).is_none() {
+            count_op_type(method.op_type);
         }
-        self.inner.call(request)
     }
+    request
 }
 
 /// Counts a routed call by its operation type (each type's counter looked up once, on its
 /// first call, so that a type appears in the metrics only once counted).
-fn count_method_type(op_type: OpType) {
+fn count_op_type(op_type: OpType) {
     static COUNTERS: [OnceLock<prometheus::IntCounter>; 4] = [const { OnceLock::new() }; 4];
     let index = match op_type {
         OpType::Accessor => 0,
@@ -175,37 +125,18 @@ fn count_method_type(op_type: OpType) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::convert::Infallible;
 
-    /// A service that answers with the request's headers.
-    fn echo_headers() -> impl Service<
-        http::Request<()>,
-        Response = http::HeaderMap,
-        Error = Infallible,
-        Future = std::future::Ready<Result<http::HeaderMap, Infallible>>,
-    > + Clone {
-        tower::service_fn(|request: http::Request<()>| {
-            std::future::ready(Ok::<_, Infallible>(request.headers().clone()))
-        })
-    }
-
-    #[tokio::test]
-    async fn correlation_ids_are_kept_or_made() {
-        use tower::ServiceExt;
+    #[test]
+    fn correlation_ids_are_kept_or_made() {
         let cases = [(Some("abc"), Some("abc")), (Some(""), None), (None, None)];
         for (sent, kept) in cases {
-            let mut request = http::Request::new(());
+            let mut request = Request::new(tonic::body::Body::empty());
             if let Some(id) = sent {
                 request
                     .headers_mut()
                     .insert(CORRELATION_NAME, http::HeaderValue::from_static(id));
             }
-            let headers = CorrelationLayer
-                .layer(echo_headers())
-                .oneshot(request)
-                .await
-                .unwrap();
-            let id = correlation_id(&headers);
+            let id = correlation_id(ensure_correlation_id(request).headers());
             match kept {
                 Some(kept) => assert_eq!(id, kept),
                 None => {

@@ -8,9 +8,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tower::{Layer, Service};
+use tower::util::MapRequest;
+use tower::{Service, ServiceBuilder};
 
-use super::layers::{CorrelationLayer, MethodTypesLayer, SpanLayer};
+use super::layers::{
+    count_method_type, ensure_correlation_id, RequestSpan, RequestStep, SpanLayer,
+};
 use super::local::{self, AnsweredBy, PraefectInfo, ServerServiceHere};
 use super::state::Proxy;
 use crate::wire::proto::praefect_info_service_server::PraefectInfoServiceServer;
@@ -31,7 +34,7 @@ pub struct RouterService<H> {
 
 /// The router's service with its layers (correlation id, request span, method metrics);
 /// `health` is the gRPC health service.
-pub fn router_service<H>(proxy: Arc<Proxy>, health: H) -> Correlated<RouterService<H>> {
+pub fn router_service<H>(proxy: Arc<Proxy>, health: H) -> Layered<RouterService<H>> {
     let service = RouterService {
         health,
         server: ServerServiceServer::new(ServerServiceHere {
@@ -42,12 +45,15 @@ pub fn router_service<H>(proxy: Arc<Proxy>, health: H) -> Correlated<RouterServi
         }),
         proxy,
     };
-    CorrelationLayer.layer(SpanLayer.layer(MethodTypesLayer.layer(service)))
+    ServiceBuilder::new()
+        .map_request(ensure_correlation_id as RequestStep)
+        .layer(SpanLayer)
+        .map_request(count_method_type as RequestStep)
+        .service(service)
 }
 
 /// The layered service type [`router_service`] returns.
-pub type Correlated<S> =
-    super::layers::Correlation<super::layers::RequestSpan<super::layers::MethodTypes<S>>>;
+pub type Layered<S> = MapRequest<RequestSpan<MapRequest<S, RequestStep>>, RequestStep>;
 
 impl<H> Service<Request> for RouterService<H>
 where

@@ -113,7 +113,7 @@ impl ServerService for ServerServiceHere {
         let mut response = DiskStatisticsResponse::default();
         for (node, channel) in self.proxy.nodes.iter() {
             let mut client = ServerServiceClient::new(channel.clone());
-            let failed = |source: super::super::error::BoxError| ProxyError::NodeRequest {
+            let failed = |source: crate::proxy::error::BoxError| ProxyError::NodeRequest {
                 what: "disk statistics",
                 storage: node.storage.clone(),
                 source,
