@@ -128,11 +128,17 @@ impl Proxy {
         let record = write.record(&[]);
         let (parts, body) = response.into_parts();
         if parts.headers.contains_key("grpc-status") {
-            // A trailers-only answer: the outcome is known now.
-            if finalize::is_ok(&parts.headers) {
-                finalize::record(&store, record, &correlation_id).await?;
-            }
-            return Ok(http::Response::from_parts(parts, body));
+            // A trailers-only answer: the outcome is known now. Recorded in a task of its
+            // own, so that a client going away does not cancel it.
+            let ok = finalize::is_ok(&parts.headers);
+            let recorded = finalize::detached(async move {
+                record_if_ok(ok, &store, record, &correlation_id).await
+            })
+            .await;
+            return Ok(match recorded {
+                Ok(()) => http::Response::from_parts(parts, body),
+                Err(status) => status.into_http(),
+            });
         }
         let body = finalize::Finalizing::new(body, move |ok| async move {
             record_if_ok(ok, &store, record, &correlation_id).await
