@@ -54,9 +54,14 @@ impl Datastore {
         id.ok_or(DatastoreError::RepositoryExists)
     }
 
-    /// Records a created repository, its replicas at generation 0 and, if asked, its
-    /// assignments, in one transaction.
-    pub async fn create_repository(&self, repo: &NewRepository) -> Result<(), DatastoreError> {
+    /// Records a created repository, its replicas at generation 0, if asked its assignments,
+    /// and the `update` jobs of the replicas it still lacks, in one transaction: a creation is
+    /// never recorded without the jobs that complete it.
+    pub async fn create_repository(
+        &self,
+        repo: &NewRepository,
+        jobs: &[super::UpdateJob],
+    ) -> Result<(), DatastoreError> {
         let mut with_replica = vec![repo.primary.clone()];
         with_replica.extend(repo.updated_secondaries.iter().cloned());
         let mut assigned = with_replica.clone();
@@ -102,6 +107,9 @@ impl Datastore {
                     .bind(&assigned)
                     .execute(&mut *conn)
                     .await?;
+                }
+                for job in jobs {
+                    super::routing::enqueue_update(&mut *conn, job).await?;
                 }
                 Ok(())
             }))

@@ -181,23 +181,13 @@ impl Datastore {
             Some(Some(generation)) => Ok(generation),
         }
     }
-
-    /// Queues `update` jobs (e.g. for the replicas a repository creation did not reach).
-    pub async fn enqueue_updates(&self, jobs: &[UpdateJob]) -> Result<(), DatastoreError> {
-        self.run("enqueue_updates", |conn| {
-            Box::pin(async move {
-                for job in jobs {
-                    enqueue_update(&mut *conn, job).await?;
-                }
-                Ok(())
-            })
-        })
-        .await
-    }
 }
 
 /// Inserts one `update` job unless a `ready` one for the same target is queued already.
-async fn enqueue_update(conn: &mut sqlx::PgConnection, job: &UpdateJob) -> Result<(), sqlx::Error> {
+pub(super) async fn enqueue_update(
+    conn: &mut sqlx::PgConnection,
+    job: &UpdateJob,
+) -> Result<(), sqlx::Error> {
     let queued = super::queue::ReplicationJob {
         repository_id: job.repository_id,
         replica_path: job.replica_path.clone(),

@@ -54,18 +54,20 @@ pub async fn record(
         }
         Some(creation) => {
             store
-                .create_repository(&NewRepository {
-                    repository_id: record.repository_id,
-                    virtual_storage: record.repository.storage_name,
-                    relative_path: record.repository.relative_path,
-                    replica_path: record.replica_path,
-                    primary: record.primary,
-                    updated_secondaries: record.updated_secondaries,
-                    outdated_secondaries: record.outdated,
-                    store_assignments: creation.store_assignments,
-                })
-                .await?;
-            store.enqueue_updates(&jobs).await
+                .create_repository(
+                    &NewRepository {
+                        repository_id: record.repository_id,
+                        virtual_storage: record.repository.storage_name,
+                        relative_path: record.repository.relative_path,
+                        replica_path: record.replica_path,
+                        primary: record.primary,
+                        updated_secondaries: record.updated_secondaries,
+                        outdated_secondaries: record.outdated,
+                        store_assignments: creation.store_assignments,
+                    },
+                    &jobs,
+                )
+                .await
         }
     }
 }

@@ -200,7 +200,7 @@ async fn changes_notify_with_the_json_array_payload() {
 
     let id = store.reserve_repository_id("vs", "a.git").await.unwrap();
     store
-        .create_repository(&new_repository(id, "vs", "a.git", "g1", &["g2"]))
+        .create_repository(&new_repository(id, "vs", "a.git", "g1", &["g2"]), &[])
         .await
         .unwrap();
     let (channel, payload) = next_payload(&mut listener).await;
@@ -410,7 +410,7 @@ async fn valid_primaries_are_up_to_date_healthy_assigned_and_not_being_deleted()
 
     let id = store.reserve_repository_id("vs", "r.git").await.unwrap();
     store
-        .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2", "g3"]))
+        .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2", "g3"]), &[])
         .await
         .unwrap();
     assert_eq!(valid_primaries(&store, id).await, ["g1", "g2", "g3"]);
@@ -645,7 +645,7 @@ mod cache {
         let store = db.datastore().await;
         let id = store.reserve_repository_id("vs", "r.git").await.unwrap();
         store
-            .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2", "g3"]))
+            .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2", "g3"]), &[])
             .await
             .unwrap();
         let cache = StorageCache::new(store.clone(), &["vs".to_string()]);
@@ -696,7 +696,7 @@ mod cache {
         let store = db.datastore().await;
         let id = store.reserve_repository_id("vs", "r.git").await.unwrap();
         store
-            .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2"]))
+            .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2"]), &[])
             .await
             .unwrap();
         let cache = StorageCache::new(store.clone(), &["vs".to_string()]);
@@ -743,7 +743,7 @@ mod cache {
             .unwrap();
         let id = store.reserve_repository_id("vs", "r.git").await.unwrap();
         store
-            .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2"]))
+            .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2"]), &[])
             .await
             .unwrap();
         let window = Duration::from_secs(3);
@@ -805,7 +805,7 @@ mod cache {
         let store = db.datastore().await;
         let id = store.reserve_repository_id("vs", "r.git").await.unwrap();
         store
-            .create_repository(&new_repository(id, "vs", "r.git", "g1", &[]))
+            .create_repository(&new_repository(id, "vs", "r.git", "g1", &[]), &[])
             .await
             .unwrap();
         let cache = StorageCache::new(store.clone(), &["vs".to_string()]);
@@ -819,6 +819,47 @@ mod cache {
     }
 }
 
+/// A creation and the jobs that complete it are one transaction: a creation that fails
+/// leaves no job behind, one that succeeds leaves all of them.
+#[tokio::test]
+async fn a_creation_records_its_jobs_in_the_same_transaction() {
+    use praefect::datastore::UpdateJob;
+    let db = TestDb::new().await;
+    let store = db.datastore().await;
+    let id = store.reserve_repository_id("vs", "c.git").await.unwrap();
+    let job = |target: &str| UpdateJob {
+        repository_id: id,
+        virtual_storage: "vs".into(),
+        relative_path: "c.git".into(),
+        replica_path: praefect::routing::replica_path(id),
+        source: "g1".into(),
+        target: target.into(),
+        correlation_id: "c1".into(),
+    };
+    let mut repo = new_repository(id, "vs", "c.git", "g1", &[]);
+    repo.outdated_secondaries = vec!["g2".into(), "g3".into()];
+    let mut raw = db.raw().await;
+    let targets = "SELECT job->>'target_node_storage' FROM replication_queue
+                   WHERE job->>'relative_path' = 'c.git' ORDER BY 1";
+    store
+        .create_repository(&repo, &[job("g2"), job("g3")])
+        .await
+        .unwrap();
+    let queued: Vec<String> = sqlx::query_scalar(targets)
+        .fetch_all(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(queued, ["g2", "g3"]);
+    // The same creation again fails on the repository's row: its job is not queued.
+    let again = store.create_repository(&repo, &[job("g4")]).await;
+    assert!(again.is_err(), "{again:?}");
+    let queued: Vec<String> = sqlx::query_scalar(targets)
+        .fetch_all(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(queued, ["g2", "g3"]);
+}
+
 mod elections {
     use super::*;
     use praefect::datastore::UpdateJob;
@@ -828,7 +869,7 @@ mod elections {
         mark_healthy(&store, &["g1", "g2", "g3"]).await;
         let id = store.reserve_repository_id("vs", "r.git").await.unwrap();
         store
-            .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2", "g3"]))
+            .create_repository(&new_repository(id, "vs", "r.git", "g1", &["g2", "g3"]), &[])
             .await
             .unwrap();
         (store, id)
@@ -966,7 +1007,7 @@ async fn concurrent_writes_each_bump_the_generation() {
     let store = db.datastore().await;
     let id = store.reserve_repository_id("vs", "busy.git").await.unwrap();
     store
-        .create_repository(&new_repository(id, "vs", "busy.git", "g1", &["g2"]))
+        .create_repository(&new_repository(id, "vs", "busy.git", "g1", &["g2"]), &[])
         .await
         .unwrap();
     let writes = (0..20).map(|_| {

@@ -382,16 +382,19 @@ async fn track(store: &praefect::datastore::Datastore, relative_path: &str) -> i
         .await
         .unwrap();
     store
-        .create_repository(&praefect::datastore::NewRepository {
-            repository_id: id,
-            virtual_storage: VIRTUAL.into(),
-            relative_path: relative_path.into(),
-            replica_path: replica_path(id),
-            primary: PRIMARY.into(),
-            updated_secondaries: vec![STORAGES[1].into()],
-            outdated_secondaries: vec![],
-            store_assignments: false,
-        })
+        .create_repository(
+            &praefect::datastore::NewRepository {
+                repository_id: id,
+                virtual_storage: VIRTUAL.into(),
+                relative_path: relative_path.into(),
+                replica_path: replica_path(id),
+                primary: PRIMARY.into(),
+                updated_secondaries: vec![STORAGES[1].into()],
+                outdated_secondaries: vec![],
+                store_assignments: false,
+            },
+            &[],
+        )
         .await
         .unwrap();
     id

@@ -429,31 +429,37 @@ async fn reconciliation_repairs_outdated_replicas_and_drops_unassigned_ones() {
     // r1: only on g1 (no assignments = every storage is assigned): updates for g2 and g3.
     let r1 = store.reserve_repository_id("vs", "r1.git").await.unwrap();
     store
-        .create_repository(&NewRepository {
-            repository_id: r1,
-            virtual_storage: "vs".into(),
-            relative_path: "r1.git".into(),
-            replica_path: praefect::routing::replica_path(r1),
-            primary: "g1".into(),
-            updated_secondaries: vec![],
-            outdated_secondaries: vec!["g2".into(), "g3".into()],
-            store_assignments: false,
-        })
+        .create_repository(
+            &NewRepository {
+                repository_id: r1,
+                virtual_storage: "vs".into(),
+                relative_path: "r1.git".into(),
+                replica_path: praefect::routing::replica_path(r1),
+                primary: "g1".into(),
+                updated_secondaries: vec![],
+                outdated_secondaries: vec!["g2".into(), "g3".into()],
+                store_assignments: false,
+            },
+            &[],
+        )
         .await
         .unwrap();
     // r2: assigned to g1 and g2, replicas on all three at the same generation: g3 goes.
     let r2 = store.reserve_repository_id("vs", "r2.git").await.unwrap();
     store
-        .create_repository(&NewRepository {
-            repository_id: r2,
-            virtual_storage: "vs".into(),
-            relative_path: "r2.git".into(),
-            replica_path: praefect::routing::replica_path(r2),
-            primary: "g1".into(),
-            updated_secondaries: vec!["g2".into()],
-            outdated_secondaries: vec![],
-            store_assignments: true,
-        })
+        .create_repository(
+            &NewRepository {
+                repository_id: r2,
+                virtual_storage: "vs".into(),
+                relative_path: "r2.git".into(),
+                replica_path: praefect::routing::replica_path(r2),
+                primary: "g1".into(),
+                updated_secondaries: vec!["g2".into()],
+                outdated_secondaries: vec![],
+                store_assignments: true,
+            },
+            &[],
+        )
         .await
         .unwrap();
     sqlx::query(

@@ -48,16 +48,19 @@ fn healthy(pairs: &[(&str, &str)]) -> Vec<HealthyStorage> {
 async fn seed(store: &Datastore, vs: &str, path: &str, storages: &[&str]) -> i64 {
     let id = store.reserve_repository_id(vs, path).await.unwrap();
     store
-        .create_repository(&NewRepository {
-            repository_id: id,
-            virtual_storage: vs.into(),
-            relative_path: path.into(),
-            replica_path: praefect::routing::replica_path(id),
-            primary: storages[0].into(),
-            updated_secondaries: storages[1..].iter().map(|s| s.to_string()).collect(),
-            outdated_secondaries: vec![],
-            store_assignments: false,
-        })
+        .create_repository(
+            &NewRepository {
+                repository_id: id,
+                virtual_storage: vs.into(),
+                relative_path: path.into(),
+                replica_path: praefect::routing::replica_path(id),
+                primary: storages[0].into(),
+                updated_secondaries: storages[1..].iter().map(|s| s.to_string()).collect(),
+                outdated_secondaries: vec![],
+                store_assignments: false,
+            },
+            &[],
+        )
         .await
         .unwrap();
     id

@@ -367,16 +367,19 @@ pub async fn seed_repository(
         );
     }
     store
-        .create_repository(&praefect::datastore::NewRepository {
-            repository_id: id,
-            virtual_storage: "default".into(),
-            relative_path: relative_path.into(),
-            replica_path,
-            primary: nodes[0].storage.clone(),
-            updated_secondaries: nodes[1..].iter().map(|n| n.storage.clone()).collect(),
-            outdated_secondaries: vec![],
-            store_assignments: false,
-        })
+        .create_repository(
+            &praefect::datastore::NewRepository {
+                repository_id: id,
+                virtual_storage: "default".into(),
+                relative_path: relative_path.into(),
+                replica_path,
+                primary: nodes[0].storage.clone(),
+                updated_secondaries: nodes[1..].iter().map(|n| n.storage.clone()).collect(),
+                outdated_secondaries: vec![],
+                store_assignments: false,
+            },
+            &[],
+        )
         .await
         .unwrap();
     id
