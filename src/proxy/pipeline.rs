@@ -70,13 +70,12 @@ impl Proxy {
         record_virtual_storage(&destination);
         self.bridge_sidechannel(&mut headers, &parts.extensions)?;
         let outgoing = outgoing_body(method, message, first.rest, body);
-        let response = forward::send(self, uri, headers.clone(), &destination, outgoing).await?;
+        // Only a write needs the correlation id after sending (for its replication jobs).
+        let write = write.map(|write| (write, correlation_id(&headers)));
+        let response = forward::send(self, uri, headers, &destination, outgoing).await?;
         match write {
             None => Ok(response),
-            Some(write) => {
-                self.finalize(response, write, correlation_id(&headers))
-                    .await
-            }
+            Some((write, correlation_id)) => self.finalize(response, write, correlation_id).await,
         }
     }
 
