@@ -6,6 +6,7 @@ pub mod backchannel;
 pub mod pktline;
 pub mod sidechannel;
 pub mod tls;
+pub mod transaction;
 
 /// The Gitaly protocol, generated from `proto/gitaly/*.proto`.
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
