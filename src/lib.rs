@@ -15,6 +15,7 @@ pub mod periodic;
 pub mod proxy;
 pub mod replication;
 pub mod routing;
+pub mod transactions;
 pub mod verification;
 
 /// What router and gitnode both speak (the `praefect-wire` crate), at its old path so that

@@ -135,7 +135,7 @@ pub(crate) fn defined<T>(definition: prometheus::Result<T>) -> T {
     definition.expect("static metric definition is valid")
 }
 
-fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+pub(crate) fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let counter = defined(IntCounterVec::new(Opts::new(name, help), labels));
     let _ = REGISTRY.register(Box::new(counter.clone()));
     counter

@@ -44,6 +44,62 @@ const FORCED_PRIMARY_METHODS: &[&str] = &[
     "/gitaly.RepositoryService/GetObjectDirectorySize",
 ];
 
+/// The 43 repository-scoped mutators that run as reference transactions: sent to the primary
+/// and every up-to-date healthy secondary, which vote on their reference updates. Every
+/// repository-scoped mutator but the two in [`NON_TRANSACTIONAL_MUTATORS`].
+const TRANSACTIONAL_METHODS: &[&str] = &[
+    "/gitaly.CleanupService/ApplyBfgObjectMapStream",
+    "/gitaly.CleanupService/RewriteHistory",
+    "/gitaly.CommitService/CommitLanguages",
+    "/gitaly.ConflictsService/ResolveConflicts",
+    "/gitaly.HookService/ProcReceiveHook",
+    "/gitaly.ObjectPoolService/LinkRepositoryToObjectPool",
+    "/gitaly.ObjectPoolService/DisconnectGitAlternates",
+    "/gitaly.ObjectPoolService/FetchIntoObjectPool",
+    "/gitaly.OperationService/UserCreateBranch",
+    "/gitaly.OperationService/UserUpdateBranch",
+    "/gitaly.OperationService/UserDeleteBranch",
+    "/gitaly.OperationService/UserCreateTag",
+    "/gitaly.OperationService/UserDeleteTag",
+    "/gitaly.OperationService/UserMergeToRef",
+    "/gitaly.OperationService/UserRebaseToRef",
+    "/gitaly.OperationService/UserMergeBranch",
+    "/gitaly.OperationService/UserFFBranch",
+    "/gitaly.OperationService/UserCherryPick",
+    "/gitaly.OperationService/UserCommitFiles",
+    "/gitaly.OperationService/UserRebaseConfirmable",
+    "/gitaly.OperationService/UserRevert",
+    "/gitaly.OperationService/UserSquash",
+    "/gitaly.OperationService/UserApplyPatch",
+    "/gitaly.OperationService/UserUpdateSubmodule",
+    "/gitaly.RefService/UpdateReferences",
+    "/gitaly.RefService/DeleteRefs",
+    "/gitaly.RepositoryService/FetchRemote",
+    "/gitaly.RepositoryService/CreateRepository",
+    "/gitaly.RepositoryService/FetchSourceBranch",
+    "/gitaly.RepositoryService/WriteRef",
+    "/gitaly.RepositoryService/CreateFork",
+    "/gitaly.RepositoryService/CreateRepositoryFromURL",
+    "/gitaly.RepositoryService/FetchBundle",
+    "/gitaly.RepositoryService/CreateRepositoryFromBundle",
+    "/gitaly.RepositoryService/CreateRepositoryFromSnapshot",
+    "/gitaly.RepositoryService/RestoreCustomHooks",
+    "/gitaly.RepositoryService/SetCustomHooks",
+    "/gitaly.RepositoryService/RemoveRepository",
+    "/gitaly.RepositoryService/ReplicateRepository",
+    "/gitaly.RepositoryService/RestoreRepository",
+    "/gitaly.RepositoryService/MigrateReferenceBackend",
+    "/gitaly.SmartHTTPService/PostReceivePack",
+    "/gitaly.SSHService/SSHReceivePack",
+];
+
+/// Repository-scoped mutators that go to the primary alone and reach the other replicas by
+/// replication.
+const NON_TRANSACTIONAL_MUTATORS: &[&str] = &[
+    "/gitaly.ObjectPoolService/CreateObjectPool",
+    "/gitaly.ObjectPoolService/DeleteObjectPool",
+];
+
 /// The value of `gitaly-route-repository-accessor-policy` that asks for the primary.
 pub const PRIMARY_ONLY_POLICY: &[u8] = b"primary-only";
 
@@ -76,6 +132,49 @@ pub fn upserts(method: &MethodInfo) -> bool {
 pub fn forces_primary(method: &MethodInfo, accessor_policy: Option<&[u8]>) -> bool {
     FORCED_PRIMARY_METHODS.contains(&method.full_name.as_str())
         || accessor_policy == Some(PRIMARY_ONLY_POLICY)
+}
+
+/// Whether `method` runs as a reference transaction.
+pub fn is_transactional(method: &MethodInfo) -> bool {
+    TRANSACTIONAL_METHODS.contains(&method.full_name.as_str())
+}
+
+/// The startup check that the registry and the list of transactional RPCs agree: every
+/// repository-scoped mutator is either transactional or one of the known exceptions, and
+/// every listed RPC is a repository-scoped mutator. A new mutator in the protocol must be
+/// classified before the router runs, or writes through it would skip voting unnoticed.
+pub fn check_transactional(
+    methods: impl IntoIterator<Item = &'static MethodInfo>,
+) -> Result<(), String> {
+    let mut problems = Vec::new();
+    let mut listed: Vec<&str> = TRANSACTIONAL_METHODS.to_vec();
+    listed.extend(NON_TRANSACTIONAL_MUTATORS);
+    for method in methods {
+        let name = method.full_name.as_str();
+        let is_mutator = method.scope == Scope::Repository && method.op_type == OpType::Mutator;
+        match (is_mutator, listed.iter().position(|n| *n == name)) {
+            (true, Some(i)) => {
+                listed.remove(i);
+            }
+            (true, None) => problems.push(format!(
+                "mutator {name} is not classified as transactional or not"
+            )),
+            (false, Some(_)) => {
+                problems.push(format!("{name} is listed as a mutator but is not one"))
+            }
+            (false, None) => {}
+        }
+    }
+    problems.extend(
+        listed
+            .iter()
+            .map(|name| format!("{name} is listed but not in the registry")),
+    );
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
 }
 
 #[cfg(test)]
@@ -140,5 +239,30 @@ mod tests {
         assert!(!upserts(method(
             "/gitaly.RepositoryService/CreateRepository"
         )));
+    }
+
+    #[test]
+    fn the_registry_agrees_with_the_transactional_list() {
+        assert_eq!(TRANSACTIONAL_METHODS.len(), 43);
+        check_transactional(Registry::global().iter()).unwrap();
+        assert!(is_transactional(method(
+            "/gitaly.RepositoryService/WriteRef"
+        )));
+        assert!(is_transactional(method(
+            "/gitaly.CommitService/CommitLanguages"
+        )));
+        assert!(!is_transactional(method(
+            "/gitaly.ObjectPoolService/CreateObjectPool"
+        )));
+        // A registry missing a listed RPC, or with an unlisted mutator, fails the check.
+        let some: Vec<&'static MethodInfo> = Registry::global()
+            .iter()
+            .filter(|m| m.method != "WriteRef")
+            .collect();
+        let err = check_transactional(some).unwrap_err();
+        assert!(
+            err.contains("WriteRef is listed but not in the registry"),
+            "{err}"
+        );
     }
 }

@@ -46,6 +46,9 @@ pub struct CreationRoute {
     pub repository_id: i64,
     pub replica_path: String,
     pub primary: String,
+    /// Assigned, locally healthy storages (and, next to a neighbour, at its latest
+    /// generation) besides the primary: they create the repository together with it.
+    pub secondaries: Vec<String>,
     /// Assigned storages that get the repository by replication.
     pub replication_targets: Vec<String>,
     /// Whether the assignments are recorded (a replication factor is in force, or the
@@ -119,8 +122,24 @@ impl WriteRoute {
         }
     }
 
-    /// The record of a successful write that `updated_secondaries` applied as well (none
-    /// until reference transactions exist).
+    /// The storages that take part in the write with the primary (future voters).
+    pub fn secondaries(&self) -> &[String] {
+        match self {
+            WriteRoute::Update(route) => &route.secondaries,
+            WriteRoute::Create(route) => &route.secondaries,
+        }
+    }
+
+    /// The assigned storages that catch up by replication whatever happens.
+    pub fn replication_targets(&self) -> &[String] {
+        match self {
+            WriteRoute::Update(route) => &route.replication_targets,
+            WriteRoute::Create(route) => &route.replication_targets,
+        }
+    }
+
+    /// The record of a write that `updated_secondaries` applied as well as the primary: every
+    /// other secondary and every replication target is left outdated.
     pub fn record(&self, updated_secondaries: &[String]) -> WriteRecord {
         match self {
             WriteRoute::Update(route) => WriteRecord {
@@ -145,9 +164,10 @@ impl WriteRoute {
                 primary: route.primary.clone(),
                 updated_secondaries: updated_secondaries.to_vec(),
                 outdated: route
-                    .replication_targets
+                    .secondaries
                     .iter()
                     .filter(|s| !updated_secondaries.contains(s))
+                    .chain(&route.replication_targets)
                     .cloned()
                     .collect(),
                 created: Some(Creation {

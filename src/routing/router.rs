@@ -233,23 +233,33 @@ impl<S: RoutingStore, H: HealthView> Router<S, H> {
             .reserve_repository_id(&repository.storage_name, &repository.relative_path)
             .await?
             .ok_or(RoutingError::RepositoryExists)?;
-        let (primary, replication_targets, store_assignments, neighbour) = match placement {
-            Some(next_to) => (
-                next_to.primary,
-                next_to.others,
-                next_to.explicit,
-                Some(next_to.neighbour),
-            ),
-            None => {
-                let (primary, others) = place_by_factor(virtual_storage, healthy)?;
-                (
-                    primary,
-                    others,
-                    virtual_storage.default_replication_factor > 0,
-                    None,
-                )
-            }
-        };
+        let (primary, (secondaries, replication_targets), store_assignments, neighbour) =
+            match placement {
+                Some(next_to) => {
+                    // Next to a repository: its healthy replicas at its latest generation
+                    // take part; the others catch up by replication.
+                    let split = next_to
+                        .others
+                        .into_iter()
+                        .partition(|s| healthy.contains(s) && next_to.consistent.contains(s));
+                    (
+                        next_to.primary,
+                        split,
+                        next_to.explicit,
+                        Some(next_to.neighbour),
+                    )
+                }
+                None => {
+                    let (primary, others) = place_by_factor(virtual_storage, healthy)?;
+                    let split = others.into_iter().partition(|s| healthy.contains(s));
+                    (
+                        primary,
+                        split,
+                        virtual_storage.default_replication_factor > 0,
+                        None,
+                    )
+                }
+            };
         let replica_path = if is_rails_pool_path(&repository.relative_path) {
             pool_replica_path(repository_id)
         } else {
@@ -260,6 +270,7 @@ impl<S: RoutingStore, H: HealthView> Router<S, H> {
             repository_id,
             replica_path,
             primary,
+            secondaries,
             replication_targets,
             store_assignments,
             neighbour,
@@ -284,6 +295,7 @@ impl<S: RoutingStore, H: HealthView> Router<S, H> {
             .await?;
         Ok(Placement {
             others: assigned.into_iter().filter(|s| *s != primary).collect(),
+            consistent: entry.storages,
             primary,
             explicit,
             neighbour: Neighbour {
@@ -381,6 +393,8 @@ struct Placement {
     primary: String,
     /// The other assigned storages.
     others: Vec<String>,
+    /// The neighbour's storages at its latest generation.
+    consistent: Vec<String>,
     /// Whether the neighbour has explicit assignments (then so does the new repository).
     explicit: bool,
     neighbour: Neighbour,

@@ -468,14 +468,14 @@ fn creation(path: &str) -> WriteRequest {
 
 #[tokio::test]
 async fn creations_follow_the_replication_factor() {
-    // (factor, healthy, how many targets, assignments recorded)
-    let cases: [(i64, &[&str], usize, bool); 4] = [
-        (0, &["a", "b", "c"], 2, false),
-        (0, &["b"], 2, false),
-        (2, &["a", "b", "c"], 1, true),
-        (1, &["a", "c"], 0, true),
+    // (factor, healthy, how many secondaries and targets, assignments recorded)
+    let cases: [(i64, &[&str], (usize, usize), bool); 4] = [
+        (0, &["a", "b", "c"], (2, 0), false),
+        (0, &["b"], (0, 2), false),
+        (2, &["a", "b", "c"], (1, 0), true),
+        (1, &["a", "c"], (0, 0), true),
     ];
-    for (factor, healthy, targets, recorded) in cases {
+    for (factor, healthy, (secondaries, targets), recorded) in cases {
         let router = router(factor, healthy, store(&[], None, &[]));
         for _ in 0..16 {
             let route = match router.route_write(&creation("new")).await.unwrap() {
@@ -487,12 +487,26 @@ async fn creations_follow_the_replication_factor() {
                 "factor {factor}: primary {}",
                 route.primary
             );
+            assert_eq!(route.secondaries.len(), secondaries, "factor {factor}");
             assert_eq!(route.replication_targets.len(), targets, "factor {factor}");
             assert!(!route.replication_targets.contains(&route.primary));
+            assert!(!route.secondaries.contains(&route.primary));
+            assert!(route
+                .secondaries
+                .iter()
+                .all(|s| healthy.contains(&s.as_str())));
             assert_eq!(route.store_assignments, recorded);
             assert!(route.replica_path.starts_with("@cluster/repositories/"));
             assert_eq!(route.neighbour, None);
             let record = WriteRoute::Create(route.clone()).record(&[]);
+            let left_behind: Vec<String> = route
+                .secondaries
+                .iter()
+                .chain(&route.replication_targets)
+                .cloned()
+                .collect();
+            assert_eq!(record.outdated, left_behind);
+            let record = WriteRoute::Create(route.clone()).record(&route.secondaries);
             assert_eq!(record.outdated, route.replication_targets);
             assert_eq!(
                 record.created,
