@@ -112,9 +112,16 @@ pub struct NodePool {
 }
 
 impl NodePool {
-    /// Dials every node lazily (nothing fails if a node is down now).
-    pub fn connect(config: &Config) -> std::io::Result<Self> {
-        let handler = ClientHandler::default();
+    /// Dials every node lazily (nothing fails if a node is down now). `services` are served
+    /// to the nodes over each connection's backchannel (the router's RefTransaction).
+    pub fn connect(
+        config: &Config,
+        services: Option<tonic::service::Routes>,
+    ) -> std::io::Result<Self> {
+        let handler = ClientHandler {
+            routes: services,
+            ..ClientHandler::default()
+        };
         let sidechannels = handler.sidechannels.clone();
         let entries = configured_nodes(config)
             .into_iter()

@@ -21,6 +21,7 @@ use tonic::Status;
 
 use crate::datastore::{Datastore, DatastoreError, NewRepository, UpdateJob};
 use crate::routing::WriteRecord;
+use crate::transactions::outcome::CallStatus;
 
 /// Records a successful write: the new generation of the replicas that applied it and an
 /// `update` job from the primary for every other assigned one; for a creation, the
@@ -96,25 +97,74 @@ where
     }
 }
 
-/// Whether the rest of `body` ends with trailers that report success.
-async fn ends_ok(body: &mut tonic::body::Body) -> bool {
+/// How the rest of `body` ends: the status its trailers report, or a failure if it breaks
+/// off or ends without trailers.
+async fn ends_with(body: &mut tonic::body::Body) -> CallStatus {
     use http_body_util::BodyExt;
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => {
                 if let Some(trailers) = frame.trailers_ref() {
-                    return is_ok(trailers);
+                    return call_status(trailers);
                 }
             }
-            Err(_) => return false,
+            Err(status) => return broken(status.to_string()),
         }
     }
-    false
+    broken("the answer ended without trailers".to_string())
+}
+
+/// The status of an answer that broke off.
+pub fn broken(message: String) -> CallStatus {
+    CallStatus {
+        code: tonic::Code::Unavailable as i32,
+        message,
+    }
+}
+
+/// The status trailers (or trailers-only headers) report. Messages are compared as the node
+/// sent them (percent-encoded), which is enough to tell whether two nodes answered alike.
+pub fn call_status(headers: &http::HeaderMap) -> CallStatus {
+    let code = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tonic::Code::Unknown as i32);
+    let message = headers
+        .get("grpc-message")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    CallStatus { code, message }
+}
+
+/// Hands `response` to the client once `finish` has run with how the call ended: at once for
+/// a trailers-only answer, else when the trailers arrive (see [`Finalizing`]). `finish` runs
+/// detached from the client; if it fails, the client gets its error instead of the node's
+/// trailers.
+pub async fn after_call<F, Fut>(
+    response: http::Response<tonic::body::Body>,
+    finish: F,
+) -> http::Response<tonic::body::Body>
+where
+    F: FnOnce(CallStatus) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), Status>> + Send + 'static,
+{
+    let (parts, body) = response.into_parts();
+    if parts.headers.contains_key("grpc-status") {
+        // A trailers-only answer: the outcome is known now.
+        let status = call_status(&parts.headers);
+        return match detached(finish(status)).await {
+            Ok(()) => http::Response::from_parts(parts, body),
+            Err(status) => status.into_http(),
+        };
+    }
+    let body = Finalizing::new(body, finish);
+    http::Response::from_parts(parts, tonic::body::Body::new(body))
 }
 
 /// The bookkeeping of one finished call.
 type Finishing = Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>;
-type Finalizer = Box<dyn FnOnce(bool) -> Finishing + Send>;
+type Finalizer = Box<dyn FnOnce(CallStatus) -> Finishing + Send>;
 
 /// Trailers carrying `status`.
 pub fn status_trailers(status: Status) -> http::HeaderMap {
@@ -140,12 +190,14 @@ pub struct Finalizing {
 impl Finalizing {
     pub fn new<F, Fut>(inner: tonic::body::Body, finalizer: F) -> Self
     where
-        F: FnOnce(bool) -> Fut + Send + 'static,
+        F: FnOnce(CallStatus) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), Status>> + Send + 'static,
     {
         Finalizing {
             inner,
-            finalizer: Some(Box::new(move |ok| Box::pin(detached(finalizer(ok))))),
+            finalizer: Some(Box::new(move |status| {
+                Box::pin(detached(finalizer(status)))
+            })),
             pending: None,
         }
     }
@@ -163,10 +215,10 @@ impl Drop for Finalizing {
         };
         let mut inner = std::mem::replace(&mut self.inner, tonic::body::Body::empty());
         runtime.spawn(async move {
-            let ok = tokio::time::timeout(FINALIZE_TIMEOUT, ends_ok(&mut inner))
+            let status = tokio::time::timeout(FINALIZE_TIMEOUT, ends_with(&mut inner))
                 .await
-                .unwrap_or(false);
-            let _ = finalizer(ok).await;
+                .unwrap_or_else(|_| broken("the node did not finish its answer".to_string()));
+            let _ = finalizer(status).await;
         });
     }
 }
@@ -198,7 +250,7 @@ impl Body for Finalizing {
                     let trailers = frame.into_trailers().unwrap_or_default();
                     match self.finalizer.take() {
                         Some(finalizer) => {
-                            let future = finalizer(is_ok(&trailers));
+                            let future = finalizer(call_status(&trailers));
                             self.pending = Some((future, trailers));
                         }
                         None => return Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
@@ -253,8 +305,8 @@ mod tests {
         ] {
             let (node, inner) = node_answer();
             let (seen_tx, seen_rx) = oneshot::channel();
-            let mut body = Finalizing::new(inner, move |ok| async move {
-                let _ = seen_tx.send(ok);
+            let mut body = Finalizing::new(inner, move |status| async move {
+                let _ = seen_tx.send(status.is_ok());
                 Ok(())
             });
             node.send(Ok(Frame::data(Bytes::from_static(b"answer"))))
@@ -274,9 +326,9 @@ mod tests {
         let release = Arc::new(Notify::new());
         let (done_tx, done_rx) = oneshot::channel();
         let gate = release.clone();
-        let mut body = Finalizing::new(inner, move |ok| async move {
+        let mut body = Finalizing::new(inner, move |status| async move {
             gate.notified().await;
-            let _ = done_tx.send(ok);
+            let _ = done_tx.send(status.is_ok());
             Ok(())
         });
         node.send(Ok(ok_trailers())).await.unwrap();

@@ -11,6 +11,7 @@ use super::finalize::is_ok;
 use super::frame;
 use super::route::Destination;
 use super::state::Proxy;
+use crate::nodes::NodeChannel;
 
 /// Metadata naming the virtual storage of a repository-scoped call, for the node's logs.
 const VIRTUAL_STORAGE_NAME: http::HeaderName = http::HeaderName::from_static("virtual_storage");
@@ -19,15 +20,31 @@ const VIRTUAL_STORAGE_NAME: http::HeaderName = http::HeaderName::from_static("vi
 pub async fn send(
     proxy: &Proxy,
     uri: http::Uri,
+    headers: http::HeaderMap,
+    destination: &Destination,
+    body: tonic::body::Body,
+) -> Result<http::Response<tonic::body::Body>, ProxyError> {
+    let channel = channel(proxy, destination)?;
+    send_on(channel, uri, headers, destination, body).await
+}
+
+/// The connection to `destination`'s node.
+pub fn channel(proxy: &Proxy, destination: &Destination) -> Result<NodeChannel, ProxyError> {
+    Ok(proxy
+        .nodes
+        .channel(&destination.virtual_storage, &destination.storage)
+        .cloned()
+        .ok_or(crate::routing::RoutingError::NoSuitableNode)?)
+}
+
+/// Sends one call to `destination` over `channel` (its node's connection).
+pub async fn send_on(
+    channel: NodeChannel,
+    uri: http::Uri,
     mut headers: http::HeaderMap,
     destination: &Destination,
     body: tonic::body::Body,
 ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
-    let channel = proxy
-        .nodes
-        .channel(&destination.virtual_storage, &destination.storage)
-        .cloned()
-        .ok_or(crate::routing::RoutingError::NoSuitableNode)?;
     headers.remove(http::header::AUTHORIZATION);
     headers.remove(http::header::HOST);
     headers.remove(http::header::CONTENT_LENGTH);

@@ -1,6 +1,7 @@
 //! The gRPC pass-through: the router's service (`service.rs`: what the router answers itself
 //! and what it forwards), the forwarding pipeline (`pipeline.rs`: look up, read the first
-//! message, route, rewrite, send, finalize), reading and rewriting the first request message
+//! message, route, rewrite, send, finalize; writes in `write.rs`, with the client's stream
+//! copied to every node of a transaction by `request_body.rs`), reading and rewriting the first request message
 //! on the wire format, and the one error model (`error.rs`) that maps every failure to a
 //! gRPC status.
 
@@ -11,12 +12,14 @@ pub mod frame;
 pub mod layers;
 pub mod local;
 mod pipeline;
+mod request_body;
 pub mod rewrite;
 mod route;
 mod service;
 mod sidechannel;
 mod state;
 mod store;
+mod write;
 
 pub use error::ProxyError;
 pub use service::{router_service, RouterService};

@@ -7,25 +7,23 @@
 //! 4. **route**: ask the router for a plan, and **rewrite** the message for each node;
 //! 5. **send** it, with the rest of the client's stream behind it, and the node's answer
 //!    back, byte for byte, with the node's backpressure reaching the client;
-//! 6. **finalize** a write: record it before the client sees the node's trailers.
+//! 6. **finalize** a write (`write.rs`): a transactional one goes to the primary and the
+//!    secondaries, which vote; what it did is recorded before the client sees the primary's
+//!    trailers.
 //!
 //! Correlation id, the request span and method metrics are tower layers around this
 //! (`layers.rs`), as authentication is.
 
-use bytes::Bytes;
-use futures::StreamExt;
-use http_body::Frame;
-use http_body_util::{BodyStream, StreamBody};
+use http_body_util::BodyStream;
 
 use super::error::{Malformed, ProxyError};
 use super::frame::{self, FirstMessage, FrameError};
-use super::layers::correlation_id;
 use super::local::{self, AnsweredBy};
 use super::route::{self, Destination, Forwarding};
 use super::state::Proxy;
-use super::{finalize, forward, sidechannel};
+use super::write::WriteCall;
+use super::{forward, request_body, sidechannel};
 use crate::routing::registry::MethodInfo;
-use crate::routing::WriteRoute;
 use crate::wire::backchannel::PeerInfo;
 use crate::wire::sidechannel as wire_sidechannel;
 
@@ -54,28 +52,37 @@ impl Proxy {
         let mut headers = parts.headers;
         let forwarding = route::plan(self, method, &first.message, &mut headers).await?;
         let uri = outgoing_uri(&parts.uri);
-        let (destination, message, write) = match forwarding {
+        match forwarding {
             Forwarding::FanOut(calls) => {
                 if let Some((destination, _)) = calls.first() {
                     record_virtual_storage(destination);
                 }
-                return forward::fan_out(self, &uri, &headers, calls).await;
+                forward::fan_out(self, &uri, &headers, calls).await
             }
             Forwarding::One {
                 destination,
                 message,
-                write,
-            } => (destination, message, write),
-        };
-        record_virtual_storage(&destination);
-        self.bridge_sidechannel(&mut headers, &parts.extensions)?;
-        let outgoing = outgoing_body(method, message, first.rest, body);
-        // Only a write needs the correlation id after sending (for its replication jobs).
-        let write = write.map(|write| (write, correlation_id(&headers)));
-        let response = forward::send(self, uri, headers, &destination, outgoing).await?;
-        match write {
-            None => Ok(response),
-            Some((write, correlation_id)) => self.finalize(response, write, correlation_id).await,
+            } => {
+                record_virtual_storage(&destination);
+                self.bridge_sidechannel(&mut headers, &parts.extensions)?;
+                let outgoing =
+                    request_body::single(method.client_streaming, &message, first.rest, body);
+                forward::send(self, uri, headers, &destination, outgoing).await
+            }
+            Forwarding::Write(write) => {
+                if let Some((destination, _)) = write.participants.first() {
+                    record_virtual_storage(destination);
+                }
+                let call = WriteCall {
+                    method,
+                    uri,
+                    headers,
+                    extensions: &parts.extensions,
+                    rest: first.rest,
+                    body,
+                };
+                self.forward_write(call, *write).await
+            }
         }
     }
 
@@ -96,7 +103,7 @@ impl Proxy {
     /// A client that asked its node for a sidechannel gets one bridged through the router:
     /// the node connects back to the router under the router's own id (appended, nodes use
     /// the last value), and the router opens the client's under the client's id.
-    fn bridge_sidechannel(
+    pub(super) fn bridge_sidechannel(
         &self,
         headers: &mut http::HeaderMap,
         extensions: &http::Extensions,
@@ -114,56 +121,6 @@ impl Proxy {
         sidechannel::spawn_bridge(waiter, self.sessions.clone(), peer, client_id);
         Ok(())
     }
-
-    /// Step 6: a write is recorded once the primary's trailers say it succeeded, before the
-    /// client sees them; a failed write records nothing (gitaly#3605).
-    async fn finalize(
-        &self,
-        response: Response,
-        write: Box<WriteRoute>,
-        correlation_id: String,
-    ) -> Result<Response, ProxyError> {
-        let store = self.store().clone();
-        let record = write.record(&[]);
-        let (parts, body) = response.into_parts();
-        if parts.headers.contains_key("grpc-status") {
-            // A trailers-only answer: the outcome is known now. Recorded in a task of its
-            // own, so that a client going away does not cancel it.
-            let ok = finalize::is_ok(&parts.headers);
-            let recorded = finalize::detached(async move {
-                record_if_ok(ok, &store, record, &correlation_id).await
-            })
-            .await;
-            return Ok(match recorded {
-                Ok(()) => http::Response::from_parts(parts, body),
-                Err(status) => status.into_http(),
-            });
-        }
-        let body = finalize::Finalizing::new(body, move |ok| async move {
-            record_if_ok(ok, &store, record, &correlation_id).await
-        });
-        Ok(http::Response::from_parts(
-            parts,
-            tonic::body::Body::new(body),
-        ))
-    }
-}
-
-async fn record_if_ok(
-    ok: bool,
-    store: &crate::datastore::Datastore,
-    record: crate::routing::WriteRecord,
-    correlation_id: &str,
-) -> Result<(), tonic::Status> {
-    if !ok {
-        return Ok(());
-    }
-    finalize::record(store, record, correlation_id)
-        .await
-        .map_err(|err| {
-            tracing::error!(error = %err, "recording a successful write failed");
-            ProxyError::Database(err).to_status()
-        })
 }
 
 /// Step 2: the first request message, and what followed it in the same chunk.
@@ -172,27 +129,6 @@ async fn read_first(body: &mut BodyStream<tonic::body::Body>) -> Result<FirstMes
         FrameError::Body(source) => ProxyError::ClientStream(source),
         other => ProxyError::Malformed(Malformed::Frame(other)),
     })
-}
-
-/// The request body sent to the node: the rewritten first message, then for a client-streaming
-/// call the rest of the client's stream as it comes.
-fn outgoing_body(
-    method: &MethodInfo,
-    message: Vec<u8>,
-    rest: Bytes,
-    body: BodyStream<tonic::body::Body>,
-) -> tonic::body::Body {
-    let first_frame = frame::encode(&message);
-    if method.client_streaming {
-        let head = futures::stream::iter([Ok(Frame::data(first_frame)), Ok(Frame::data(rest))]);
-        let rest = body.map(|frame| frame.map_err(|e| tonic::Status::cancelled(e.to_string())));
-        tonic::body::Body::new(StreamBody::new(head.chain(rest)))
-    } else {
-        // One request message is all a unary or server-streaming call has: end the request
-        // with it, rather than waiting for the client's end of stream. (A request still
-        // open when the answer is complete gets reset, and a node counts resets.)
-        tonic::body::Body::new(http_body_util::Full::new(first_frame))
-    }
 }
 
 /// The URI a forwarded call is sent with: the client's path, without its scheme and

@@ -31,15 +31,26 @@ pub struct Destination {
 
 /// A call ready to be sent: where, with which first message, and what to record after.
 pub enum Forwarding {
-    /// One node answers the client.
+    /// One node answers a read.
     One {
         destination: Destination,
         message: Vec<u8>,
-        /// A write's plan, recorded once the write succeeded.
-        write: Option<Box<WriteRoute>>,
     },
+    /// A write: the primary answers the client; secondaries take part in its transaction.
+    Write(Box<PlannedWrite>),
     /// Every node gets the call; the client gets one combined answer (maintenance).
     FanOut(Vec<(Destination, Vec<u8>)>),
+}
+
+/// A write ready to be sent.
+pub struct PlannedWrite {
+    /// Whether the nodes vote on it (reference transactions); if not, the primary alone
+    /// gets it.
+    pub transactional: bool,
+    /// The primary first, then the secondaries, each with its first message.
+    pub participants: Vec<(Destination, Vec<u8>)>,
+    /// The plan, recorded once the write is over.
+    pub route: WriteRoute,
 }
 
 /// Routes a call by its registry entry and first message. May rewrite `headers` (the
@@ -111,7 +122,6 @@ fn storage_accessor(
             repository_scoped: false,
         },
         message,
-        write: None,
     })
 }
 
@@ -140,7 +150,6 @@ async fn accessor(
     Ok(Forwarding::One {
         destination: repository_destination(&repo, &route.storage),
         message: rewritten,
-        write: None,
     })
 }
 
@@ -173,9 +182,8 @@ async fn mutator(
     };
     let hinted = request.partitioning_hint.is_some();
     let route = proxy.router.route_write(&request).await?;
-    let (primary, replica_path, additional_replica_path) = match &route {
+    let (replica_path, additional_replica_path) = match &route {
         WriteRoute::Update(update) => (
-            &update.primary,
             &update.replica_path,
             update.additional_replica_path.as_ref(),
         ),
@@ -191,18 +199,31 @@ async fn mutator(
             let additional = neighbour
                 .filter(|n| n.named_by == NeighbourSource::AdditionalRepository)
                 .map(|n| &n.replica_path);
-            (&create.primary, &create.replica_path, additional)
+            (&create.replica_path, additional)
         }
     };
-    let mut rewritten = rewrite::rewrite_repository(message, target_path, primary, replica_path)?;
-    if let (Some((path, _)), Some(replica_path)) = (other, additional_replica_path) {
-        rewritten = rewrite::rewrite_repository(&rewritten, path, primary, replica_path)?;
-    }
-    Ok(Forwarding::One {
-        destination: repository_destination(&repo, primary),
-        message: rewritten,
-        write: Some(Box::new(route)),
-    })
+    let transactional = methods::is_transactional(method);
+    let secondaries = if transactional {
+        route.secondaries()
+    } else {
+        &[]
+    };
+    let participants = std::iter::once(route.primary())
+        .chain(secondaries.iter().map(String::as_str))
+        .map(|storage| {
+            let mut rewritten =
+                rewrite::rewrite_repository(message, target_path, storage, replica_path)?;
+            if let (Some((path, _)), Some(replica_path)) = (&other, additional_replica_path) {
+                rewritten = rewrite::rewrite_repository(&rewritten, path, storage, replica_path)?;
+            }
+            Ok((repository_destination(&repo, storage), rewritten))
+        })
+        .collect::<Result<Vec<_>, ProxyError>>()?;
+    Ok(Forwarding::Write(Box::new(PlannedWrite {
+        transactional,
+        participants,
+        route,
+    })))
 }
 
 async fn maintenance(

@@ -10,6 +10,7 @@ use crate::health::{readiness, HealthManager};
 use crate::nodes::NodePool;
 use crate::routing::registry::Registry;
 use crate::routing::{Router, Topology};
+use crate::transactions::Transactions;
 use crate::wire::backchannel::SessionRegistry;
 
 /// Everything routing and forwarding need, shared by all calls.
@@ -22,6 +23,8 @@ pub struct Proxy {
     pub router: Router<CachedStore, HealthManager>,
     /// Backchannel sessions of the router's clients, to open sidechannels to them.
     pub sessions: SessionRegistry,
+    /// The reference transactions of writes in flight (the nodes vote on them).
+    pub transactions: Transactions,
 }
 
 impl Proxy {
@@ -31,6 +34,7 @@ impl Proxy {
         health: HealthManager,
         cache: Arc<StorageCache>,
         sessions: SessionRegistry,
+        transactions: Transactions,
     ) -> Self {
         let router = Router::new(
             Topology::from_config(&config),
@@ -47,6 +51,7 @@ impl Proxy {
             cache,
             router,
             sessions,
+            transactions,
         }
     }
 

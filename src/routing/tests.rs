@@ -469,7 +469,8 @@ fn creation(path: &str) -> WriteRequest {
 #[tokio::test]
 async fn creations_follow_the_replication_factor() {
     // (factor, healthy, how many secondaries and targets, assignments recorded)
-    let cases: [(i64, &[&str], (usize, usize), bool); 4] = [
+    type Case = (i64, &'static [&'static str], (usize, usize), bool);
+    let cases: [Case; 4] = [
         (0, &["a", "b", "c"], (2, 0), false),
         (0, &["b"], (0, 2), false),
         (2, &["a", "b", "c"], (1, 0), true),
@@ -546,11 +547,9 @@ async fn creations_next_to_a_repository_share_its_placement() {
             other => panic!("not a creation: {other:?}"),
         };
         assert_eq!(route.primary, "a", "{named_by:?}");
-        assert_eq!(
-            route.replication_targets,
-            vec!["b".to_string()],
-            "{named_by:?}"
-        );
+        // b holds "other" at its latest generation and is healthy: it takes part.
+        assert_eq!(route.secondaries, vec!["b".to_string()], "{named_by:?}");
+        assert!(route.replication_targets.is_empty(), "{named_by:?}");
         assert!(route.store_assignments, "{named_by:?}");
         assert_eq!(
             route.neighbour,
@@ -559,6 +558,19 @@ async fn creations_next_to_a_repository_share_its_placement() {
                 named_by
             })
         );
+    }
+    // An unhealthy neighbour replica catches up by replication instead.
+    let fork = WriteRequest {
+        fork_source: Some(repo(VS, "other")),
+        ..creation("fork")
+    };
+    let router = router(0, &["a", "c"], store(&[("a", 1)], Some("a"), &[]));
+    match router.route_write(&fork).await.unwrap() {
+        WriteRoute::Create(route) => {
+            assert!(route.secondaries.is_empty());
+            assert_eq!(route.replication_targets, vec!["b".to_string()]);
+        }
+        other => panic!("not a creation: {other:?}"),
     }
 }
 

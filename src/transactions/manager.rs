@@ -181,11 +181,12 @@ impl Registration {
 
     /// Takes `node` out of the transaction (its call failed); the others go on without it.
     pub fn cancel_voter(&self, node: &str) {
-        self.transaction.update(|election| {
-            if let Ok(voter) = election.voter_index(node) {
-                election.cancel(voter);
-            }
-        });
+        self.canceller().cancel(node);
+    }
+
+    /// A handle that can take voters out, for the tasks running each node's call.
+    pub fn canceller(&self) -> VoterCanceller {
+        VoterCanceller(self.transaction.clone())
     }
 
     /// Ends the transaction and says how it went.
@@ -202,6 +203,20 @@ impl Registration {
         });
         metrics::subtransactions(outcome.subtransactions);
         outcome
+    }
+}
+
+/// Takes voters out of one transaction (see [`Registration::canceller`]).
+#[derive(Clone)]
+pub struct VoterCanceller(Arc<Transaction>);
+
+impl VoterCanceller {
+    pub fn cancel(&self, node: &str) {
+        self.0.update(|election| {
+            if let Ok(voter) = election.voter_index(node) {
+                election.cancel(voter);
+            }
+        });
     }
 }
 

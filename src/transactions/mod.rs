@@ -12,5 +12,5 @@ pub mod outcome;
 mod service;
 
 pub use ballot::{voters_for, ElectionOutcome, Vote, Voter};
-pub use manager::{Registration, TransactionError, Transactions, VoteAnswer};
+pub use manager::{Registration, TransactionError, Transactions, VoteAnswer, VoterCanceller};
 pub use service::RefTransactionService;

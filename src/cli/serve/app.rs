@@ -22,6 +22,9 @@ use crate::nodes::NodePool;
 use crate::proxy::Proxy;
 use crate::replication::reconciler::Reconciler;
 use crate::replication::Replicator;
+use crate::routing::methods::check_transactional;
+use crate::routing::registry::Registry;
+use crate::transactions::{RefTransactionService, Transactions};
 use crate::verification::{self, NodeCluster, Verifier};
 use crate::wire::auth::{AuthConfig, AuthLayer};
 use crate::wire::backchannel::{incoming, yamux_config, SessionRegistry};
@@ -39,6 +42,8 @@ pub struct App {
     health: HealthManager,
     /// The backchannel sessions the listeners accept and the proxy calls back on.
     sessions: SessionRegistry,
+    /// Transactions of writes in flight; the nodes vote over the node connections.
+    transactions: Transactions,
     tasks: Tasks,
 }
 
@@ -53,9 +58,19 @@ impl App {
     /// connections, the health manager and its first recorded round, the background
     /// workers, then the listeners. An error stops whatever was started so far.
     pub async fn start(config: Config) -> anyhow::Result<RunningApp> {
+        check_transactional(Registry::global().iter()).map_err(|problems| {
+            anyhow::anyhow!(
+                "the RPC registry disagrees with the list of transactional RPCs: {problems}"
+            )
+        })?;
         let (store, postgresql_version_num) = connect_database(&config).await?;
         let config = Arc::new(config);
-        let nodes = Arc::new(NodePool::connect(&config).context("setting up node connections")?);
+        let transactions = Transactions::default();
+        let votes =
+            tonic::service::Routes::new(RefTransactionService::server(transactions.clone()));
+        let nodes = Arc::new(
+            NodePool::connect(&config, Some(votes)).context("setting up node connections")?,
+        );
         let tasks = Tasks::new();
         // Until the router is up, an error return cancels the workers started so far.
         let stop_on_error = tasks.stop_token().drop_guard();
@@ -65,6 +80,7 @@ impl App {
             store,
             nodes,
             sessions: SessionRegistry::default(),
+            transactions,
             tasks,
         };
         app.start_health().await;
@@ -157,6 +173,7 @@ impl App {
             self.health.clone(),
             cache,
             self.sessions.clone(),
+            self.transactions.clone(),
         ))
     }
 
