@@ -395,12 +395,36 @@ impl ChannelShared {
 
     async fn call(
         self: Arc<Self>,
-        mut request: http::Request<RequestBody>,
+        request: http::Request<RequestBody>,
     ) -> Result<http::Response<ResponseBody>, NodeError> {
-        self.prepare(&mut request)?;
+        self.send_or_return(request)
+            .await
+            .map_err(|unsent| unsent.error)
+    }
+
+    /// Sends `request`; if it was never sent (no connection could be had, or none would
+    /// open a stream), the failure gives it back, so a caller can send it elsewhere.
+    async fn send_or_return(
+        self: Arc<Self>,
+        mut request: http::Request<RequestBody>,
+    ) -> Result<http::Response<ResponseBody>, Unsent> {
+        let unsent = |error, request| Unsent {
+            error,
+            request: Some(Box::new(request)),
+        };
+        if let Err(error) = self.prepare(&mut request) {
+            return Err(unsent(error, request));
+        }
         let conn = match self.pick_ready() {
             Some(conn) => conn,
-            None => self.wait_ready().await?,
+            None => match self.wait_ready().await {
+                Ok(conn) => conn,
+                Err(error) => return Err(unsent(error, request)),
+            },
+        };
+        let failed = |error| Unsent {
+            error,
+            request: None,
         };
         match conn.send(request).await {
             Ok(response) => Ok(response),
@@ -412,13 +436,44 @@ impl ChannelShared {
             }) => {
                 tracing::debug!(node = %self.address, error = %error, "connection refused a new stream; retrying");
                 conn.retire();
-                let conn = self.wait_ready().await?;
-                conn.send(*request)
-                    .await
-                    .map_err(|err| self.call_error(err))
+                let conn = match self.wait_ready().await {
+                    Ok(conn) => conn,
+                    Err(error) => return Err(unsent(error, *request)),
+                };
+                match conn.send(*request).await {
+                    Ok(response) => Ok(response),
+                    Err(SendError::NotSent {
+                        request: Some(request),
+                        error,
+                    }) => Err(unsent(
+                        self.call_error(SendError::NotSent {
+                            request: None,
+                            error,
+                        }),
+                        *request,
+                    )),
+                    Err(err) => Err(failed(self.call_error(err))),
+                }
             }
-            Err(err) => Err(self.call_error(err)),
+            Err(err) => Err(failed(self.call_error(err))),
         }
+    }
+}
+
+/// A call that failed; `request` is set when it never reached the node.
+pub struct Unsent {
+    pub error: NodeError,
+    pub request: Option<Box<http::Request<RequestBody>>>,
+}
+
+impl NodeChannel {
+    /// Sends `request` to the node; a request that never left is given back with the error
+    /// (the proxy sends a read elsewhere then, see `proxy::pipeline`).
+    pub async fn send_or_return(
+        &self,
+        request: http::Request<RequestBody>,
+    ) -> Result<http::Response<ResponseBody>, Unsent> {
+        self.shared.clone().send_or_return(request).await
     }
 }
 

@@ -41,10 +41,25 @@ pub fn channel(proxy: &Proxy, destination: &Destination) -> Result<NodeChannel, 
 pub async fn send_on(
     channel: NodeChannel,
     uri: http::Uri,
-    mut headers: http::HeaderMap,
+    headers: http::HeaderMap,
     destination: &Destination,
     body: tonic::body::Body,
 ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
+    try_send(&channel, uri, headers, destination, body)
+        .await
+        .map_err(|(err, _)| err)
+}
+
+/// Sends one call; if it never reached the node (no connection could be had), the failure
+/// gives back its metadata, so that a read can go to another replica without the router
+/// keeping a copy of every call's metadata in case of failure.
+pub async fn try_send(
+    channel: &NodeChannel,
+    uri: http::Uri,
+    mut headers: http::HeaderMap,
+    destination: &Destination,
+    body: tonic::body::Body,
+) -> Result<http::Response<tonic::body::Body>, (ProxyError, Option<http::HeaderMap>)> {
     headers.remove(http::header::AUTHORIZATION);
     headers.remove(http::header::HOST);
     headers.remove(http::header::CONTENT_LENGTH);
@@ -59,17 +74,23 @@ pub async fn send_on(
     *outgoing.uri_mut() = uri;
     *outgoing.headers_mut() = headers;
     tracing::debug!(grpc.method = %outgoing.uri().path(), storage = %destination.storage, "forwarding");
-    let response = tower::ServiceExt::oneshot(channel, outgoing)
-        .await
-        .map_err(|err| ProxyError::Forward {
-            storage: destination.storage.clone(),
-            source: err.into(),
-        })?;
-    let (parts, body) = response.into_parts();
-    Ok(http::Response::from_parts(
-        parts,
-        tonic::body::Body::new(body),
-    ))
+    match channel.send_or_return(outgoing).await {
+        Ok(response) => {
+            let (parts, body) = response.into_parts();
+            Ok(http::Response::from_parts(
+                parts,
+                tonic::body::Body::new(body),
+            ))
+        }
+        Err(unsent) => {
+            let headers = unsent.request.map(|request| request.into_parts().0.headers);
+            let err = ProxyError::Forward {
+                storage: destination.storage.clone(),
+                source: unsent.error.into(),
+            };
+            Err((err, headers))
+        }
+    }
 }
 
 /// One node's complete answer to a unary call.

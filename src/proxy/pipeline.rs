@@ -64,10 +64,35 @@ impl Proxy {
                 message,
             } => {
                 record_virtual_storage(&destination);
-                self.bridge_sidechannel(&mut headers, &parts.extensions)?;
+                let bridged = self.bridge_sidechannel(&mut headers, &parts.extensions)?;
                 let outgoing =
                     request_body::single(method.client_streaming, &message, first.rest, body);
-                forward::send(self, uri, headers, &destination, outgoing).await
+                let channel = forward::channel(self, &destination)?;
+                match forward::try_send(&channel, uri, headers, &destination, outgoing).await {
+                    Ok(response) => Ok(response),
+                    // The node could not be reached and the call never left: a read goes
+                    // to another up-to-date replica (the health checks have not noticed yet).
+                    Err((err, Some(headers))) if !bridged => {
+                        let rerouted = route::reroute_read(
+                            self,
+                            method,
+                            &first.message,
+                            &headers,
+                            &destination.storage,
+                        );
+                        let Some((next, message)) = rerouted.await else {
+                            return Err(err);
+                        };
+                        tracing::info!(
+                            unreachable = %destination.storage,
+                            storage = %next.storage,
+                            "read sent to another replica"
+                        );
+                        let body = request_body::one_message(&message);
+                        forward::send(self, outgoing_uri(&parts.uri), headers, &next, body).await
+                    }
+                    Err((err, _)) => Err(err),
+                }
             }
             Forwarding::Write(write) => {
                 if let Some((destination, _)) = write.participants.first() {
@@ -103,13 +128,14 @@ impl Proxy {
     /// A client that asked its node for a sidechannel gets one bridged through the router:
     /// the node connects back to the router under the router's own id (appended, nodes use
     /// the last value), and the router opens the client's under the client's id.
+    /// Whether it bridged one.
     pub(super) fn bridge_sidechannel(
         &self,
         headers: &mut http::HeaderMap,
         extensions: &http::Extensions,
-    ) -> Result<(), ProxyError> {
+    ) -> Result<bool, ProxyError> {
         let Some(client_id) = sidechannel::client_id(headers)? else {
-            return Ok(());
+            return Ok(false);
         };
         let peer = extensions.get::<PeerInfo>().cloned().unwrap_or_default();
         if peer.backchannel_id.is_none() {
@@ -119,7 +145,7 @@ impl Proxy {
         let value = http::HeaderValue::from(waiter.id());
         headers.append(wire_sidechannel::METADATA_KEY, value);
         sidechannel::spawn_bridge(waiter, self.sessions.clone(), peer, client_id);
-        Ok(())
+        Ok(true)
     }
 }
 

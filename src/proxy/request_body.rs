@@ -66,6 +66,11 @@ pub fn single(
     }
 }
 
+/// The request body of a call with one request message (unary or server-streaming).
+pub fn one_message(message: &[u8]) -> tonic::body::Body {
+    tonic::body::Body::new(http_body_util::Full::new(frame::encode(message)))
+}
+
 /// One request body per first message (the nodes of one write, primary first).
 pub fn for_each(
     client_streaming: bool,
@@ -80,10 +85,7 @@ pub fn for_each(
             rest,
             body,
         ),
-        _ => messages
-            .iter()
-            .map(|m| tonic::body::Body::new(http_body_util::Full::new(frame::encode(m))))
-            .collect(),
+        _ => messages.iter().map(|m| one_message(m)).collect(),
     }
 }
 

@@ -131,13 +131,45 @@ async fn accessor(
     message: &[u8],
     headers: &http::HeaderMap,
 ) -> Result<Forwarding, ProxyError> {
+    read_avoiding(proxy, method, message, headers, None).await
+}
+
+/// Routes a repository read again, to another replica than `unreachable` (whose node could
+/// not be reached); `None` if the method is not such a read or only `unreachable` can serve
+/// it.
+pub async fn reroute_read(
+    proxy: &Proxy,
+    method: &MethodInfo,
+    message: &[u8],
+    headers: &http::HeaderMap,
+    unreachable: &str,
+) -> Option<(Destination, Vec<u8>)> {
+    if methods::call_kind(method).ok()? != CallKind::Accessor || method.client_streaming {
+        return None;
+    }
+    match read_avoiding(proxy, method, message, headers, Some(unreachable)).await {
+        Ok(Forwarding::One {
+            destination,
+            message,
+        }) if destination.storage != unreachable => Some((destination, message)),
+        _ => None,
+    }
+}
+
+async fn read_avoiding(
+    proxy: &Proxy,
+    method: &MethodInfo,
+    message: &[u8],
+    headers: &http::HeaderMap,
+    avoid: Option<&str>,
+) -> Result<Forwarding, ProxyError> {
     let (target_path, repo) = target(method, message)?;
     let force_primary =
         methods::forces_primary(method, headers.get(&ACCESSOR_POLICY).map(|v| v.as_bytes()));
     let other = additional(method, message)?;
     let route = proxy
         .router
-        .route_accessor(&repo, other.as_ref().map(|(_, r)| r), force_primary)
+        .route_accessor_avoiding(&repo, other.as_ref().map(|(_, r)| r), force_primary, avoid)
         .await?;
     metrics::READ_DISTRIBUTION
         .with_label_values(&[repo.storage_name.as_str(), route.storage.as_str()])

@@ -106,6 +106,19 @@ impl<S: RoutingStore, H: HealthView> Router<S, H> {
         additional: Option<&RepositoryRef>,
         force_primary: bool,
     ) -> Result<AccessorRoute, RoutingError> {
+        self.route_accessor_avoiding(repository, additional, force_primary, None)
+            .await
+    }
+
+    /// Like [`Router::route_accessor`], but not to `avoid` unless it is the forced primary:
+    /// a read whose node could not be reached goes to another up-to-date replica.
+    pub async fn route_accessor_avoiding(
+        &self,
+        repository: &RepositoryRef,
+        additional: Option<&RepositoryRef>,
+        force_primary: bool,
+        avoid: Option<&str>,
+    ) -> Result<AccessorRoute, RoutingError> {
         self.check_repository(repository)?;
         let healthy = self.healthy(&repository.storage_name)?;
         let (storage, replica_path) = if force_primary {
@@ -122,7 +135,7 @@ impl<S: RoutingStore, H: HealthView> Router<S, H> {
             let candidates: Vec<&String> = entry
                 .storages
                 .iter()
-                .filter(|s| healthy.contains(s))
+                .filter(|s| healthy.contains(s) && Some(s.as_str()) != avoid)
                 .collect();
             let storage = candidates
                 .choose(&mut rand::thread_rng())

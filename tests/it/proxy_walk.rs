@@ -32,12 +32,14 @@ use common::pg::TestDb;
 use common::router::{write_config_with, NodeEntry, Router, ROUTER_TOKEN};
 use http_body_util::BodyExt;
 use praefect::proxy::rewrite;
+use praefect::routing::methods;
 use praefect::routing::registry::{MethodInfo, OpType, Registry, Scope};
 use praefect::routing::{pool_replica_path, replica_path};
 use praefect::wire::auth;
 use praefect::wire::proto::{
     RemoveRepositoryRequest, Repository, RepositoryExistsResponse, WalkReposResponse,
 };
+use praefect::wire::transaction::{TransactionMetadata, METADATA_KEY as TRANSACTION_KEY};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
@@ -637,6 +639,36 @@ fn check_row(
                 "repository already exists",
                 Outcome::AlreadyExists,
             )
+        }
+        OpType::Mutator if methods::is_transactional(m) => {
+            // A reference transaction: the primary and the up-to-date secondary both get the
+            // call, each told its own name and role; the client gets the primary's answer.
+            reply.assert_status(Code::Ok, "", name);
+            let nodes: BTreeSet<&str> = received.iter().map(|r| r.node.as_str()).collect();
+            assert_eq!(received.len(), 2, "{name}: {received:?}");
+            assert_eq!(nodes, BTreeSet::from(STORAGES), "{name}");
+            let mut transactions = BTreeSet::new();
+            for r in received {
+                check_repository_call(m, r, ids, correlation_id);
+                let tx = TransactionMetadata::decode(r.header(TRANSACTION_KEY).as_bytes())
+                    .unwrap_or_else(|e| panic!("{name} on {}: {e}", r.node));
+                assert_eq!(tx.node, r.node, "{name}");
+                assert_eq!(tx.primary, r.node == PRIMARY, "{name} on {}", r.node);
+                transactions.insert(tx.id);
+                if r.node == PRIMARY {
+                    assert_eq!(
+                        reply.messages,
+                        vec![Bytes::copy_from_slice(r.message())],
+                        "{name}: the primary's answer comes back as it is"
+                    );
+                }
+            }
+            assert_eq!(
+                transactions.len(),
+                1,
+                "{name}: one transaction for all nodes"
+            );
+            Outcome::Mutator
         }
         OpType::Mutator | OpType::Accessor => {
             reply.assert_status(Code::Ok, "", name);
@@ -1464,9 +1496,12 @@ async fn bad_input_keeps_the_router_serving() {
             .await;
         reply.assert_status(Code::Ok, "", path);
         let (id, ..) = cluster.record(path).await.unwrap();
-        assert_eq!(received.len(), 1);
-        let repo = repository_at(received[0].message(), &[1], path);
-        assert_eq!(repo.relative_path, replica_path(id), "{path}");
+        // Created on both nodes together (a reference transaction).
+        assert_eq!(received.len(), STORAGES.len());
+        for r in &received {
+            let repo = repository_at(r.message(), &[1], path);
+            assert_eq!(repo.relative_path, replica_path(id), "{path}");
+        }
         let (reply, received) = cluster
             .call_logged(FIND_DEFAULT_BRANCH, repo_frame(&[1], VIRTUAL, path), &[])
             .await;

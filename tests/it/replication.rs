@@ -11,98 +11,18 @@ use crate::common;
 
 use std::time::Duration;
 
+use common::cluster::{
+    checksum, converged, create, generations, metrics, primary_of, replica_path, start_router,
+};
 use common::gitnode::{as_refs, git, GitNode};
 use common::pg::TestDb;
 use common::router::{
-    commit_and_push, praefect_cli, router_git_env, sample, scrape_metrics, seed_repository,
-    start_router_on, virtual_repo, wait_for_health_round, work_tree, NodeEntry, Router,
+    commit_and_push, praefect_cli, router_git_env, sample, seed_repository, virtual_repo,
+    wait_for_health_round, work_tree,
 };
 use common::wait::wait_until;
 use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
 use praefect::wire::proto::*;
-
-async fn start_router(
-    db: &TestDb,
-    dir: &std::path::Path,
-    nodes: &[&GitNode],
-    extra: &str,
-) -> Router {
-    let entries: Vec<NodeEntry> = nodes.iter().map(|n| NodeEntry::from(*n)).collect();
-    start_router_on(dir, &db.connection(), None, &entries, extra).await
-}
-
-/// (storage, generation) of every replica, and the repository's generation.
-async fn generations(db: &TestDb, relative_path: &str) -> (i64, Vec<(String, i64)>) {
-    let mut raw = db.raw().await;
-    let repo: i64 =
-        sqlx::query_scalar("SELECT generation FROM repositories WHERE relative_path = $1")
-            .bind(relative_path)
-            .fetch_one(&mut raw)
-            .await
-            .unwrap();
-    let replicas = sqlx::query_as(
-        "SELECT storage, generation FROM storage_repositories WHERE relative_path = $1
-         ORDER BY storage",
-    )
-    .bind(relative_path)
-    .fetch_all(&mut raw)
-    .await
-    .unwrap();
-    (repo, replicas)
-}
-
-/// Whether every storage in `storages` holds the repository's latest generation.
-async fn converged(db: &TestDb, relative_path: &str, storages: &[&str]) -> bool {
-    let (latest, replicas) = generations(db, relative_path).await;
-    storages
-        .iter()
-        .all(|s| replicas.iter().any(|(st, g)| st == s && *g == latest))
-}
-
-async fn replica_path(db: &TestDb, relative_path: &str) -> String {
-    sqlx::query_scalar("SELECT replica_path FROM repositories WHERE relative_path = $1")
-        .bind(relative_path)
-        .fetch_one(&mut db.raw().await)
-        .await
-        .unwrap()
-}
-
-async fn checksum(node: &GitNode, replica_path: &str) -> String {
-    RepositoryServiceClient::new(node.channel())
-        .calculate_checksum(CalculateChecksumRequest {
-            repository: Some(node.repository(replica_path)),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .checksum
-}
-
-async fn primary_of(db: &TestDb, relative_path: &str) -> String {
-    sqlx::query_scalar("SELECT \"primary\" FROM repositories WHERE relative_path = $1")
-        .bind(relative_path)
-        .fetch_one(&mut db.raw().await)
-        .await
-        .unwrap()
-}
-
-async fn metrics(router: &Router) -> String {
-    let address = router.metrics_address.clone().expect("metrics configured");
-    tokio::task::spawn_blocking(move || scrape_metrics(&address))
-        .await
-        .unwrap()
-}
-
-async fn create(router: &Router, path: &str) {
-    RepositoryServiceClient::new(router.channel())
-        .create_repository(CreateRepositoryRequest {
-            repository: Some(virtual_repo(path)),
-            default_branch: b"main".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_reach_every_replica_and_a_returning_node_catches_up() {

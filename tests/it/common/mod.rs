@@ -5,6 +5,7 @@
 //! echo nodes for the proxy tests ([`echo`]).
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod echo;
 pub mod pg;
 pub mod router;
