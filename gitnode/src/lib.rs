@@ -10,6 +10,7 @@ pub mod refs;
 pub mod server;
 pub mod services;
 pub mod storage;
+pub mod transaction;
 
 use std::path::PathBuf;
 
@@ -25,6 +26,8 @@ pub struct Node {
     pub git_version: String,
     /// The `gitnode-ssh` helper, used as GIT_SSH_COMMAND to fetch from other nodes.
     pub ssh_helper: PathBuf,
+    /// Reference transactions: the calls that vote, the hook's socket, the voter.
+    pub transactions: transaction::Transactions,
 }
 
 /// The version ServerInfo reports.

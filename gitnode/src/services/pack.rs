@@ -11,6 +11,7 @@ use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use super::Services;
+use crate::transaction::Transaction;
 
 /// Which git service to run, and how.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +35,8 @@ pub struct PackOptions<'a> {
     pub advertise_refs: bool,
     pub git_protocol: &'a str,
     pub config: &'a [String],
+    /// The call's reference transaction: receive-pack votes through the hook.
+    pub transaction: Option<&'a Transaction>,
 }
 
 impl Services {
@@ -52,6 +55,10 @@ impl Services {
                 )));
             }
             command.arg("-c").arg(entry);
+        }
+        // After the caller's options, so that they cannot override the hooks path.
+        if let Some(tx) = options.transaction {
+            tx.configure(&mut command);
         }
         command.arg(pack.name());
         if options.stateless {
