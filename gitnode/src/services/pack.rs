@@ -159,23 +159,28 @@ impl Services {
     }
 }
 
-/// Waits for `child` and, if it failed, sends an error with its stderr on `tx`.
+/// Waits for `child` and, if it failed, sends an error with its stderr on `tx` (or, if a
+/// vote of `transaction` made it fail, the vote's error).
 pub async fn report_failure<T>(
     mut child: Child,
     stderr: tokio::task::JoinHandle<Vec<u8>>,
     tx: &tokio::sync::mpsc::Sender<Result<T, Status>>,
     what: &str,
+    transaction: Option<&Transaction>,
 ) {
     match child.wait().await {
         Ok(status) if status.success() => {}
         other => {
             let stderr = stderr.await.unwrap_or_default();
-            let _ = tx
-                .send(Err(Status::internal(format!(
-                    "{what}: {other:?} {}",
-                    String::from_utf8_lossy(&stderr).trim()
-                ))))
-                .await;
+            let status = Status::internal(format!(
+                "{what}: {other:?} {}",
+                String::from_utf8_lossy(&stderr).trim()
+            ));
+            let status = match transaction {
+                Some(transaction) => transaction.explain(status),
+                None => status,
+            };
+            let _ = tx.send(Err(status)).await;
         }
     }
 }

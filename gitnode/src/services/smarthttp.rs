@@ -45,7 +45,7 @@ impl Services {
             if !forward(stdout, &tx, |data| InfoRefsResponse { data }).await {
                 return;
             }
-            report_failure(child, stderr, &tx, service).await;
+            report_failure(child, stderr, &tx, service, None).await;
         });
         Ok(Response::new(stream))
     }
@@ -125,11 +125,10 @@ impl SmartHttpService for Services {
         let stderr = collect_stderr(&mut child);
         let (tx, stream) = channel();
         tokio::spawn(async move {
-            let _transaction = transaction;
             if !forward(stdout, &tx, |data| PostReceivePackResponse { data }).await {
                 return;
             }
-            report_failure(child, stderr, &tx, "receive-pack").await;
+            report_failure(child, stderr, &tx, "receive-pack", transaction.as_ref()).await;
         });
         Ok(Response::new(stream))
     }
