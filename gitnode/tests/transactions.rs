@@ -476,6 +476,20 @@ async fn replication_votes_on_the_replicas_state() {
     assert_eq!(router.votes_of(4).len(), 1);
     assert_eq!(checksum(&target, path).await, before);
     assert_eq!(resolve(&repo_dir(&target, path), "refs/heads/late"), None);
+
+    // A deleted branch goes from the replica too.
+    let mut delete = write_ref(&source, path, "refs/heads/feature", ZERO);
+    delete.old_revision = first.as_bytes().to_vec();
+    writes.write_ref(delete).await.unwrap();
+    replicate_in(&source, &target, &router, path, 5)
+        .await
+        .unwrap();
+    router.two_phase_hash(5, "gitaly-target");
+    assert_eq!(checksum(&target, path).await, checksum(&source, path).await);
+    assert_eq!(
+        resolve(&repo_dir(&target, path), "refs/heads/feature"),
+        None
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

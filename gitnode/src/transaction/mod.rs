@@ -24,6 +24,7 @@
 //! voting. Never set them in production.
 
 mod backchannel_client;
+mod call;
 mod hook_socket;
 pub mod protocol;
 mod runtime;
@@ -31,21 +32,20 @@ mod state;
 mod voter;
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use praefect_wire::backchannel::{PeerInfo, SessionRegistry};
 use praefect_wire::transaction::{TransactionMetadata, METADATA_KEY};
-use tokio::sync::watch;
 use tonic::Status;
 
 pub use backchannel_client::BackchannelClients;
+pub use call::Transaction;
 pub use protocol::Phase;
 pub use state::RepositoryState;
 pub use voter::{VoteError, Voter, VOTE_TIMEOUT};
 
+use call::CallState;
 use protocol::Answer;
 use runtime::RuntimeDir;
 
@@ -89,28 +89,6 @@ struct Inner {
     voter: Voter,
     hook_refuse: bool,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-/// A transactional call in progress, as the hook's votes find it by token.
-struct CallState {
-    tx: TransactionMetadata,
-    backchannel: u64,
-    /// The first vote that did not pass, to tell why git failed.
-    failure: Mutex<Option<VoteError>>,
-    /// The router stopped the transaction: vote no more.
-    stopped: AtomicBool,
-    /// Set when the call ends, to give up votes still waiting.
-    ended: watch::Sender<bool>,
-}
-
-impl CallState {
-    fn record(&self, err: &VoteError) {
-        if *err == VoteError::Stopped {
-            self.stopped.store(true, Ordering::Relaxed);
-        }
-        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        failure.get_or_insert_with(|| err.clone());
-    }
 }
 
 impl Transactions {
@@ -189,13 +167,7 @@ impl Transactions {
             )));
         }
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let call = Arc::new(CallState {
-            tx,
-            backchannel,
-            failure: Mutex::default(),
-            stopped: AtomicBool::new(false),
-            ended: watch::channel(false).0,
-        });
+        let call = Arc::new(CallState::new(tx, backchannel));
         self.lock_calls().insert(token.clone(), call.clone());
         Ok(Some(Transaction {
             token,
@@ -225,7 +197,7 @@ impl Transactions {
         phase: Phase,
         hash: [u8; 20],
     ) -> Result<(), VoteError> {
-        if call.stopped.load(Ordering::Relaxed) {
+        if call.is_stopped() {
             return Err(VoteError::Stopped);
         }
         let mut ended = call.ended.subscribe();
@@ -261,58 +233,5 @@ impl Transactions {
     }
 }
 
-/// One call's part in a transaction; unregisters the call when dropped. Keep it as long as
-/// the git commands it configured run.
-pub struct Transaction {
-    token: String,
-    call: Arc<CallState>,
-    owner: Transactions,
-}
-
-impl Transaction {
-    /// Makes a git command vote through the hook: sets the hooks path (a `-c` option, so call
-    /// this before the subcommand's name is added) and the hook's environment.
-    pub fn configure(&self, command: &mut tokio::process::Command) {
-        let Ok(runtime) = &self.owner.inner.runtime else {
-            return;
-        };
-        let mut option = OsString::from("core.hooksPath=");
-        option.push(runtime.hooks());
-        command
-            .arg("-c")
-            .arg(option)
-            .env(protocol::SOCKET_ENV, runtime.socket())
-            .env(protocol::TOKEN_ENV, &self.token);
-    }
-
-    /// Votes `hash` in `phase` directly (for changes no ref transaction of git covers).
-    pub async fn vote(&self, phase: Phase, hash: [u8; 20]) -> Result<(), VoteError> {
-        self.owner.vote_for(&self.call, phase, hash).await
-    }
-
-    /// The first vote of this call that did not pass, if any: why git failed, when the hook
-    /// made it fail.
-    pub fn failure(&self) -> Option<VoteError> {
-        self.call
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Turns a failed git command's status into the vote's failure, if a vote made it fail.
-    pub fn explain(&self, status: Status) -> Status {
-        self.failure().map(Status::from).unwrap_or(status)
-    }
-
-    pub fn metadata(&self) -> &TransactionMetadata {
-        &self.call.tx
-    }
-}
-
-impl Drop for Transaction {
-    fn drop(&mut self) {
-        self.owner.lock_calls().remove(&self.token);
-        self.call.ended.send_replace(true);
-    }
-}
+#[cfg(test)]
+mod tests;
