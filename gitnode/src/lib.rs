@@ -1,7 +1,8 @@
 //! gitnode: a small Gitaly-protocol server over real git repositories on disk, for developing
 //! and testing praefect-rs (real Gitaly cannot be built here). It speaks the same wire
 //! protocol as Gitaly: v2 tokens, backchannel and sidechannel, and the RPCs the router's tests
-//! and benchmarks need.
+//! and benchmarks need. Writes that carry `gitaly-reference-transaction` vote in the router's
+//! reference transactions ([`transaction`], with the `gitnode-hook` binary).
 
 pub mod commit;
 pub mod config;

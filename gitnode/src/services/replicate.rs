@@ -152,8 +152,8 @@ impl Services {
         Ok(())
     }
 
-    /// Votes on the state of `repo`, which it returns.
-    async fn vote_on(
+    /// Votes on the state of `repo` (see [`RepositoryState`]), which it returns.
+    pub(super) async fn vote_on(
         &self,
         tx: &Transaction,
         repo: &Path,

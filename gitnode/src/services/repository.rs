@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 pub use super::replicate::{gitaly_servers, ServerInfo, GITALY_SERVERS_KEY};
 use super::Services;
 use crate::storage::{is_repository, required};
-use crate::transaction::{Phase, RepositoryState, Transaction};
+use crate::transaction::Phase;
 
 /// Moves a directory into its final place, creating parents. Fails if the target exists.
 pub(super) fn move_into_place(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -37,13 +37,6 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Services {
-    /// The PREPARED vote on a repository built in a temporary directory.
-    async fn vote_on_new(&self, tx: &Transaction, temp: &Path) -> Result<RepositoryState, Status> {
-        let state = RepositoryState::read(&self.0.git, temp).await?;
-        tx.vote(Phase::Prepared, state.hash()).await?;
-        Ok(state)
-    }
-
     /// `git init --bare` into a temporary directory of the target's storage.
     pub(super) async fn init_temp(
         &self,
@@ -121,7 +114,7 @@ impl RepositoryService for Services {
             .init_temp(storage, &req.default_branch, req.object_format)
             .await?;
         let voted = match &tx {
-            Some(tx) => self.vote_on_new(tx, &temp).await.map(Some),
+            Some(tx) => self.vote_on(tx, &temp, Phase::Prepared).await.map(Some),
             None => Ok(None),
         };
         let state = match voted {
