@@ -47,8 +47,20 @@ impl Git {
 
     /// Runs `git --git-dir=<git_dir> <args>` and returns its stdout.
     pub async fn run(&self, git_dir: &Path, args: &[&str]) -> Result<Vec<u8>, Status> {
-        let output = self
-            .command(git_dir)
+        self.run_with(git_dir, args, |_| {}).await
+    }
+
+    /// Like [`Git::run`], with `setup` applied to the command before the arguments (for
+    /// global options such as `-c`, and the environment).
+    pub async fn run_with(
+        &self,
+        git_dir: &Path,
+        args: &[&str],
+        setup: impl FnOnce(&mut Command),
+    ) -> Result<Vec<u8>, Status> {
+        let mut command = self.command(git_dir);
+        setup(&mut command);
+        let output = command
             .args(args)
             .output()
             .await

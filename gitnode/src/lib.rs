@@ -1,7 +1,8 @@
 //! gitnode: a small Gitaly-protocol server over real git repositories on disk, for developing
 //! and testing praefect-rs (real Gitaly cannot be built here). It speaks the same wire
 //! protocol as Gitaly: v2 tokens, backchannel and sidechannel, and the RPCs the router's tests
-//! and benchmarks need.
+//! and benchmarks need. Writes that carry `gitaly-reference-transaction` vote in the router's
+//! reference transactions ([`transaction`], with the `gitnode-hook` binary).
 
 pub mod commit;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod refs;
 pub mod server;
 pub mod services;
 pub mod storage;
+pub mod transaction;
 
 use std::path::PathBuf;
 
@@ -25,6 +27,8 @@ pub struct Node {
     pub git_version: String,
     /// The `gitnode-ssh` helper, used as GIT_SSH_COMMAND to fetch from other nodes.
     pub ssh_helper: PathBuf,
+    /// Reference transactions: the calls that vote, the hook's socket, the voter.
+    pub transactions: transaction::Transactions,
 }
 
 /// The version ServerInfo reports.

@@ -16,7 +16,8 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::config::Config;
 use crate::git::Git;
 use crate::services::Services;
-use crate::storage::Storages;
+use crate::storage::{Storages, INTERNAL_DIR};
+use crate::transaction::{TestKnobs, Transactions};
 use crate::Node;
 
 /// Builds the node state from the configuration.
@@ -26,16 +27,30 @@ pub async fn node(config: &Config) -> anyhow::Result<Node> {
     if git_version.is_empty() {
         anyhow::bail!("cannot run git ({:?})", config.git.bin_path);
     }
-    let ssh_helper = std::env::current_exe()?
+    let exe = std::env::current_exe()?;
+    let bin_dir = exe
         .parent()
-        .map(|dir| dir.join("gitnode-ssh"))
-        .ok_or_else(|| anyhow::anyhow!("cannot locate gitnode-ssh"))?;
+        .ok_or_else(|| anyhow::anyhow!("cannot locate gitnode's directory"))?;
+    let storages = Storages::new(&config.storage)?;
+    let first = config
+        .storage
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no storage configured"))?;
+    let sessions = SessionRegistry::default();
+    // The hooks and their socket live in the first storage's internal directory.
+    let transactions = Transactions::start(
+        sessions.clone(),
+        &storages.root(&first.name)?.join(INTERNAL_DIR),
+        &bin_dir.join("gitnode-hook"),
+        TestKnobs::from_env(),
+    );
     Ok(Node {
-        storages: Storages::new(&config.storage)?,
+        storages,
         git,
-        sessions: SessionRegistry::default(),
+        sessions,
         git_version,
-        ssh_helper,
+        ssh_helper: bin_dir.join("gitnode-ssh"),
+        transactions,
     })
 }
 
@@ -104,8 +119,16 @@ pub async fn serve(
             },
         )));
     }
+    let mut result = Ok(());
     for server in servers {
-        server.await??;
+        let served = match server.await {
+            Ok(served) => served.map_err(anyhow::Error::from),
+            Err(err) => Err(anyhow::Error::from(err)),
+        };
+        if result.is_ok() {
+            result = served;
+        }
     }
-    Ok(())
+    node.transactions.shutdown();
+    result
 }

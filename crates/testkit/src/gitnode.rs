@@ -39,6 +39,8 @@ pub struct GitNode {
     pub tls_address: Option<String>,
     pub root: PathBuf,
     config: PathBuf,
+    /// Extra environment of the process, kept across restarts.
+    env: Vec<(String, String)>,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -80,8 +82,18 @@ impl GitNode {
         Self::start_with(storage, None)
     }
 
+    /// Starts the node with extra environment variables (e.g. gitnode's test-only knobs
+    /// `GITNODE_TEST_VOTE_SALT`, `GITNODE_TEST_HOOK_REFUSE`); [`GitNode::restart`] keeps them.
+    pub fn start_with_env(storage: &str, env: &[(&str, &str)]) -> GitNode {
+        Self::start_full(storage, None, env)
+    }
+
     /// Also listens on TLS with `certs`; `tls_address` is then "tls://localhost:PORT".
     pub fn start_with(storage: &str, certs: Option<&TestCerts>) -> GitNode {
+        Self::start_full(storage, certs, &[])
+    }
+
+    fn start_full(storage: &str, certs: Option<&TestCerts>, env: &[(&str, &str)]) -> GitNode {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("storage");
         let config = dir.path().join("gitnode.toml");
@@ -101,16 +113,29 @@ impl GitNode {
             ),
         )
         .unwrap();
-        let (child, address, tls_address) = spawn_node(&config, certs.is_some());
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (child, address, tls_address) = spawn_node(&config, certs.is_some(), &env);
         GitNode {
             storage: storage.to_string(),
             address,
             tls_address,
             root: root.canonicalize().unwrap(),
             config,
+            env,
             child,
             _dir: dir,
         }
+    }
+
+    /// Replaces the extra environment for the next [`GitNode::restart`].
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
     }
 
     /// Starts the node again after [`GitNode::kill`], on the same port and storage.
@@ -124,7 +149,7 @@ impl GitNode {
             1,
         );
         std::fs::write(&self.config, text).unwrap();
-        let (child, address, _) = spawn_node(&self.config, false);
+        let (child, address, _) = spawn_node(&self.config, false, &self.env);
         assert_eq!(address, self.address);
         self.child = child;
     }
@@ -184,9 +209,14 @@ impl Drop for GitNode {
 
 /// Starts gitnode with `config`; returns the child and the tcp:// (and tls://) addresses it
 /// logged. Port 0 in the config avoids racing for free ports.
-fn spawn_node(config: &Path, with_tls: bool) -> (Child, String, Option<String>) {
+fn spawn_node(
+    config: &Path,
+    with_tls: bool,
+    env: &[(String, String)],
+) -> (Child, String, Option<String>) {
     let mut child = Command::new(binary("gitnode"))
         .args(["-config", config.to_str().unwrap()])
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

@@ -4,6 +4,7 @@
 pub mod commit;
 mod pack;
 pub mod refs;
+mod replicate;
 pub mod repository;
 pub mod server;
 pub mod smarthttp;

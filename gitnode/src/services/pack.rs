@@ -11,6 +11,7 @@ use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use super::Services;
+use crate::transaction::Transaction;
 
 /// Which git service to run, and how.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +35,8 @@ pub struct PackOptions<'a> {
     pub advertise_refs: bool,
     pub git_protocol: &'a str,
     pub config: &'a [String],
+    /// The call's reference transaction: receive-pack votes through the hook.
+    pub transaction: Option<&'a Transaction>,
 }
 
 impl Services {
@@ -52,6 +55,10 @@ impl Services {
                 )));
             }
             command.arg("-c").arg(entry);
+        }
+        // After the caller's options, so that they cannot override the hooks path.
+        if let Some(tx) = options.transaction {
+            tx.configure(&mut command);
         }
         command.arg(pack.name());
         if options.stateless {
@@ -152,23 +159,28 @@ impl Services {
     }
 }
 
-/// Waits for `child` and, if it failed, sends an error with its stderr on `tx`.
+/// Waits for `child` and, if it failed, sends an error with its stderr on `tx` (or, if a
+/// vote of `transaction` made it fail, the vote's error).
 pub async fn report_failure<T>(
     mut child: Child,
     stderr: tokio::task::JoinHandle<Vec<u8>>,
     tx: &tokio::sync::mpsc::Sender<Result<T, Status>>,
     what: &str,
+    transaction: Option<&Transaction>,
 ) {
     match child.wait().await {
         Ok(status) if status.success() => {}
         other => {
             let stderr = stderr.await.unwrap_or_default();
-            let _ = tx
-                .send(Err(Status::internal(format!(
-                    "{what}: {other:?} {}",
-                    String::from_utf8_lossy(&stderr).trim()
-                ))))
-                .await;
+            let status = Status::internal(format!(
+                "{what}: {other:?} {}",
+                String::from_utf8_lossy(&stderr).trim()
+            ));
+            let status = match transaction {
+                Some(transaction) => transaction.explain(status),
+                None => status,
+            };
+            let _ = tx.send(Err(status)).await;
         }
     }
 }

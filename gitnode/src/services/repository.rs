@@ -1,51 +1,20 @@
 //! RepositoryService: existence, creation, removal, replication, checksums, refs and size.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use base64::Engine;
-use praefect_wire::auth::TokenInterceptor;
-use praefect_wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
-use praefect_wire::proto::ref_service_client::RefServiceClient;
-use praefect_wire::proto::repository_service_client::RepositoryServiceClient;
 use praefect_wire::proto::repository_service_server::RepositoryService;
 use praefect_wire::proto::*;
-use serde::Deserialize;
 use sha1::{Digest, Sha1};
+use tokio::process::Command;
 use tonic::{Request, Response, Status};
 
+pub use super::replicate::{gitaly_servers, ServerInfo, GITALY_SERVERS_KEY};
 use super::Services;
 use crate::storage::{is_repository, required};
-
-/// Metadata that tells a replication target how to reach the source.
-pub const GITALY_SERVERS_KEY: &str = "gitaly-servers";
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct ServerInfo {
-    pub address: String,
-    #[serde(default)]
-    pub token: String,
-}
-
-/// Decodes `gitaly-servers`: base64 of JSON `{"storage": {"address": ..., "token": ...}}`.
-pub fn gitaly_servers(
-    metadata: &tonic::metadata::MetadataMap,
-) -> Result<HashMap<String, ServerInfo>, Status> {
-    let value = metadata
-        .get(GITALY_SERVERS_KEY)
-        .ok_or_else(|| Status::invalid_argument("empty gitaly-servers metadata"))?;
-    let text = value
-        .to_str()
-        .map_err(|_| Status::invalid_argument("gitaly-servers is not ASCII"))?;
-    let json = base64::engine::general_purpose::STANDARD
-        .decode(text.trim())
-        .map_err(|e| Status::invalid_argument(format!("gitaly-servers: {e}")))?;
-    serde_json::from_slice(&json)
-        .map_err(|e| Status::invalid_argument(format!("gitaly-servers: {e}")))
-}
+use crate::transaction::Phase;
 
 /// Moves a directory into its final place, creating parents. Fails if the target exists.
-fn move_into_place(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(super) fn move_into_place(from: &Path, to: &Path) -> std::io::Result<()> {
     if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -69,7 +38,7 @@ async fn blocking<T: Send + 'static>(
 
 impl Services {
     /// `git init --bare` into a temporary directory of the target's storage.
-    async fn init_temp(
+    pub(super) async fn init_temp(
         &self,
         storage: &str,
         default_branch: &[u8],
@@ -105,48 +74,6 @@ impl Services {
         }
         Ok(temp)
     }
-
-    /// Fetches every ref of `source` (on the node at `server`) into `target`, pruning refs
-    /// the source no longer has, through upload-pack over the sidechannel.
-    async fn fetch_from(
-        &self,
-        target: &Path,
-        source: &Repository,
-        server: &ServerInfo,
-    ) -> Result<(), Status> {
-        let output = self
-            .0
-            .git
-            .command(target)
-            .env("GIT_SSH_COMMAND", &self.0.ssh_helper)
-            .env("GIT_SSH_VARIANT", "ssh")
-            .env("GITALY_ADDRESS", &server.address)
-            .env("GITALY_TOKEN", &server.token)
-            .env("GITALY_STORAGE", &source.storage_name)
-            .env("GITALY_RELATIVE_PATH", &source.relative_path)
-            .args([
-                "-c",
-                "protocol.version=2",
-                "fetch",
-                "--quiet",
-                "--prune",
-                "--force",
-                "--no-write-fetch-head",
-                "ssh://gitnode/source",
-                "+refs/*:refs/*",
-            ])
-            .output()
-            .await
-            .map_err(|e| Status::internal(format!("git fetch: {e}")))?;
-        if !output.status.success() {
-            return Err(Status::internal(format!(
-                "fetching from {}: {}",
-                source.storage_name,
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
-        }
-        Ok(())
-    }
 }
 
 #[tonic::async_trait]
@@ -164,10 +91,16 @@ impl RepositoryService for Services {
         }))
     }
 
+    /// In a reference transaction, votes on the new repository's state (object format, HEAD,
+    /// refs): PREPARED before it is moved into place, COMMITTED after.
     async fn create_repository(
         &self,
         request: Request<CreateRepositoryRequest>,
     ) -> Result<Response<CreateRepositoryResponse>, Status> {
+        let tx = self
+            .0
+            .transactions
+            .begin(request.metadata(), request.extensions())?;
         let req = request.into_inner();
         let repo = required(req.repository.as_ref())?;
         let path = self.0.storages.repo_path(Some(repo))?;
@@ -180,6 +113,17 @@ impl RepositoryService for Services {
         let temp = self
             .init_temp(storage, &req.default_branch, req.object_format)
             .await?;
+        let voted = match &tx {
+            Some(tx) => self.vote_on(tx, &temp, Phase::Prepared).await.map(Some),
+            None => Ok(None),
+        };
+        let state = match voted {
+            Ok(state) => state,
+            Err(err) => {
+                let _ = tokio::fs::remove_dir_all(&temp).await;
+                return Err(err);
+            }
+        };
         let moved = {
             let (temp, path) = (temp.clone(), path.clone());
             tokio::task::spawn_blocking(move || move_into_place(&temp, &path))
@@ -193,6 +137,9 @@ impl RepositoryService for Services {
             } else {
                 Status::internal(format!("moving repository into place: {err}"))
             });
+        }
+        if let (Some(tx), Some(state)) = (&tx, state) {
+            tx.vote(Phase::Committed, state.hash()).await?;
         }
         Ok(Response::new(CreateRepositoryResponse {}))
     }
@@ -220,78 +167,7 @@ impl RepositoryService for Services {
         &self,
         request: Request<ReplicateRepositoryRequest>,
     ) -> Result<Response<ReplicateRepositoryResponse>, Status> {
-        let servers = gitaly_servers(request.metadata())?;
-        let req = request.into_inner();
-        let repo = required(req.repository.as_ref())?;
-        let target = self.0.storages.repo_path(Some(repo))?;
-        let source = req
-            .source
-            .ok_or_else(|| Status::invalid_argument("empty source repository"))?;
-        let server = servers.get(&source.storage_name).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "gitaly-servers has no entry for storage {:?}",
-                source.storage_name
-            ))
-        })?;
-
-        let channel = dial_lazy(
-            &server.address,
-            yamux_config(0, 256),
-            ClientHandler::default(),
-        )
-        .map_err(|e| Status::internal(format!("dialing source: {e}")))?;
-        let interceptor = TokenInterceptor::new(&server.token);
-        let mut repos =
-            RepositoryServiceClient::with_interceptor(channel.clone(), interceptor.clone());
-        let exists = repos
-            .repository_exists(RepositoryExistsRequest {
-                repository: Some(source.clone()),
-            })
-            .await?
-            .into_inner()
-            .exists;
-        if !exists {
-            return Err(Status::not_found("invalid source repository"));
-        }
-        let default_branch = RefServiceClient::with_interceptor(channel, interceptor)
-            .find_default_branch_name(FindDefaultBranchNameRequest {
-                repository: Some(source.clone()),
-                head_only: true,
-            })
-            .await?
-            .into_inner()
-            .name;
-
-        let storage = &repo.storage_name;
-        let created = if is_repository(&target) {
-            None
-        } else {
-            Some(
-                self.init_temp(storage, b"", ObjectFormat::Unspecified as i32)
-                    .await?,
-            )
-        };
-        let work = created.as_deref().unwrap_or(&target);
-        self.fetch_from(work, &source, server).await?;
-        if !default_branch.is_empty() {
-            let name = String::from_utf8_lossy(&default_branch).to_string();
-            crate::refs::check_ref_name(name.as_bytes())?;
-            self.0
-                .git
-                .run(work, &["symbolic-ref", "HEAD", &name])
-                .await?;
-        }
-        if let Some(temp) = created {
-            let (from, to) = (temp.clone(), target.clone());
-            let moved = tokio::task::spawn_blocking(move || move_into_place(&from, &to))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
-            if moved.is_err() {
-                // Someone created it meanwhile: replicate into that one instead.
-                let _ = tokio::fs::remove_dir_all(&temp).await;
-                self.fetch_from(&target, &source, server).await?;
-            }
-        }
+        self.replicate(request).await?;
         Ok(Response::new(ReplicateRepositoryResponse {}))
     }
 
@@ -326,19 +202,31 @@ impl RepositoryService for Services {
         }))
     }
 
+    /// In a reference transaction, git's reference-transaction hook votes on the update
+    /// (`update-ref` and, since git 2.46, `symbolic-ref` run it): twice, prepared and
+    /// committed, on every node alike.
     async fn write_ref(
         &self,
         request: Request<WriteRefRequest>,
     ) -> Result<Response<WriteRefResponse>, Status> {
+        let tx = self
+            .0
+            .transactions
+            .begin(request.metadata(), request.extensions())?;
         let req = request.into_inner();
         let path = self.0.storages.existing_repo(req.repository.as_ref())?;
         let revision = crate::git::check_revision(&req.revision)?;
-        if req.r#ref == b"HEAD" {
+        let hooks = |command: &mut Command| {
+            if let Some(tx) = &tx {
+                tx.configure(command);
+            }
+        };
+        let written = if req.r#ref == b"HEAD" {
             crate::refs::check_ref_name(revision.as_bytes())?;
             self.0
                 .git
-                .run(&path, &["symbolic-ref", "HEAD", &revision])
-                .await?;
+                .run_with(&path, &["symbolic-ref", "HEAD", &revision], hooks)
+                .await
         } else {
             let name = crate::refs::check_ref_name(&req.r#ref)?;
             let mut args = vec!["update-ref", "--", name, revision.as_str()];
@@ -347,8 +235,12 @@ impl RepositoryService for Services {
                 old = crate::git::check_revision(&req.old_revision)?;
                 args.push(&old);
             }
-            self.0.git.run(&path, &args).await?;
-        }
+            self.0.git.run_with(&path, &args, hooks).await
+        };
+        written.map_err(|status| match &tx {
+            Some(tx) => tx.explain(status),
+            None => status,
+        })?;
         Ok(Response::new(WriteRefResponse {}))
     }
 

@@ -24,6 +24,7 @@ impl Services {
             advertise_refs: true,
             git_protocol: &req.git_protocol,
             config: &req.git_config_options,
+            transaction: None,
         };
         let mut child = spawn(self.pack_command(pack, &path, &options)?, false)?;
         let stdout = take_pipe(&mut child.stdout, "stdout")?;
@@ -44,7 +45,7 @@ impl Services {
             if !forward(stdout, &tx, |data| InfoRefsResponse { data }).await {
                 return;
             }
-            report_failure(child, stderr, &tx, service).await;
+            report_failure(child, stderr, &tx, service, None).await;
         });
         Ok(Response::new(stream))
     }
@@ -82,6 +83,7 @@ impl SmartHttpService for Services {
             advertise_refs: false,
             git_protocol: &req.git_protocol,
             config: &req.git_config_options,
+            transaction: None,
         };
         self.upload_pack_over_sidechannel(
             request.metadata(),
@@ -99,6 +101,11 @@ impl SmartHttpService for Services {
         &self,
         request: Request<Streaming<PostReceivePackRequest>>,
     ) -> Result<Response<ResponseStream<PostReceivePackResponse>>, Status> {
+        // Registered for as long as receive-pack runs (moved into the task below).
+        let transaction = self
+            .0
+            .transactions
+            .begin(request.metadata(), request.extensions())?;
         let mut requests = request.into_inner();
         let first = requests
             .message()
@@ -110,6 +117,7 @@ impl SmartHttpService for Services {
             advertise_refs: false,
             git_protocol: &first.git_protocol,
             config: &first.git_config_options,
+            transaction: transaction.as_ref(),
         };
         let mut child =
             self.start_receive_pack(&path, &options, first.data.clone(), requests, |m| m.data)?;
@@ -120,7 +128,7 @@ impl SmartHttpService for Services {
             if !forward(stdout, &tx, |data| PostReceivePackResponse { data }).await {
                 return;
             }
-            report_failure(child, stderr, &tx, "receive-pack").await;
+            report_failure(child, stderr, &tx, "receive-pack", transaction.as_ref()).await;
         });
         Ok(Response::new(stream))
     }

@@ -25,6 +25,7 @@ impl SshService for Services {
             advertise_refs: false,
             git_protocol: &req.git_protocol,
             config: &req.git_config_options,
+            transaction: None,
         };
         self.upload_pack_over_sidechannel(
             request.metadata(),
@@ -42,6 +43,11 @@ impl SshService for Services {
         &self,
         request: Request<Streaming<SshReceivePackRequest>>,
     ) -> Result<Response<ResponseStream<SshReceivePackResponse>>, Status> {
+        // Registered for as long as receive-pack runs (moved into the task below).
+        let transaction = self
+            .0
+            .transactions
+            .begin(request.metadata(), request.extensions())?;
         let mut requests = request.into_inner();
         let first = requests
             .message()
@@ -53,6 +59,7 @@ impl SshService for Services {
             advertise_refs: false,
             git_protocol: &first.git_protocol,
             config: &first.git_config_options,
+            transaction: transaction.as_ref(),
         };
         let mut child =
             self.start_receive_pack(&path, &options, first.stdin.clone(), requests, |m| m.stdin)?;
@@ -60,6 +67,7 @@ impl SshService for Services {
         let stderr = take_pipe(&mut child.stderr, "stderr")?;
         let (tx, stream) = channel();
         tokio::spawn(async move {
+            let _transaction = transaction;
             let wrap_out = |data| SshReceivePackResponse {
                 stdout: data,
                 ..Default::default()
