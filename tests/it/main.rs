@@ -18,5 +18,5 @@ mod queue;
 mod queue_bench;
 mod replication;
 mod router;
-// mod transactions; (needs gitnode votes)
+mod transactions;
 mod verification;

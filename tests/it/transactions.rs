@@ -420,7 +420,7 @@ async fn concurrent_pushes_are_all_kept_on_every_up_to_date_replica() {
                     &["clone", "--quiet", &base.display().to_string(), "."],
                     &[],
                 );
-                git(work.path(), &["checkout", "--quiet", "-b", &branch], &[]);
+                git(work.path(), &["checkout", "--quiet", "-B", &branch], &[]);
                 let ok =
                     try_commit_and_push(work.path(), &router, &path, &format!("file-{i}"), &branch);
                 let head = git(work.path(), &["rev-parse", "HEAD"], &[])
@@ -472,4 +472,133 @@ async fn concurrent_pushes_are_all_kept_on_every_up_to_date_replica() {
         .unwrap()
         .into_inner();
     assert!(exists.exists);
+}
+
+/// Makes a gitnode's hook wait before its `committed` vote (its references are updated by
+/// then).
+const DELAY: &str = "GITNODE_TEST_HOOK_DELAY_MS";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secondary_killed_mid_push_is_left_behind_with_a_job() {
+    let db = TestDb::new().await;
+    let mut nodes = nodes_with([&[], &[], &[(DELAY, "5000")]]);
+    let path = "group/interrupted.git";
+    seed_repository(&db, &[&nodes[0], &nodes[1], &nodes[2]], path).await;
+    let dir = tempfile::tempdir().unwrap();
+    let router = std::sync::Arc::new(router_over(&db, dir.path(), &nodes).await);
+    let replica = replica_path(&db, path).await;
+    let work = tempfile::tempdir().unwrap();
+    git(
+        work.path(),
+        &[
+            "clone",
+            "--quiet",
+            &nodes[0].root.join(&replica).display().to_string(),
+            ".",
+        ],
+        &[],
+    );
+
+    let push = {
+        let router = router.clone();
+        let work = work.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            try_commit_and_push(&work, &router, path, "mid", "main")
+        })
+    };
+    // gitaly-3 is in its hook, between updating its references and voting on them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nodes[2].kill();
+    assert!(
+        push.await.unwrap(),
+        "the push succeeds without the dead secondary"
+    );
+
+    let scrape = metrics(&router).await;
+    assert_eq!(
+        tx_replications(&scrape, &["node-not-committed"]),
+        1.0,
+        "{scrape}"
+    );
+    let (latest, replicas) = generations(&db, path).await;
+    assert_eq!(latest, 1);
+    assert_eq!(
+        replicas,
+        vec![
+            ("gitaly-1".to_string(), 1),
+            ("gitaly-2".to_string(), 1),
+            ("gitaly-3".to_string(), 0)
+        ]
+    );
+    // gitaly-3 is down, so its job waits for it.
+    assert_eq!(
+        pending_jobs(&db, path).await,
+        vec![("gitaly-3".to_string(), "update".to_string())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_the_client_abandoned_is_recorded_as_if_it_had_finished() {
+    let db = TestDb::new().await;
+    let slow: &[(&str, &str)] = &[(DELAY, "1500")];
+    let nodes = nodes_with([slow, slow, slow]);
+    let path = "group/abandoned.git";
+    seed_repository(&db, &[&nodes[0], &nodes[1], &nodes[2]], path).await;
+    let dir = tempfile::tempdir().unwrap();
+    let router = router_over(&db, dir.path(), &nodes).await;
+    let replica = replica_path(&db, path).await;
+    let main = git(&nodes[0].root.join(&replica), &["rev-parse", "main"], &[])
+        .trim()
+        .to_string();
+    let write_ref = |name: &str| WriteRefRequest {
+        repository: Some(virtual_repo(path)),
+        r#ref: format!("refs/heads/{name}").into_bytes(),
+        revision: main.clone().into_bytes(),
+        ..Default::default()
+    };
+    let mut client = RepositoryServiceClient::new(router.channel());
+
+    // The client resets the stream while the nodes are between updating and confirming.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(400),
+        client.write_ref(write_ref("reset")),
+    )
+    .await;
+    assert!(
+        abandoned.is_err(),
+        "the write takes longer than the client waited"
+    );
+    // The client's deadline passes while the nodes are in the same place.
+    let mut request = tonic::Request::new(write_ref("deadline"));
+    request.set_timeout(Duration::from_millis(400));
+    let status = client.write_ref(request).await.unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{status:?}"
+    );
+
+    // Both writes are recorded within seconds: every node applied them, and every node is
+    // at the generation of two writes.
+    wait_until(
+        Duration::from_secs(5),
+        "both abandoned writes recorded",
+        || async {
+            generations(&db, path).await == (2, ALL.iter().map(|s| (s.to_string(), 2)).collect())
+        },
+    )
+    .await;
+    for node in &nodes {
+        let refs = refs_of(node, &replica);
+        for name in ["reset", "deadline"] {
+            assert!(
+                refs.contains(&format!("refs/heads/{name}")),
+                "{} lacks {name}:\n{refs}",
+                node.storage
+            );
+        }
+    }
+    assert!(pending_jobs(&db, path).await.is_empty());
 }

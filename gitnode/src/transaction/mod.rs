@@ -21,7 +21,9 @@
 //! cluster misbehave: [`SALT_ENV`] (`GITNODE_TEST_VOTE_SALT=<s>`) mixes `s` into every hash
 //! this node sends, so it disagrees with its peers; [`REFUSE_ENV`]
 //! (`GITNODE_TEST_HOOK_REFUSE=1`) makes this node's hook fail the `prepared` phase without
-//! voting. Never set them in production.
+//! voting; [`DELAY_ENV`] (`GITNODE_TEST_HOOK_DELAY_MS=<ms>`) makes this node's hook wait that
+//! long before its `committed` vote (the references are updated by then), so a test can act
+//! while a write is applied but not finished. Never set them in production.
 
 mod backchannel_client;
 mod call;
@@ -53,12 +55,15 @@ use runtime::RuntimeDir;
 pub const SALT_ENV: &str = "GITNODE_TEST_VOTE_SALT";
 /// Test only: `1` makes this node's hook fail the `prepared` phase without voting.
 pub const REFUSE_ENV: &str = "GITNODE_TEST_HOOK_REFUSE";
+/// Test only: milliseconds the hook waits before its `committed` vote.
+pub const DELAY_ENV: &str = "GITNODE_TEST_HOOK_DELAY_MS";
 
 /// The test-only knobs (see the module documentation).
 #[derive(Clone, Debug, Default)]
 pub struct TestKnobs {
     pub vote_salt: Vec<u8>,
     pub hook_refuse: bool,
+    pub committed_delay: std::time::Duration,
 }
 
 impl TestKnobs {
@@ -68,8 +73,13 @@ impl TestKnobs {
                 .map(|s| s.into_encoded_bytes())
                 .unwrap_or_default(),
             hook_refuse: std::env::var(REFUSE_ENV).is_ok_and(|v| v == "1"),
+            committed_delay: std::env::var(DELAY_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_millis)
+                .unwrap_or_default(),
         };
-        if !knobs.vote_salt.is_empty() || knobs.hook_refuse {
+        if !knobs.vote_salt.is_empty() || knobs.hook_refuse || !knobs.committed_delay.is_zero() {
             tracing::warn!(?knobs, "test-only transaction knobs are set");
         }
         knobs
@@ -88,6 +98,7 @@ struct Inner {
     calls: Mutex<HashMap<String, Arc<CallState>>>,
     voter: Voter,
     hook_refuse: bool,
+    committed_delay: std::time::Duration,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -113,6 +124,7 @@ impl Transactions {
                 calls: Mutex::default(),
                 voter: Voter::new(BackchannelClients::new(sessions), knobs.vote_salt),
                 hook_refuse: knobs.hook_refuse,
+                committed_delay: knobs.committed_delay,
                 listener: Mutex::default(),
             }),
         };
@@ -223,6 +235,9 @@ impl Transactions {
             let why = format!("refused without voting ({REFUSE_ENV})");
             call.record(&VoteError::Failed(why.clone()));
             return Answer::Error(why);
+        }
+        if phase == Phase::Committed && !self.inner.committed_delay.is_zero() {
+            tokio::time::sleep(self.inner.committed_delay).await;
         }
         match self.vote_for(&call, phase, hash).await {
             Ok(()) => Answer::Commit,
