@@ -864,8 +864,9 @@ async fn every_registry_row_reaches_a_node_rewritten() {
     // Reads are spread over both up-to-date replicas.
     assert_eq!(read_nodes.len(), 2, "{read_nodes:?}");
 
-    // The writes moved the target's generation on the primary only, and left one update job
-    // for gitaly-2 (not one per write); the other repositories did not change.
+    // Every write was a reference transaction both nodes voted in: the target's generation
+    // moved on both replicas, and no replication job was needed; the other repositories did
+    // not change.
     let writes = count(Outcome::Mutator) as i64;
     let (_, _, primary, generation) = cluster.record(TARGET).await.unwrap();
     assert_eq!((primary.as_str(), generation), (PRIMARY, writes));
@@ -873,19 +874,17 @@ async fn every_registry_row_reaches_a_node_rewritten() {
         cluster.replica_generations(ids.target).await,
         vec![
             (STORAGES[0].to_string(), writes),
-            (STORAGES[1].to_string(), 0)
+            (STORAGES[1].to_string(), writes)
         ]
     );
-    assert_eq!(
-        cluster.ready_update_targets(ids.target).await,
-        vec![STORAGES[1].to_string()]
-    );
+    assert!(cluster.ready_update_targets(ids.target).await.is_empty());
     assert_eq!(cluster.record(OTHER).await.unwrap().3, 0);
     assert!(cluster.ready_update_targets(ids.other).await.is_empty());
     assert!(cluster.record(REMOVED).await.is_none());
 
-    // Reads now only reach the up-to-date primary.
-    for _ in 0..10 {
+    // Reads still spread over both up-to-date replicas.
+    let mut after_writes = BTreeSet::new();
+    for _ in 0..40 {
         let (reply, received) = cluster
             .call_logged(
                 FIND_DEFAULT_BRANCH,
@@ -895,12 +894,14 @@ async fn every_registry_row_reaches_a_node_rewritten() {
             .await;
         reply.assert_status(Code::Ok, "", "read after the writes");
         assert_eq!(received.len(), 1);
-        assert_eq!(received[0].node, PRIMARY);
+        after_writes.insert(received[0].node.clone());
     }
+    assert_eq!(after_writes.len(), 2, "{after_writes:?}");
 
-    // The creations, with new paths: each reaches one healthy node with a new replica path
-    // (a pool path for a Rails pool), is recorded with that node as primary, and leaves an
-    // update job for the other node. A second creation fails, or updates for the upserts.
+    // The creations, with new paths: each reaches both healthy nodes (CreateObjectPool, not
+    // transactional, only one) with a new replica path (a pool path for a Rails pool), is
+    // recorded with the primary, both replicas at generation 0 (CreateObjectPool leaves an
+    // update job for the other node). A second creation fails, or updates for the upserts.
     let pool_path = format!("@pools/ab/cd/abcd{}.git", "0".repeat(60));
     for (i, name) in CREATE_METHODS.iter().enumerate() {
         let m = registry.lookup(name).unwrap();
@@ -918,8 +919,19 @@ async fn every_registry_row_reaches_a_node_rewritten() {
         let body = echo::frame(&msg.encode());
         let (reply, received) = cluster.call_logged(name, body.clone(), &[]).await;
         reply.assert_status(Code::Ok, "", name);
-        assert_eq!(received.len(), 1, "{name}: {received:?}");
-        let r = &received[0];
+        let transactional = methods::is_transactional(m);
+        // A transactional creation reaches both nodes at once; CreateObjectPool one.
+        let reached = if transactional { STORAGES.len() } else { 1 };
+        assert_eq!(received.len(), reached, "{name}: {received:?}");
+        let r = received
+            .iter()
+            .find(|r| {
+                !transactional
+                    || TransactionMetadata::decode(r.header(TRANSACTION_KEY).as_bytes())
+                        .unwrap()
+                        .primary
+            })
+            .unwrap();
         let (id, recorded_replica_path, primary, generation) = cluster
             .record(&relative)
             .await
@@ -935,33 +947,47 @@ async fn every_registry_row_reaches_a_node_rewritten() {
             (r.node.as_str(), 0),
             "{name}"
         );
-        let target = repository_at(r.message(), m.target_repository.as_deref().unwrap(), name);
-        assert_eq!(
-            (target.storage_name.as_str(), target.relative_path.as_str()),
-            (r.node.as_str(), expected_replica_path.as_str()),
-            "{name}"
-        );
-        let other = STORAGES.iter().find(|s| **s != r.node).unwrap();
-        assert_eq!(
-            cluster.ready_update_targets(id).await,
-            vec![other.to_string()],
-            "{name}"
-        );
+        for r in &received {
+            let target = repository_at(r.message(), m.target_repository.as_deref().unwrap(), name);
+            assert_eq!(
+                (target.storage_name.as_str(), target.relative_path.as_str()),
+                (r.node.as_str(), expected_replica_path.as_str()),
+                "{name}"
+            );
+        }
+        if transactional {
+            assert!(cluster.ready_update_targets(id).await.is_empty(), "{name}");
+            assert_eq!(
+                cluster.replica_generations(id).await,
+                STORAGES
+                    .iter()
+                    .map(|s| (s.to_string(), 0))
+                    .collect::<Vec<_>>(),
+                "{name}: created on both together"
+            );
+        } else {
+            let other = STORAGES.iter().find(|s| **s != r.node).unwrap();
+            assert_eq!(
+                cluster.ready_update_targets(id).await,
+                vec![other.to_string()],
+                "{name}"
+            );
+        }
+        let primary = r.node.clone();
 
         let (again, received) = cluster.call_logged(name, body, &[]).await;
         if UPSERT_METHODS.contains(name) {
             again.assert_status(Code::Ok, "", name);
-            assert_eq!(received.len(), 1, "{name}: {received:?}");
-            assert_eq!(
-                received[0].node, r.node,
-                "{name}: the upsert goes to the primary"
+            assert_eq!(received.len(), STORAGES.len(), "{name}: {received:?}");
+            assert!(
+                received.iter().any(|r| r.node == primary),
+                "{name}: the upsert goes to the primary (and the up-to-date secondary)"
             );
-            let target = repository_at(
-                received[0].message(),
-                m.target_repository.as_deref().unwrap(),
-                name,
-            );
-            assert_eq!(target.relative_path, expected_replica_path, "{name}");
+            for r in &received {
+                let target =
+                    repository_at(r.message(), m.target_repository.as_deref().unwrap(), name);
+                assert_eq!(target.relative_path, expected_replica_path, "{name}");
+            }
             assert_eq!(cluster.record(&relative).await.unwrap().3, 1, "{name}");
         } else {
             again.assert_status(Code::AlreadyExists, "repository already exists", name);

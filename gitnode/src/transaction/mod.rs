@@ -12,7 +12,7 @@
 //! hook is `gitnode-hook`, and with a token in the environment that names the call
 //! ([`Transactions::begin`] registers it for the duration of the call). The hook hands its
 //! vote to gitnode over a Unix socket ([`hook_socket`], [`protocol`]), and gitnode votes
-//! ([`voter`]) over a client per backchannel session ([`backchannel_client`]). Changes git
+//! ([`voter`]) over a channel per backchannel session (`praefect_wire::backchannel::CallbackChannels`). Changes git
 //! makes outside a ref transaction (a new repository) are voted by gitnode directly, with
 //! [`Transaction::vote`]. A call without the metadata is untouched: no hooks path, no token,
 //! no votes.
@@ -25,7 +25,6 @@
 //! long before its `committed` vote (the references are updated by then), so a test can act
 //! while a write is applied but not finished. Never set them in production.
 
-mod backchannel_client;
 mod call;
 mod hook_socket;
 pub mod protocol;
@@ -41,8 +40,8 @@ use praefect_wire::backchannel::{PeerInfo, SessionRegistry};
 use praefect_wire::transaction::{TransactionMetadata, METADATA_KEY};
 use tonic::Status;
 
-pub use backchannel_client::BackchannelClients;
 pub use call::Transaction;
+pub use praefect_wire::backchannel::CallbackChannels;
 pub use protocol::Phase;
 pub use state::RepositoryState;
 pub use voter::{VoteError, Voter, VOTE_TIMEOUT};
@@ -122,7 +121,7 @@ impl Transactions {
             inner: Arc::new(Inner {
                 runtime,
                 calls: Mutex::default(),
-                voter: Voter::new(BackchannelClients::new(sessions), knobs.vote_salt),
+                voter: Voter::new(CallbackChannels::new(sessions), knobs.vote_salt),
                 hook_refuse: knobs.hook_refuse,
                 committed_delay: knobs.committed_delay,
                 listener: Mutex::default(),

@@ -10,8 +10,9 @@ use praefect_wire::transaction::TransactionMetadata;
 use sha1::{Digest, Sha1};
 use tonic::Status;
 
-use super::backchannel_client::BackchannelClients;
 use super::protocol::Phase;
+use praefect_wire::backchannel::CallbackChannels;
+use praefect_wire::proto::ref_transaction_client::RefTransactionClient;
 
 /// How long a vote waits for the router: until the other nodes have voted too.
 pub const VOTE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -39,12 +40,12 @@ impl From<VoteError> for Status {
 /// Sends votes; `salt` (test only, `GITNODE_TEST_VOTE_SALT`) is mixed into every hash.
 #[derive(Clone)]
 pub struct Voter {
-    clients: BackchannelClients,
+    clients: CallbackChannels,
     salt: Vec<u8>,
 }
 
 impl Voter {
-    pub fn new(clients: BackchannelClients, salt: Vec<u8>) -> Self {
+    pub fn new(clients: CallbackChannels, salt: Vec<u8>) -> Self {
         Voter { clients, salt }
     }
 
@@ -67,7 +68,7 @@ impl Voter {
         phase: Phase,
         hash: [u8; 20],
     ) -> Result<(), VoteError> {
-        let mut client = self.clients.client(backchannel);
+        let mut client = RefTransactionClient::new(self.clients.channel(backchannel));
         let mut request = tonic::Request::new(VoteTransactionRequest {
             repository: None,
             transaction_id: tx.id,
@@ -121,7 +122,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_salt_changes_every_hash_and_no_salt_none() {
-        let clients = BackchannelClients::new(SessionRegistry::default());
+        let clients = CallbackChannels::new(SessionRegistry::default());
         let plain = Voter::new(clients.clone(), Vec::new());
         let salted = Voter::new(clients.clone(), b"x".to_vec());
         let other = Voter::new(clients, b"y".to_vec());
@@ -134,7 +135,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_vote_over_a_missing_session_fails_and_is_forgotten() {
-        let clients = BackchannelClients::new(SessionRegistry::default());
+        let clients = CallbackChannels::new(SessionRegistry::default());
         let voter = Voter::new(clients.clone(), Vec::new());
         let tx = TransactionMetadata {
             id: 1,

@@ -5,7 +5,9 @@
 //! of the first request message it received, as the single response message with status OK.
 //! Every such call is recorded (node, path, headers, first message) in an [`EchoLog`] that
 //! the test inspects, so a test can see exactly what the router sent for any RPC, whatever
-//! its request and response types.
+//! its request and response types. A call that carries `gitaly-reference-transaction` is
+//! voted on first, as Gitaly would, with the same hash on every echo node (prepared, then
+//! committed), so the replicas the tests set up stay up to date through transactional writes.
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -14,7 +16,13 @@ use std::sync::{Arc, Mutex};
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body::Frame;
 use http_body_util::BodyExt;
-use praefect::wire::backchannel::{incoming, yamux_config, Listener, SessionRegistry};
+use praefect::wire::backchannel::{
+    incoming, yamux_config, CallbackChannels, Listener, PeerInfo, SessionRegistry,
+};
+use praefect::wire::proto::ref_transaction_client::RefTransactionClient;
+use praefect::wire::proto::vote_transaction_request::Phase;
+use praefect::wire::proto::VoteTransactionRequest;
+use praefect::wire::transaction::TransactionMetadata;
 use tokio::sync::oneshot;
 
 /// One call that reached an echo node.
@@ -97,19 +105,18 @@ impl EchoNode {
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
         let node = storage.to_string();
+        let sessions = SessionRegistry::default();
+        let callbacks = CallbackChannels::new(sessions.clone());
         let fallback = tower::service_fn(move |request: http::Request<axum::body::Body>| {
             let node = node.clone();
             let log = log.clone();
-            async move { Ok::<_, Infallible>(echo(&node, &log, request).await) }
+            let callbacks = callbacks.clone();
+            async move { Ok::<_, Infallible>(echo(&node, &log, &callbacks, request).await) }
         });
         let mut routes = tonic::service::Routes::new(health_service);
         let router = std::mem::take(routes.axum_router_mut()).fallback_service(fallback);
         *routes.axum_router_mut() = router;
-        let stream = incoming(
-            Listener::Tcp(listener),
-            SessionRegistry::default(),
-            yamux_config(0, 256),
-        );
+        let stream = incoming(Listener::Tcp(listener), sessions, yamux_config(0, 256));
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -164,12 +171,50 @@ pub fn frame(message: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// Votes on the call's reference transaction, if it has one: the same hash on every node.
+async fn vote(
+    callbacks: &CallbackChannels,
+    parts: &http::request::Parts,
+) -> Result<(), tonic::Status> {
+    let Some(tx) = TransactionMetadata::from_headers(&parts.headers)
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+    else {
+        return Ok(());
+    };
+    let backchannel = parts
+        .extensions
+        .get::<PeerInfo>()
+        .and_then(|peer| peer.backchannel_id)
+        .ok_or_else(|| tonic::Status::failed_precondition("transaction without a backchannel"))?;
+    let mut client = RefTransactionClient::new(callbacks.channel(backchannel));
+    for phase in [Phase::PreparedPhase, Phase::CommittedPhase] {
+        let answer = client
+            .vote_transaction(VoteTransactionRequest {
+                transaction_id: tx.id,
+                node: tx.node.clone(),
+                reference_updates_hash: vec![0x5a; 20],
+                phase: phase.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        if answer.state != 0 {
+            return Err(tonic::Status::aborted("transaction was aborted"));
+        }
+    }
+    Ok(())
+}
+
 async fn echo(
     node: &str,
     log: &EchoLog,
+    callbacks: &CallbackChannels,
     request: http::Request<axum::body::Body>,
 ) -> http::Response<tonic::body::Body> {
     let (parts, body) = request.into_parts();
+    if let Err(status) = vote(callbacks, &parts).await {
+        return status.into_http();
+    }
     // The whole request: the tests' clients send one message and end their stream.
     let data = match body.collect().await {
         Ok(collected) => collected.to_bytes(),

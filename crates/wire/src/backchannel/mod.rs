@@ -13,10 +13,12 @@
 //! One file per concern: `io` (boxed connections, sniffing a magic), `yamux` (settings),
 //! `sessions` (the server's registry of sessions, [`PeerInfo`]), `listener` and `server`
 //! (accepting), `coalesce` (the server session's batched writes), `connect` (a client's raw
-//! connection), `client` (the client's session) and `dial` (tonic channels over it).
+//! connection), `client` (the client's session), `dial` (tonic channels over it) and `callback` (a
+//! server's channels back to its callers).
 //! Everything public is re-exported here, at the paths it always had; sidechannels use `io`
 //! and `sessions` directly, so that they do not depend on the client that depends on them.
 
+mod callback;
 mod client;
 mod coalesce;
 mod connect;
@@ -27,6 +29,7 @@ mod server;
 pub(crate) mod sessions;
 mod yamux;
 
+pub use callback::CallbackChannels;
 pub use client::{start_client_session, ClientHandler, ClientSession};
 pub use coalesce::{finish_writes, next_stream, Coalesced, CoalescedWriter};
 pub use connect::{connect_raw, connect_target, DialTarget};

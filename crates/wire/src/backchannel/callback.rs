@@ -1,6 +1,7 @@
-//! gRPC clients to the callers themselves, over their backchannel sessions: the router serves
-//! RefTransaction on streams the node opens back to it, so a node votes on the very
-//! connection the transactional call came in on (a router has no address of its own to dial).
+//! gRPC channels from a server to its callers, over their backchannel sessions: a caller that
+//! serves gRPC on the streams the server opens (Praefect serves RefTransaction to its nodes
+//! that way) is reached on the very connection its call came in on; a router has no address
+//! of its own to dial.
 //!
 //! One tonic channel per session, whose "connector" opens a yamux stream back to the caller;
 //! kept while it is used, so the votes of one call, and of the calls that follow, share one
@@ -13,17 +14,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
-use praefect_wire::backchannel::SessionRegistry;
-use praefect_wire::proto::ref_transaction_client::RefTransactionClient;
 use tonic::transport::{Channel, Endpoint};
+
+use super::sessions::SessionRegistry;
 
 /// A channel unused this long is dropped.
 pub const IDLE: Duration = Duration::from_secs(600);
 /// Bound on opening the stream and the HTTP/2 handshake over it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The channels to the callers of one server's backchannel sessions.
 #[derive(Clone)]
-pub struct BackchannelClients {
+pub struct CallbackChannels {
     sessions: SessionRegistry,
     channels: Arc<Mutex<HashMap<u64, Cached>>>,
 }
@@ -33,9 +35,9 @@ struct Cached {
     last_used: Instant,
 }
 
-impl BackchannelClients {
+impl CallbackChannels {
     pub fn new(sessions: SessionRegistry) -> Self {
-        BackchannelClients {
+        CallbackChannels {
             sessions,
             channels: Arc::default(),
         }
@@ -45,18 +47,18 @@ impl BackchannelClients {
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A RefTransaction client to the caller of backchannel session `id`. Connects lazily:
-    /// a session that is gone shows as an error of the first call.
-    pub fn client(&self, id: u64) -> RefTransactionClient<Channel> {
+    /// A channel to the caller of backchannel session `id`. Connects lazily: a session that
+    /// is gone shows as an error of the first call.
+    pub fn channel(&self, id: u64) -> Channel {
         let now = Instant::now();
         let mut channels = self.lock();
         channels.retain(|_, cached| now.duration_since(cached.last_used) < IDLE);
         let cached = channels.entry(id).or_insert_with(|| Cached {
-            channel: self.channel(id),
+            channel: self.connect(id),
             last_used: now,
         });
         cached.last_used = now;
-        RefTransactionClient::new(cached.channel.clone())
+        cached.channel.clone()
     }
 
     /// Drops the channel of session `id` (after a failed call).
@@ -73,7 +75,7 @@ impl BackchannelClients {
         self.len() == 0
     }
 
-    fn channel(&self, id: u64) -> Channel {
+    fn connect(&self, id: u64) -> Channel {
         let sessions = self.sessions.clone();
         let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
             let sessions = sessions.clone();
