@@ -151,6 +151,20 @@ pub fn filesystem_id(root: &Path) -> std::io::Result<String> {
     Ok(id)
 }
 
+/// Moves a directory into its final place, creating parents. Fails if the target exists.
+pub fn move_into_place(from: &Path, to: &Path) -> std::io::Result<()> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if to.exists() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "target exists",
+        ));
+    }
+    std::fs::rename(from, to)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

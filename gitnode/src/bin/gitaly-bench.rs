@@ -2,7 +2,12 @@
 //! (FindDefaultBranchName) against any Gitaly-protocol endpoint (a gitnode or a router).
 //! Prints calls, calls per second, p50 and p99 latency. Used by `scripts/bench`.
 //!
-//! Usage: gitaly-bench [--plain] ADDRESS TOKEN STORAGE RELATIVE_PATH CONCURRENCY SECONDS
+//! Usage: gitaly-bench [--plain] [--write-ref REV1,REV2] ADDRESS TOKEN STORAGE RELATIVE_PATH
+//!        CONCURRENCY SECONDS
+//!
+//! `--write-ref` makes the calls a cheap write instead: WriteRef of `refs/heads/bench-<worker>`
+//! to REV1 and REV2 in turn (so that every call changes the reference), for the latency a
+//! write's reference transaction adds (`scripts/bench-writes`).
 //!
 //! By default it dials with the backchannel handshake (yamux over the connection), as Praefect
 //! and gitnode-ssh do. `--plain` dials plain HTTP/2 (prior knowledge, `tcp://` or `host:port`
@@ -15,11 +20,50 @@ use std::time::{Duration, Instant};
 use praefect_wire::auth::TokenInterceptor;
 use praefect_wire::backchannel::{dial, yamux_config, ClientHandler};
 use praefect_wire::proto::ref_service_client::RefServiceClient;
-use praefect_wire::proto::{FindDefaultBranchNameRequest, Repository};
+use praefect_wire::proto::repository_service_client::RepositoryServiceClient;
+use praefect_wire::proto::{FindDefaultBranchNameRequest, Repository, WriteRefRequest};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-const USAGE: &str =
-    "usage: gitaly-bench [--plain] ADDRESS TOKEN STORAGE RELATIVE_PATH CONCURRENCY SECONDS";
+const USAGE: &str = "usage: gitaly-bench [--plain] [--write-ref REV1,REV2] ADDRESS TOKEN STORAGE RELATIVE_PATH CONCURRENCY SECONDS";
+
+/// The call each worker repeats.
+#[derive(Clone)]
+enum Call {
+    DefaultBranch(FindDefaultBranchNameRequest),
+    /// WriteRef to these revisions in turn.
+    WriteRef(Repository, [String; 2]),
+}
+
+impl Call {
+    async fn run(
+        &self,
+        channel: &Authed,
+        worker: usize,
+        round: usize,
+    ) -> Result<(), tonic::Status> {
+        match self {
+            Call::DefaultBranch(request) => {
+                RefServiceClient::new(channel.clone())
+                    .find_default_branch_name(request.clone())
+                    .await?;
+            }
+            Call::WriteRef(repository, revisions) => {
+                RepositoryServiceClient::new(channel.clone())
+                    .write_ref(WriteRefRequest {
+                        repository: Some(repository.clone()),
+                        r#ref: format!("refs/heads/bench-{worker}").into_bytes(),
+                        revision: revisions[round % 2].clone().into_bytes(),
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+type Authed = tonic::service::interceptor::InterceptedService<Channel, TokenInterceptor>;
 
 /// One plain HTTP/2 connection to `address` (`tcp://host:port` or `host:port`).
 async fn dial_plain(address: &str, timeout: Duration) -> anyhow::Result<Channel> {
@@ -39,13 +83,25 @@ async fn dial_plain(address: &str, timeout: Duration) -> anyhow::Result<Channel>
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let plain = match args.first().map(String::as_str) {
-        Some("--plain" | "-plain") => {
-            args.remove(0);
-            true
+    let mut plain = false;
+    let mut write_revisions = None;
+    loop {
+        match args.first().map(String::as_str) {
+            Some("--plain" | "-plain") => {
+                args.remove(0);
+                plain = true;
+            }
+            Some("--write-ref" | "-write-ref") if args.len() > 1 => {
+                let revisions = args.remove(1);
+                args.remove(0);
+                let (a, b) = revisions
+                    .split_once(',')
+                    .ok_or_else(|| anyhow::anyhow!(USAGE))?;
+                write_revisions = Some([a.to_string(), b.to_string()]);
+            }
+            _ => break,
         }
-        _ => false,
-    };
+    }
     let [address, token, storage, relative_path, concurrency, seconds] = args.as_slice() else {
         anyhow::bail!(USAGE);
     };
@@ -63,32 +119,40 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?
     };
-    let client = RefServiceClient::with_interceptor(channel, TokenInterceptor::new(token));
-    let request = FindDefaultBranchNameRequest {
-        repository: Some(Repository {
-            storage_name: storage.clone(),
-            relative_path: relative_path.clone(),
-            ..Default::default()
+    let client: Authed = InterceptedService::new(channel, TokenInterceptor::new(token));
+    let repository = Repository {
+        storage_name: storage.clone(),
+        relative_path: relative_path.clone(),
+        ..Default::default()
+    };
+    let call = match write_revisions {
+        Some(revisions) => Call::WriteRef(repository, revisions),
+        None => Call::DefaultBranch(FindDefaultBranchNameRequest {
+            repository: Some(repository),
+            head_only: false,
         }),
-        head_only: false,
     };
     // Warm up connections and caches.
-    for _ in 0..200 {
-        client
-            .clone()
-            .find_default_branch_name(request.clone())
-            .await?;
+    let warm_up = if matches!(call, Call::WriteRef(..)) {
+        20
+    } else {
+        200
+    };
+    for round in 0..warm_up {
+        call.run(&client, 0, round).await?;
     }
     let deadline = Instant::now() + duration;
-    let workers = (0..concurrency).map(|_| {
-        let mut client = client.clone();
-        let request = request.clone();
+    let workers = (0..concurrency).map(|worker| {
+        let client = client.clone();
+        let call = call.clone();
         tokio::spawn(async move {
             let mut latencies = Vec::new();
+            let mut round = 0;
             while Instant::now() < deadline {
                 let started = Instant::now();
-                client.find_default_branch_name(request.clone()).await?;
+                call.run(&client, worker, round).await?;
                 latencies.push(started.elapsed());
+                round += 1;
             }
             Ok::<_, tonic::Status>(latencies)
         })

@@ -21,9 +21,8 @@ use tokio::io::AsyncWriteExt;
 use tonic::{Request, Status};
 
 use super::pack::take_pipe;
-use super::repository::move_into_place;
 use super::Services;
-use crate::storage::{is_repository, required};
+use crate::storage::{is_repository, move_into_place, required};
 use crate::transaction::{Phase, RepositoryState, Transaction};
 
 /// Metadata that tells a replication target how to reach the source.

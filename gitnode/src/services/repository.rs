@@ -8,24 +8,9 @@ use sha1::{Digest, Sha1};
 use tokio::process::Command;
 use tonic::{Request, Response, Status};
 
-pub use super::replicate::{gitaly_servers, ServerInfo, GITALY_SERVERS_KEY};
 use super::Services;
-use crate::storage::{is_repository, required};
+use crate::storage::{is_repository, move_into_place, required};
 use crate::transaction::Phase;
-
-/// Moves a directory into its final place, creating parents. Fails if the target exists.
-pub(super) fn move_into_place(from: &Path, to: &Path) -> std::io::Result<()> {
-    if let Some(parent) = to.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    if to.exists() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "target exists",
-        ));
-    }
-    std::fs::rename(from, to)
-}
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,

@@ -1,16 +1,13 @@
-//! One transactional call: what the hook's votes find by the call's token ([`CallState`]),
-//! and the handle the call's handler keeps while its git commands run ([`Transaction`]).
+//! One transactional call as the hook's votes find it by the call's token ([`CallState`]);
+//! the call's handler holds it through a `Transaction` handle.
 
-use std::ffi::OsString;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use praefect_wire::transaction::TransactionMetadata;
 use tokio::sync::watch;
-use tonic::Status;
 
-use super::protocol::{self, Phase};
-use super::{Transactions, VoteError};
+use super::voter::VoteError;
 
 /// A transactional call in progress, as the hook's votes find it by token.
 pub(super) struct CallState {
@@ -44,63 +41,15 @@ impl CallState {
         failure.get_or_insert_with(|| err.clone());
     }
 
-    pub(super) fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::Relaxed)
-    }
-}
-
-/// One call's part in a transaction; unregisters the call when dropped. Keep it as long as
-/// the git commands it configured run.
-pub struct Transaction {
-    pub(super) token: String,
-    pub(super) call: Arc<CallState>,
-    pub(super) owner: Transactions,
-}
-
-impl Transaction {
-    /// Makes a git command vote through the hook: sets the hooks path (a `-c` option, so call
-    /// this before the subcommand's name is added) and the hook's environment.
-    pub fn configure(&self, command: &mut tokio::process::Command) {
-        let Ok(runtime) = &self.owner.inner.runtime else {
-            return;
-        };
-        let mut option = OsString::from("core.hooksPath=");
-        option.push(runtime.hooks());
-        command
-            .arg("-c")
-            .arg(option)
-            .env(protocol::SOCKET_ENV, runtime.socket())
-            .env(protocol::TOKEN_ENV, &self.token);
-    }
-
-    /// Votes `hash` in `phase` directly (for changes no ref transaction of git covers).
-    pub async fn vote(&self, phase: Phase, hash: [u8; 20]) -> Result<(), VoteError> {
-        self.owner.vote_for(&self.call, phase, hash).await
-    }
-
-    /// The first vote of this call that did not pass, if any: why git failed, when the hook
-    /// made it fail.
-    pub fn failure(&self) -> Option<VoteError> {
-        self.call
-            .failure
+    /// The first vote that did not pass, if any.
+    pub(super) fn failure(&self) -> Option<VoteError> {
+        self.failure
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// Turns a failed git command's status into the vote's failure, if a vote made it fail.
-    pub fn explain(&self, status: Status) -> Status {
-        self.failure().map(Status::from).unwrap_or(status)
-    }
-
-    pub fn metadata(&self) -> &TransactionMetadata {
-        &self.call.tx
-    }
-}
-
-impl Drop for Transaction {
-    fn drop(&mut self) {
-        self.owner.lock_calls().remove(&self.token);
-        self.call.ended.send_replace(true);
+    pub(super) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
     }
 }

@@ -33,6 +33,7 @@ mod state;
 mod voter;
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -40,7 +41,6 @@ use praefect_wire::backchannel::{PeerInfo, SessionRegistry};
 use praefect_wire::transaction::{TransactionMetadata, METADATA_KEY};
 use tonic::Status;
 
-pub use call::Transaction;
 pub use praefect_wire::backchannel::CallbackChannels;
 pub use protocol::Phase;
 pub use state::RepositoryState;
@@ -244,6 +244,58 @@ impl Transactions {
             Err(VoteError::Stopped) => Answer::Stop,
             Err(VoteError::Failed(message)) => Answer::Error(message),
         }
+    }
+}
+
+/// One call's part in a transaction; unregisters the call when dropped. Keep it as long as
+/// the git commands it configured run.
+pub struct Transaction {
+    token: String,
+    call: Arc<CallState>,
+    owner: Transactions,
+}
+
+impl Transaction {
+    /// Makes a git command vote through the hook: sets the hooks path (a `-c` option, so call
+    /// this before the subcommand's name is added) and the hook's environment.
+    pub fn configure(&self, command: &mut tokio::process::Command) {
+        let Ok(runtime) = &self.owner.inner.runtime else {
+            return;
+        };
+        let mut option = OsString::from("core.hooksPath=");
+        option.push(runtime.hooks());
+        command
+            .arg("-c")
+            .arg(option)
+            .env(protocol::SOCKET_ENV, runtime.socket())
+            .env(protocol::TOKEN_ENV, &self.token);
+    }
+
+    /// Votes `hash` in `phase` directly (for changes no ref transaction of git covers).
+    pub async fn vote(&self, phase: Phase, hash: [u8; 20]) -> Result<(), VoteError> {
+        self.owner.vote_for(&self.call, phase, hash).await
+    }
+
+    /// The first vote of this call that did not pass, if any: why git failed, when the hook
+    /// made it fail.
+    pub fn failure(&self) -> Option<VoteError> {
+        self.call.failure()
+    }
+
+    /// Turns a failed git command's status into the vote's failure, if a vote made it fail.
+    pub fn explain(&self, status: Status) -> Status {
+        self.failure().map(Status::from).unwrap_or(status)
+    }
+
+    pub fn metadata(&self) -> &TransactionMetadata {
+        &self.call.tx
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        self.owner.lock_calls().remove(&self.token);
+        self.call.ended.send_replace(true);
     }
 }
 
