@@ -294,7 +294,7 @@ async fn accessors_are_proxied_to_healthy_up_to_date_replicas() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn writes_go_to_the_primary_and_leave_jobs_for_the_other_replicas() {
+async fn writes_go_to_the_primary_and_the_up_to_date_secondary_together() {
     use common::gitnode::{as_refs, git};
     use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
     use praefect::wire::proto::*;
@@ -348,9 +348,13 @@ async fn writes_go_to_the_primary_and_leave_jobs_for_the_other_replicas() {
     .fetch_all(&mut raw)
     .await
     .unwrap();
-    assert_eq!(replicas, vec![(primary.clone(), 0)]);
-    let expected_job = vec![("update".to_string(), primary.clone(), other.to_string())];
-    assert_eq!(ready_jobs(&mut raw).await, expected_job);
+    // Created on both nodes together (a reference transaction): no replication needed.
+    let mut both = vec![(primary.clone(), 0), (other.to_string(), 0)];
+    both.sort();
+    let mut sorted = replicas;
+    sorted.sort();
+    assert_eq!(sorted, both);
+    assert!(ready_jobs(&mut raw).await.is_empty());
     let exists = |path: &'static str| RepositoryExistsRequest {
         repository: Some(virtual_repo(path)),
     };
@@ -371,8 +375,7 @@ async fn writes_go_to_the_primary_and_leave_jobs_for_the_other_replicas() {
             .exists
     );
 
-    // Push through the router: the primary takes it, its generation moves on, and the other
-    // replica's job is not queued twice.
+    // Push through the router: both nodes vote it in, both generations move on.
     let env = router_git_env(&router, path);
     let work = tempfile::tempdir().unwrap();
     git(
@@ -406,8 +409,13 @@ async fn writes_go_to_the_primary_and_leave_jobs_for_the_other_replicas() {
     .fetch_all(&mut raw)
     .await
     .unwrap();
-    assert_eq!(replicas, vec![(primary.clone(), 1)]);
-    assert_eq!(ready_jobs(&mut raw).await, expected_job);
+    let mut sorted = replicas;
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        both.iter().map(|(s, _)| (s.clone(), 1)).collect::<Vec<_>>()
+    );
+    assert!(ready_jobs(&mut raw).await.is_empty());
 
     let clone = tempfile::tempdir().unwrap();
     git(
@@ -437,6 +445,11 @@ async fn writes_go_to_the_primary_and_leave_jobs_for_the_other_replicas() {
     assert_eq!(generation, 1, "a failed write must not bump the generation");
 
     // The primary down and no other up-to-date replica: writes and reads are refused clearly.
+    db.datastore()
+        .await
+        .increment_generation(id, std::slice::from_ref(&primary))
+        .await
+        .unwrap();
     let (primary_node, _other_node) = if primary == "gitaly-1" {
         (&mut a, &mut b)
     } else {
