@@ -104,6 +104,13 @@ pub enum Command {
         #[arg(value_name = "N")]
         max: usize,
     },
+    /// The post-install check: migrations, node connectivity and disk access, database
+    /// read/write, unavailable repositories. Fails when a fatal check fails.
+    Check {
+        /// Shorter output: the check names only.
+        #[arg(short = 'q')]
+        quiet: bool,
+    },
     /// Check that every node can be reached, is healthy and serves its configured storages.
     #[command(name = "dial-nodes")]
     DialNodes {

@@ -134,6 +134,19 @@ async fn check(config: &Config, target: &Target, timeout: Duration) -> (Vec<Stri
     (lines, consistent)
 }
 
+/// The addresses of the nodes that fail their checks (for `check`), without the report.
+pub async fn unhealthy_nodes(config: &Config, timeout: Duration) -> Vec<String> {
+    let targets = targets(config);
+    let results =
+        futures::future::join_all(targets.iter().map(|t| check(config, t, timeout))).await;
+    targets
+        .iter()
+        .zip(results)
+        .filter(|(_, (_, ok))| !ok)
+        .map(|(target, _)| target.address.clone())
+        .collect()
+}
+
 pub async fn run(config: &Config, timeout: Duration) -> Result<(), CliError> {
     let targets = targets(config);
     let checks = targets.iter().map(|t| check(config, t, timeout));

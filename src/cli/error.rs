@@ -36,6 +36,9 @@ pub enum CliError {
     UnhealthyNodes(Vec<String>),
     #[error("reading stdin: {0}")]
     Stdin(#[source] std::io::Error),
+    /// `check`: at least one fatal check failed (the output above says which).
+    #[error("{0} check(s) failed, at least one was fatal.")]
+    ChecksFailed(usize),
     #[error("interrupted")]
     Interrupted,
 }
@@ -76,6 +79,7 @@ pub fn report(name: &str, result: Result<(), CliError>) -> ExitCode {
             match &err {
                 // Said as a sentence of its own, after the per-node lines.
                 CliError::UnhealthyNodes(_) => eprintln!("{err}"),
+                CliError::ChecksFailed(_) => println!("{err}"),
                 CliError::Interrupted => eprintln!("praefect: {err}"),
                 _ => eprintln!("praefect {name}: {err}"),
             }

@@ -1,6 +1,7 @@
 //! The `praefect` command line: argument parsing and one file per subcommand.
 
 mod args;
+mod check;
 mod configuration;
 mod dial;
 mod dial_nodes;
@@ -99,6 +100,7 @@ async fn dispatch(command: Option<Command>, config: Config) -> ExitCode {
             "sql-migrate-down",
             Box::pin(sql::migrate_down(&config, force, max)),
         ),
+        Some(Command::Check { quiet }) => ("check", Box::pin(check::run(&config, quiet))),
         Some(Command::DialNodes { timeout }) => (
             "dial-nodes",
             Box::pin(dial_nodes::run(&config, timeout.to_std())),

@@ -27,6 +27,9 @@ pub struct Config {
     pub tls_listen_addr: String,
     pub socket_path: String,
     pub prometheus_listen_addr: String,
+    /// Keep the metrics that query the database to `/db_metrics` (the default); `false` serves
+    /// them on `/metrics` too. Omnibus writes this key.
+    pub prometheus_exclude_database_from_default_metrics: bool,
     pub memory_queue_enabled: bool,
     pub graceful_stop_timeout: GoDuration,
     pub config_command: String,
@@ -53,6 +56,7 @@ impl Default for Config {
             tls_listen_addr: String::new(),
             socket_path: String::new(),
             prometheus_listen_addr: String::new(),
+            prometheus_exclude_database_from_default_metrics: true,
             memory_queue_enabled: false,
             graceful_stop_timeout: GoDuration::from_secs(60),
             config_command: String::new(),

@@ -23,6 +23,7 @@
 mod assignments;
 mod cache;
 mod connect;
+pub mod db_metrics;
 mod health;
 pub mod migrations;
 pub mod outage;

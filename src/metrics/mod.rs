@@ -158,24 +158,38 @@ pub fn render() -> String {
     String::from_utf8_lossy(&buffer).into_owned()
 }
 
+/// More metric families rendered on each scrape of `/metrics` (the database's, when they are
+/// not kept to `/db_metrics`).
+pub type ScrapeExtra = std::sync::Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>> + Send + Sync,
+>;
+
 /// Serves `/metrics` (and the routes of `extra`, such as `/readiness`) over HTTP on
 /// `listener` until `stop` is cancelled. The registry is in memory, so a scrape never waits on
-/// the database or a node.
+/// the database or a node, unless `scrape_extra` asks for it.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     stop: tokio_util::sync::CancellationToken,
     extra: axum::Router,
+    scrape_extra: Option<ScrapeExtra>,
 ) -> std::io::Result<()> {
     let app = extra.route(
         "/metrics",
-        axum::routing::get(|| async {
-            (
-                [(
-                    http::header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )],
-                render(),
-            )
+        axum::routing::get(move || {
+            let scrape_extra = scrape_extra.clone();
+            async move {
+                let mut text = render();
+                if let Some(more) = scrape_extra {
+                    text.push_str(&more().await);
+                }
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
         }),
     );
     axum::serve(listener, app)

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use super::db_metrics::{db_metrics_route, DbMetrics};
 use super::listen::bind;
 use super::readiness::readiness_route;
 use super::tasks::Tasks;
@@ -177,7 +178,7 @@ impl App {
         ))
     }
 
-    /// The Prometheus listener (`/metrics` and `/readiness`), when configured.
+    /// The Prometheus listener (`/metrics`, `/db_metrics` and `/readiness`), when configured.
     async fn start_metrics(&self, proxy: Arc<Proxy>) -> anyhow::Result<()> {
         if self.config.prometheus_listen_addr.is_empty() {
             return Ok(());
@@ -190,10 +191,21 @@ impl App {
             .await
             .with_context(|| format!("listening for Prometheus on {addr}"))?;
         tracing::info!(address = %listener.local_addr()?, scheme = "http", "prometheus listening");
+        let db_metrics = DbMetrics::new(&self.config, self.store.clone());
+        let routes = readiness_route(proxy).merge(db_metrics_route(db_metrics.clone()));
+        let on_metrics =
+            (!self.config.prometheus_exclude_database_from_default_metrics).then(|| {
+                let extra: crate::metrics::ScrapeExtra = Arc::new(move || {
+                    let db_metrics = db_metrics.clone();
+                    Box::pin(async move { db_metrics.render().await })
+                });
+                extra
+            });
         self.tasks.spawn_worker(crate::metrics::serve(
             listener,
             self.tasks.stop_token(),
-            readiness_route(proxy),
+            routes,
+            on_metrics,
         ));
         Ok(())
     }

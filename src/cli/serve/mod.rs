@@ -11,6 +11,7 @@
 //! `proxy::router_service`; [`readiness`] is the HTTP readiness route.
 
 mod app;
+mod db_metrics;
 mod listen;
 mod readiness;
 mod tasks;

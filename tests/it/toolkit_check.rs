@@ -1,0 +1,213 @@
+//! `praefect check` and `/db_metrics` against real parts: a PostgreSQL the test starts, real
+//! gitnodes, a real router; the built binary's output compared line by line.
+// Tests read and write the database directly (not through PgBouncer), so the datastore's
+// rule about unnamed statements (clippy.toml) does not apply here.
+#![allow(clippy::disallowed_methods)]
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::cluster::start_router;
+use common::gitnode::GitNode;
+use common::pg::{OwnServer, TestDb};
+use common::router::{
+    commit_and_push, praefect_cli, sample, seed_repository, wait_for_health_round,
+    write_config_with, NodeEntry,
+};
+use common::wait::wait_until;
+
+const PASSED: [&str; 9] = [
+    "Checking praefect migrations - Confirms whether or not all migrations have run [fatal]",
+    "Passed",
+    "Checking gitaly node connectivity & disk access - Checks connectivity to each node and that each of its storages is readable and writable [fatal]",
+    "Passed",
+    "Checking database read/write - Checks that the database can be written to and read from [fatal]",
+    "Passed",
+    "Checking unavailable repositories - Checks for repositories without a healthy, up-to-date replica [warning]",
+    "Passed",
+    "",
+];
+
+fn lines(text: &str) -> Vec<&str> {
+    text.lines().collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_passes_then_names_what_fails() {
+    let db = TestDb::new().await;
+    let mut nodes = [GitNode::start("gitaly-1"), GitNode::start("gitaly-2")];
+    let dir = tempfile::tempdir().unwrap();
+    let entries: Vec<NodeEntry> = nodes.iter().map(NodeEntry::from).collect();
+    write_config_with(dir.path(), &db.connection(), &entries, "");
+
+    let (code, out, err) = praefect_cli(dir.path(), &["check"]).await;
+    let mut want = PASSED.to_vec();
+    want.push("All checks passed.");
+    assert_eq!((code, lines(&out)), (0, want), "{err}");
+
+    let (code, out, _) = praefect_cli(dir.path(), &["check", "-q"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        lines(&out),
+        [
+            "Checking praefect migrations...",
+            "Passed",
+            "Checking gitaly node connectivity & disk access...",
+            "Passed",
+            "Checking database read/write...",
+            "Passed",
+            "Checking unavailable repositories...",
+            "Passed",
+            "",
+            "All checks passed."
+        ]
+    );
+
+    // A repository whose only replica is behind: unavailable, a warning.
+    let id = seed_repository(&db, &[&nodes[0]], "group/lost.git").await;
+    sqlx::query("UPDATE repositories SET generation = 3 WHERE repository_id = $1")
+        .bind(id)
+        .execute(&mut db.raw().await)
+        .await
+        .unwrap();
+    let (code, out, _) = praefect_cli(dir.path(), &["check"]).await;
+    assert_eq!(code, 0, "a warning does not fail the command:\n{out}");
+    let out = lines(&out);
+    assert_eq!(
+        out[7],
+        "Failed (warning) error: virtual storage \"default\" has 1 unavailable repository; run `praefect dataloss` to see them"
+    );
+    assert_eq!(out[9], "1 check(s) failed, but none are fatal.");
+
+    // A node down: fatal.
+    nodes[1].kill();
+    let (code, out, _) = praefect_cli(dir.path(), &["check"]).await;
+    assert_eq!(code, 1, "{out}");
+    let out = lines(&out);
+    assert_eq!(
+        out[3],
+        format!(
+            "Failed (fatal) error: the following nodes are not healthy: {}",
+            nodes[1].address
+        )
+    );
+    assert_eq!(
+        out.last().copied(),
+        Some("2 check(s) failed, at least one was fatal.")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_with_the_database_down_fails_every_database_check() {
+    let pg = OwnServer::start().await;
+    let node = GitNode::start("gitaly-1");
+    let dir = tempfile::tempdir().unwrap();
+    write_config_with(dir.path(), &pg.connection(), &[NodeEntry::from(&node)], "");
+    pg.stop();
+    let (code, out, _) = praefect_cli(dir.path(), &["check"]).await;
+    assert_eq!(code, 1, "{out}");
+    let out = lines(&out);
+    for (line, passed) in [(1, false), (3, true), (5, false), (7, false)] {
+        assert_eq!(out[line] == "Passed", passed, "line {line}: {}", out[line]);
+    }
+    assert!(out[1].starts_with("Failed (fatal) error: "), "{}", out[1]);
+    assert!(out[7].starts_with("Failed (warning) error: "), "{}", out[7]);
+    assert_eq!(
+        out.last().copied(),
+        Some("3 check(s) failed, at least one was fatal.")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn db_metrics_show_a_queue_building_against_a_stopped_node() {
+    let db = TestDb::new().await;
+    let mut nodes = [
+        GitNode::start("gitaly-1"),
+        GitNode::start("gitaly-2"),
+        GitNode::start("gitaly-3"),
+    ];
+    let path = "group/queued.git";
+    seed_repository(&db, &[&nodes[0], &nodes[1], &nodes[2]], path).await;
+    let dir = tempfile::tempdir().unwrap();
+    let router = {
+        let refs: Vec<&GitNode> = nodes.iter().collect();
+        start_router(&db, dir.path(), &refs, "").await
+    };
+    nodes[2].kill();
+    wait_for_health_round(&db, "gitaly-3", false).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let replica: String =
+        sqlx::query_scalar("SELECT replica_path FROM repositories WHERE relative_path = $1")
+            .bind(path)
+            .fetch_one(&mut db.raw().await)
+            .await
+            .unwrap();
+    common::gitnode::git(
+        work.path(),
+        &[
+            "clone",
+            "--quiet",
+            &nodes[0].root.join(&replica).display().to_string(),
+            ".",
+        ],
+        &[],
+    );
+    commit_and_push(work.path(), &router, path, "while gitaly-3 is away");
+
+    let db_metrics = || {
+        let (code, body) = router.http_get("/db_metrics");
+        assert_eq!(code, 200, "{body}");
+        body
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the queue shows in /db_metrics",
+        || async {
+            let body = db_metrics();
+            ["ready", "in_progress", "failed"].iter().any(|state| {
+                sample(
+                    &body,
+                    "gitaly_praefect_replication_queue_depth",
+                    &[("target_node", "gitaly-3"), ("state", state)],
+                ) >= 1.0
+            })
+        },
+    )
+    .await;
+    let body = db_metrics();
+    assert!(
+        body.contains("gitaly_praefect_unavailable_repositories{virtual_storage=\"default\"} 0"),
+        "{body}"
+    );
+    // The replica on the stopped node cannot be verified.
+    assert!(
+        sample(
+            &body,
+            "gitaly_praefect_verification_queue_depth",
+            &[("storage", "gitaly-3"), ("status", "unverified")]
+        ) >= 1.0,
+        "{body}"
+    );
+    // Kept off /metrics by default.
+    let (_, metrics) = router.http_get("/metrics");
+    assert!(!metrics.contains("gitaly_praefect_replication_queue_depth"));
+
+    // The other way round, on request.
+    drop(router);
+    let dir = tempfile::tempdir().unwrap();
+    let refs: Vec<&GitNode> = nodes.iter().take(2).collect();
+    let router = start_router(
+        &db,
+        dir.path(),
+        &refs,
+        "prometheus_exclude_database_from_default_metrics = false",
+    )
+    .await;
+    let (_, metrics) = router.http_get("/metrics");
+    assert!(
+        metrics.contains("gitaly_praefect_replication_queue_depth"),
+        "{metrics}"
+    );
+}
