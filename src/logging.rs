@@ -27,7 +27,11 @@ pub fn init(config: &Logging) {
         .with_env_filter(filter)
         .with_writer(std::io::stdout);
     let result = if config.format == "json" {
-        builder.with_ansi(false).event_format(JsonLine).try_init()
+        builder
+            .with_ansi(false)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(JsonLine)
+            .try_init()
     } else {
         builder.try_init()
     };
@@ -63,16 +67,21 @@ where
             "component".into(),
             Value::String(event.metadata().target().to_string()),
         );
-        // Fields of the enclosing spans (correlation ids, methods) come first, so an event's
-        // own fields win on a name clash.
+        // Fields of the enclosing spans (correlation ids, methods, the routed repository)
+        // come first, as keys of their own, so an event's own fields win on a name clash.
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 if let Some(fields) = span
                     .extensions()
                     .get::<tracing_subscriber::fmt::FormattedFields<N>>()
                 {
-                    if !fields.is_empty() {
-                        object.insert(span.name().to_string(), Value::String(fields.to_string()));
+                    match serde_json::from_str::<Map<String, Value>>(fields) {
+                        Ok(fields) => object.extend(fields),
+                        Err(_) if !fields.is_empty() => {
+                            object
+                                .insert(span.name().to_string(), Value::String(fields.to_string()));
+                        }
+                        Err(_) => {}
                     }
                 }
             }

@@ -56,7 +56,8 @@ pub fn ensure_correlation_id(mut request: Request) -> Request {
 }
 
 /// Runs every call inside a span with `grpc.method`, `correlation_id` and (once routed)
-/// `virtual_storage`, so that each log line of the call can be traced back to it.
+/// `virtual_storage`, `relative_path` and the chosen `storage`, so that each log line of the
+/// call can be traced back to it.
 #[derive(Clone, Copy, Default)]
 pub struct SpanLayer;
 
@@ -90,6 +91,8 @@ where
             grpc.method = %request.uri().path(),
             correlation_id = %correlation_id(request.headers()),
             virtual_storage = tracing::field::Empty,
+            relative_path = tracing::field::Empty,
+            storage = tracing::field::Empty,
         );
         self.inner.call(request).instrument(span)
     }

@@ -5,6 +5,7 @@
 //! on the wire format, and the one error model (`error.rs`) that maps every failure to a
 //! gRPC status.
 
+mod access_log;
 pub mod error;
 mod finalize;
 mod forward;

@@ -168,7 +168,9 @@ fn outgoing_uri(uri: &http::Uri) -> http::Uri {
     http::Uri::from_parts(parts).unwrap_or_else(|_| http::Uri::from_static("/"))
 }
 
-/// Names the call's virtual storage in the request span.
+/// Names the call's virtual storage and chosen storage in the request span.
 fn record_virtual_storage(destination: &Destination) {
-    tracing::Span::current().record("virtual_storage", destination.virtual_storage.as_str());
+    let span = tracing::Span::current();
+    span.record("virtual_storage", destination.virtual_storage.as_str());
+    span.record("storage", destination.storage.as_str());
 }

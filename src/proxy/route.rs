@@ -78,7 +78,9 @@ fn target<'a>(
         .target_repository
         .as_deref()
         .ok_or(ProxyError::RepositoryNotSet)?;
-    Ok((path, rewrite::read_repository(message, path)?))
+    let repository = rewrite::read_repository(message, path)?;
+    tracing::Span::current().record("relative_path", repository.relative_path.as_str());
+    Ok((path, repository))
 }
 
 /// The additional repository a call names, if its method has one and the message sets it.

@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use tower::util::MapRequest;
 use tower::{Service, ServiceBuilder};
 
+use super::access_log::{AccessLog, AccessLogLayer};
 use super::layers::{
     count_method_type, ensure_correlation_id, RequestSpan, RequestStep, SpanLayer,
 };
@@ -32,7 +33,8 @@ pub struct RouterService<H> {
     proxy: Arc<Proxy>,
 }
 
-/// The router's service with its layers (correlation id, request span, method metrics);
+/// The router's service with its layers (correlation id, request span, access log and gRPC
+/// server metrics, method metrics);
 /// `health` is the gRPC health service.
 pub fn router_service<H>(proxy: Arc<Proxy>, health: H) -> Layered<RouterService<H>> {
     let service = RouterService {
@@ -48,12 +50,13 @@ pub fn router_service<H>(proxy: Arc<Proxy>, health: H) -> Layered<RouterService<
     ServiceBuilder::new()
         .map_request(ensure_correlation_id as RequestStep)
         .layer(SpanLayer)
+        .layer(AccessLogLayer)
         .map_request(count_method_type as RequestStep)
         .service(service)
 }
 
 /// The layered service type [`router_service`] returns.
-pub type Layered<S> = MapRequest<RequestSpan<MapRequest<S, RequestStep>>, RequestStep>;
+pub type Layered<S> = MapRequest<RequestSpan<AccessLog<MapRequest<S, RequestStep>>>, RequestStep>;
 
 impl<H> Service<Request> for RouterService<H>
 where

@@ -211,3 +211,106 @@ async fn db_metrics_show_a_queue_building_against_a_stopped_node() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_call_is_logged_once_and_counted() {
+    use praefect::wire::proto::ref_service_client::RefServiceClient;
+    use praefect::wire::proto::FindDefaultBranchNameRequest;
+
+    let db = TestDb::new().await;
+    let nodes = [GitNode::start("gitaly-1"), GitNode::start("gitaly-2")];
+    let path = "group/logged.git";
+    seed_repository(&db, &[&nodes[0], &nodes[1]], path).await;
+    let dir = tempfile::tempdir().unwrap();
+    let refs: Vec<&GitNode> = nodes.iter().collect();
+    let router = start_router(&db, dir.path(), &refs, "").await;
+    let mut client = RefServiceClient::new(router.channel());
+    let call = |path: &str, id: &str| {
+        let mut request = tonic::Request::new(FindDefaultBranchNameRequest {
+            repository: Some(common::router::virtual_repo(path)),
+            head_only: false,
+        });
+        request
+            .metadata_mut()
+            .insert("x-gitlab-correlation-id", id.parse().unwrap());
+        request
+    };
+    client
+        .find_default_branch_name(call(path, "logged-ok"))
+        .await
+        .unwrap();
+    let err = client
+        .find_default_branch_name(call("group/missing.git", "logged-missing"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    let line = |id: &str| {
+        let lines: Vec<serde_json::Value> = router
+            .log_lines("finished call")
+            .into_iter()
+            .filter(|l| l["correlation_id"] == id)
+            .collect();
+        assert_eq!(lines.len(), 1, "one line per call: {:?}", router.log_lines("finished call"));
+        lines[0].clone()
+    };
+    wait_until(Duration::from_secs(5), "both calls logged", || async {
+        router.log_lines("finished call").len() >= 2
+    })
+    .await;
+    let ok = line("logged-ok");
+    assert_eq!(ok["level"], "info", "{ok}");
+    assert_eq!(
+        ok["grpc.method"],
+        "/gitaly.RefService/FindDefaultBranchName"
+    );
+    assert_eq!(ok["grpc.code"], "OK");
+    assert_eq!(ok["virtual_storage"], "default");
+    assert_eq!(ok["relative_path"], path);
+    assert!(
+        ["gitaly-1", "gitaly-2"].contains(&ok["storage"].as_str().unwrap_or("")),
+        "{ok}"
+    );
+    assert!(ok["grpc.time_ms"].as_f64().is_some_and(|t| t > 0.0), "{ok}");
+    assert!(
+        ok["peer.address"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{ok}"
+    );
+    let missing = line("logged-missing");
+    assert_eq!(missing["level"], "warn", "{missing}");
+    assert_eq!(missing["grpc.code"], "NotFound");
+    assert_eq!(missing["grpc.message"], "repository not found");
+    let all = router.log_lines("");
+    assert!(
+        all.iter()
+            .all(|l| !l.to_string().contains(common::router::ROUTER_TOKEN)
+                && !l.to_string().contains("Bearer")),
+        "no token in the log"
+    );
+
+    let (_, metrics) = router.http_get("/metrics");
+    let labels = [
+        ("grpc_service", "gitaly.RefService"),
+        ("grpc_method", "FindDefaultBranchName"),
+    ];
+    assert_eq!(
+        sample(&metrics, "grpc_server_started_total", &labels),
+        2.0,
+        "{metrics}"
+    );
+    for (code, want) in [("OK", 1.0), ("NotFound", 1.0)] {
+        let mut with_code = labels.to_vec();
+        with_code.push(("grpc_code", code));
+        assert_eq!(
+            sample(&metrics, "grpc_server_handled_total", &with_code),
+            want,
+            "{code}"
+        );
+    }
+    assert_eq!(
+        sample(&metrics, "grpc_server_handling_seconds_count", &labels),
+        2.0
+    );
+}

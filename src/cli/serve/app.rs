@@ -191,6 +191,10 @@ impl App {
             .await
             .with_context(|| format!("listening for Prometheus on {addr}"))?;
         tracing::info!(address = %listener.local_addr()?, scheme = "http", "prometheus listening");
+        crate::metrics::grpc::enable_handling_histogram(
+            &self.config.prometheus.grpc_latency_buckets,
+        )
+        .context("grpc_latency_buckets")?;
         let db_metrics = DbMetrics::new(&self.config, self.store.clone());
         let routes = readiness_route(proxy).merge(db_metrics_route(db_metrics.clone()));
         let on_metrics =

@@ -1,0 +1,204 @@
+//! One log line and the go-grpc-prometheus metrics per finished call, as Gitaly and Praefect
+//! give them: `grpc.method`, `grpc.code`, `grpc.time_ms`, `peer.address`, and, from the
+//! call's span, `correlation_id` and what routing chose (`virtual_storage`, `relative_path`,
+//! `storage`). A call ends with its trailers, or when the client goes away (Canceled). Calls
+//! that fail are logged at warn (the cause itself was logged where it happened, see
+//! `ProxyError::report`); health checks only at debug, since load balancers send them every
+//! second. No header is logged, so no token ever is.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tower::{Layer, Service};
+
+use crate::metrics::grpc::{self, CallLabels};
+use crate::routing::registry::Registry;
+use crate::wire::backchannel::PeerInfo;
+
+type Request = http::Request<tonic::body::Body>;
+type Response = http::Response<tonic::body::Body>;
+
+#[derive(Clone, Copy, Default)]
+pub struct AccessLogLayer;
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AccessLog { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+}
+
+impl<S> Service<Request> for AccessLog<S>
+where
+    S: Service<Request, Response = Response>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let mut finish = Finish::start(&request);
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            // The request span is entered while this future runs (not when `call` runs).
+            finish.span = tracing::Span::current();
+            let response = future.await?;
+            Ok(finish.watch(response))
+        })
+    }
+}
+
+/// What the line of one call needs once it ends.
+struct Finish {
+    span: tracing::Span,
+    method: String,
+    labels: CallLabels,
+    peer: Option<Arc<str>>,
+    started: Instant,
+    health_check: bool,
+}
+
+impl Finish {
+    fn start(request: &Request) -> Finish {
+        let method = request.uri().path().to_string();
+        let (service, name) = method
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or(("unknown", "unknown"));
+        let grpc_type = match Registry::global().lookup(&method) {
+            Some(m) if m.client_streaming && m.server_streaming => "bidi_stream",
+            Some(m) if m.client_streaming => "client_stream",
+            Some(m) if m.server_streaming => "server_stream",
+            _ => "unary",
+        };
+        let labels = CallLabels {
+            grpc_type,
+            service: service.to_string(),
+            method: name.to_string(),
+        };
+        grpc::started(&labels);
+        Finish {
+            span: tracing::Span::none(),
+            health_check: service == "grpc.health.v1.Health",
+            method,
+            labels,
+            peer: request
+                .extensions()
+                .get::<PeerInfo>()
+                .map(|p| p.remote_addr.clone()),
+            started: Instant::now(),
+        }
+    }
+
+    /// The response, watched for its end.
+    fn watch(self, response: Response) -> Response {
+        if let Some(code) = response.headers().get("grpc-status") {
+            // Trailers-only: over now.
+            let code = tonic::Code::from_bytes(code.as_bytes());
+            let message = message(response.headers());
+            self.done(code, &message);
+            return response;
+        }
+        let (parts, body) = response.into_parts();
+        let body = Watched {
+            inner: body,
+            finish: Some(self),
+        };
+        http::Response::from_parts(parts, tonic::body::Body::new(body))
+    }
+
+    fn done(self, code: tonic::Code, message: &str) {
+        let elapsed = self.started.elapsed();
+        grpc::handled(&self.labels, code, elapsed);
+        let time_ms = elapsed.as_secs_f64() * 1000.0;
+        let peer = self.peer.as_deref().unwrap_or("");
+        let code_name = grpc::code_name(code);
+        self.span.in_scope(|| {
+            if self.health_check {
+                tracing::debug!(grpc.method = %self.method, grpc.code = code_name, grpc.time_ms = time_ms, peer.address = peer, "finished call");
+            } else if code == tonic::Code::Ok {
+                tracing::info!(grpc.method = %self.method, grpc.code = code_name, grpc.time_ms = time_ms, peer.address = peer, "finished call");
+            } else {
+                tracing::warn!(grpc.method = %self.method, grpc.code = code_name, grpc.time_ms = time_ms, peer.address = peer, grpc.message = message, "finished call");
+            }
+        });
+    }
+}
+
+/// The status message of trailers (or trailers-only headers), decoded.
+fn message(headers: &http::HeaderMap) -> String {
+    tonic::Status::from_header_map(headers)
+        .map(|status| status.message().to_string())
+        .unwrap_or_default()
+}
+
+/// A response body that reports the call's end.
+struct Watched {
+    inner: tonic::body::Body,
+    finish: Option<Finish>,
+}
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|trailers| {
+                let code = trailers
+                    .get("grpc-status")
+                    .map_or(tonic::Code::Unknown, |c| {
+                        tonic::Code::from_bytes(c.as_bytes())
+                    });
+                (code, message(trailers))
+            }),
+            Poll::Ready(Some(Err(status))) => Some((status.code(), status.message().to_string())),
+            Poll::Ready(None) => Some((
+                tonic::Code::Unknown,
+                "the answer ended without trailers".to_string(),
+            )),
+            Poll::Pending => None,
+        };
+        if let Some((code, message)) = ended {
+            if let Some(finish) = self.finish.take() {
+                finish.done(code, &message);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Some(finish) = self.finish.take() {
+            finish.done(tonic::Code::Cancelled, "the client went away");
+        }
+    }
+}
