@@ -155,6 +155,68 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         replication_factor: i32,
     },
+    /// List the repositories that lost their primary (no replica is up to date and healthy),
+    /// with how far behind each replica is.
+    Dataloss {
+        /// Only this virtual storage (default: every configured one).
+        #[arg(long, value_name = "NAME")]
+        virtual_storage: Option<String>,
+        /// Also list repositories that are available but miss up-to-date replicas on
+        /// assigned storages.
+        #[arg(
+            long,
+            default_value_t = false,
+            num_args = 0..=1,
+            default_missing_value = "true",
+            action = ArgAction::Set,
+            value_name = "BOOL"
+        )]
+        partially_unavailable: bool,
+    },
+    /// Accept the loss of the changes a repository's other replicas have: the authoritative
+    /// storage's replica becomes the only up-to-date one and the others are overwritten from
+    /// it.
+    #[command(name = "accept-dataloss")]
+    AcceptDataloss {
+        /// The repository's virtual storage.
+        #[arg(long, value_name = "NAME")]
+        virtual_storage: String,
+        /// The repository's relative path.
+        #[arg(long, value_name = "PATH")]
+        relative_path: String,
+        /// The storage whose replica to keep.
+        #[arg(long, value_name = "NAME")]
+        authoritative_storage: String,
+    },
+    /// Show a repository's record and its replicas: generations, assignment, health.
+    #[command(group(
+        clap::ArgGroup::new("repository")
+            .required(true)
+            .args(["repository_id", "virtual_storage"])
+    ))]
+    Metadata {
+        /// The repository's id.
+        #[arg(
+            long,
+            value_name = "ID",
+            value_parser = clap::value_parser!(i64).range(1..),
+            conflicts_with_all = ["virtual_storage", "relative_path"]
+        )]
+        repository_id: Option<i64>,
+        /// The repository's virtual storage (with -relative-path).
+        #[arg(long, value_name = "NAME", requires = "relative_path")]
+        virtual_storage: Option<String>,
+        /// The repository's relative path (with -virtual-storage).
+        #[arg(long, value_name = "PATH", requires = "virtual_storage")]
+        relative_path: Option<String>,
+    },
+    /// List the configured virtual storages and their nodes.
+    #[command(name = "list-storages")]
+    ListStorages {
+        /// Only this virtual storage.
+        #[arg(long, value_name = "NAME")]
+        virtual_storage: Option<String>,
+    },
     /// Work with configuration files.
     Configuration {
         #[command(subcommand)]
@@ -314,6 +376,71 @@ mod tests {
             &["praefect", "verify", "-repository-id", "x"],
         ] {
             assert!(verify(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lost_primary_tooling_flags() {
+        let parsed = |args: &[&str]| {
+            Cli::try_parse_from(normalize_args(args.iter().map(OsString::from)))
+                .map(|cli| format!("{:?}", cli.command))
+        };
+        assert_eq!(
+            parsed(&["praefect", "dataloss"]).unwrap(),
+            format!(
+                "{:?}",
+                Some(Command::Dataloss {
+                    virtual_storage: None,
+                    partially_unavailable: false
+                })
+            )
+        );
+        for flag in ["-partially-unavailable", "--partially-unavailable=true"] {
+            assert!(
+                parsed(&["praefect", "dataloss", "-virtual-storage", "vs", flag])
+                    .unwrap()
+                    .contains("partially_unavailable: true")
+            );
+        }
+        assert!(parsed(&[
+            "praefect",
+            "accept-dataloss",
+            "-virtual-storage=vs",
+            "-relative-path=p",
+            "-authoritative-storage=s"
+        ])
+        .is_ok());
+        assert!(parsed(&["praefect", "metadata", "-repository-id", "4"]).is_ok());
+        assert!(parsed(&[
+            "praefect",
+            "metadata",
+            "-virtual-storage",
+            "vs",
+            "-relative-path",
+            "p"
+        ])
+        .is_ok());
+        assert!(parsed(&["praefect", "list-storages"]).is_ok());
+        for bad in [
+            &["praefect", "accept-dataloss", "-virtual-storage", "vs"][..],
+            &["praefect", "metadata"],
+            &["praefect", "metadata", "-virtual-storage", "vs"],
+            &["praefect", "metadata", "-relative-path", "p"],
+            &[
+                "praefect",
+                "metadata",
+                "-repository-id",
+                "1",
+                "-virtual-storage",
+                "vs",
+                "-relative-path",
+                "p",
+            ],
+            &["praefect", "metadata", "-repository-id", "x"],
+            &["praefect", "dataloss", "-partially-unavailable=maybe"],
+            &["praefect", "list-storages", "extra"],
+        ] {
+            assert!(parsed(bad).is_err(), "{bad:?}");
         }
     }
 

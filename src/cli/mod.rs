@@ -1,11 +1,15 @@
 //! The `praefect` command line: argument parsing and one file per subcommand.
 
+mod accept_dataloss;
 mod args;
 mod check;
 mod configuration;
+mod dataloss;
 mod dial;
 mod dial_nodes;
 mod error;
+mod list_storages;
+mod metadata;
 mod replication_factor;
 mod serve;
 mod sql;
@@ -130,6 +134,47 @@ async fn dispatch(command: Option<Command>, config: Config) -> ExitCode {
                 relative_path,
                 replication_factor,
             )),
+        ),
+        Some(Command::Dataloss {
+            virtual_storage,
+            partially_unavailable,
+        }) => (
+            "dataloss",
+            Box::pin(dataloss::run(
+                &config,
+                virtual_storage,
+                partially_unavailable,
+            )),
+        ),
+        Some(Command::AcceptDataloss {
+            virtual_storage,
+            relative_path,
+            authoritative_storage,
+        }) => (
+            "accept-dataloss",
+            Box::pin(accept_dataloss::run(
+                &config,
+                virtual_storage,
+                relative_path,
+                authoritative_storage,
+            )),
+        ),
+        Some(Command::Metadata {
+            repository_id,
+            virtual_storage,
+            relative_path,
+        }) => (
+            "metadata",
+            Box::pin(metadata::run(
+                &config,
+                repository_id,
+                virtual_storage,
+                relative_path,
+            )),
+        ),
+        Some(Command::ListStorages { virtual_storage }) => (
+            "list-storages",
+            Box::pin(list_storages::run(&config, virtual_storage)),
         ),
     };
     report(name, interruptible(work).await)

@@ -23,6 +23,7 @@
 mod assignments;
 mod cache;
 mod connect;
+mod dataloss;
 pub mod db_metrics;
 mod health;
 pub mod migrations;
@@ -41,6 +42,7 @@ pub use connect::{
     find_writable, is_connection_error, is_read_only_error, targets, PoolSettings, Target,
     READ_ONLY_SQLSTATES,
 };
+pub use dataloss::{ReplicaState, RepositoryLookup, RepositoryState};
 pub use health::{HealthObservation, HealthyStorage};
 pub use migrations::{
     Migration, MigrationEvent, MigrationState, MigrationStatus, MIGRATIONS_TABLE,

@@ -56,6 +56,13 @@ pub enum InvalidRequest {
         virtual_storage: String,
         relative_path: String,
     },
+    #[error("repository {relative_path:?} does not exist on virtual storage {virtual_storage:?}")]
+    RepositoryNotOnVirtualStorage {
+        virtual_storage: String,
+        relative_path: String,
+    },
+    #[error("no query: set repository_id or path")]
+    NoQuery,
     #[error("no selector: set repository_id, virtual_storage or storage")]
     NoSelector,
     #[error("unknown virtual storage {0:?}")]

@@ -19,5 +19,6 @@ mod queue_bench;
 mod replication;
 mod router;
 mod toolkit_check;
+mod toolkit_dataloss;
 mod transactions;
 mod verification;

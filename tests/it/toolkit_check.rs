@@ -251,7 +251,12 @@ async fn every_call_is_logged_once_and_counted() {
             .into_iter()
             .filter(|l| l["correlation_id"] == id)
             .collect();
-        assert_eq!(lines.len(), 1, "one line per call: {:?}", router.log_lines("finished call"));
+        assert_eq!(
+            lines.len(),
+            1,
+            "one line per call: {:?}",
+            router.log_lines("finished call")
+        );
         lines[0].clone()
     };
     wait_until(Duration::from_secs(5), "both calls logged", || async {

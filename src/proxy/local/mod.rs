@@ -4,6 +4,9 @@
 //! services that only the database can answer (their first message is read by the proxy
 //! pipeline, which then hands it here).
 
+mod configured;
+mod dataloss;
+mod metadata;
 mod praefect_info;
 mod reply;
 mod repository;

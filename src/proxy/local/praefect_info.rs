@@ -7,7 +7,8 @@ use std::sync::Arc;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
-use super::server_service::not_yet;
+use super::configured::known_virtual_storage;
+use super::{dataloss, metadata};
 use crate::datastore::ReplicaSelector;
 use crate::proxy::error::{InvalidRequest, ProxyError};
 use crate::proxy::state::Proxy;
@@ -53,34 +54,50 @@ impl PraefectInfoService for PraefectInfo {
             .map_err(|err| err.report())
     }
 
+    /// RepositoryReplicas: the checksums of the primary's and the other assigned replicas.
     async fn repository_replicas(
         &self,
-        _request: Request<RepositoryReplicasRequest>,
+        request: Request<RepositoryReplicasRequest>,
     ) -> Result<Response<RepositoryReplicasResponse>, Status> {
-        Err(not_yet("/gitaly.PraefectInfoService/RepositoryReplicas"))
+        metadata::repository_replicas(&self.proxy, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|err| err.report())
     }
 
+    /// Dataloss: the repositories that lost their primary (or, if asked, miss replicas).
     async fn dataloss(
         &self,
-        _request: Request<DatalossRequest>,
+        request: Request<DatalossRequest>,
     ) -> Result<Response<BoxStream<DatalossResponse>>, Status> {
-        Err(not_yet("/gitaly.PraefectInfoService/Dataloss"))
+        let messages = dataloss::dataloss(&self.proxy, request.into_inner())
+            .await
+            .map_err(|err| err.report())?;
+        let stream = futures::stream::iter(messages.into_iter().map(Ok));
+        Ok(Response::new(Box::pin(stream)))
     }
 
+    /// SetAuthoritativeStorage: accepts a data loss; the chosen replica is the only up-to-date
+    /// one afterwards and the reconciler overwrites the others from it.
     async fn set_authoritative_storage(
         &self,
-        _request: Request<SetAuthoritativeStorageRequest>,
+        request: Request<SetAuthoritativeStorageRequest>,
     ) -> Result<Response<SetAuthoritativeStorageResponse>, Status> {
-        Err(not_yet(
-            "/gitaly.PraefectInfoService/SetAuthoritativeStorage",
-        ))
+        dataloss::set_authoritative_storage(&self.proxy, request.into_inner())
+            .await
+            .map(|()| Response::new(SetAuthoritativeStorageResponse {}))
+            .map_err(|err| err.report())
     }
 
+    /// GetRepositoryMetadata: the repository's record and all of its replicas.
     async fn get_repository_metadata(
         &self,
-        _request: Request<GetRepositoryMetadataRequest>,
+        request: Request<GetRepositoryMetadataRequest>,
     ) -> Result<Response<GetRepositoryMetadataResponse>, Status> {
-        Err(not_yet("/gitaly.PraefectInfoService/GetRepositoryMetadata"))
+        metadata::repository_metadata(&self.proxy, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|err| err.report())
     }
 }
 
@@ -101,7 +118,7 @@ impl PraefectInfo {
         &self,
         request: SetReplicationFactorRequest,
     ) -> Result<SetReplicationFactorResponse, ProxyError> {
-        let configured = self.known_virtual_storage(&request.virtual_storage)?;
+        let configured = known_virtual_storage(&self.proxy, &request.virtual_storage)?;
         let factor = request.replication_factor;
         if factor < 1 {
             return Err(InvalidRequest::ReplicationFactorBelowOne(factor).into());
@@ -143,11 +160,11 @@ impl PraefectInfo {
             None => Err(InvalidRequest::NoSelector.into()),
             Some(Selector::RepositoryId(id)) => Ok(ReplicaSelector::Repository(id)),
             Some(Selector::VirtualStorage(virtual_storage)) => {
-                self.known_virtual_storage(&virtual_storage)?;
+                known_virtual_storage(&self.proxy, &virtual_storage)?;
                 Ok(ReplicaSelector::VirtualStorage(virtual_storage))
             }
             Some(Selector::Storage(storage)) => {
-                let configured = self.known_virtual_storage(&storage.virtual_storage)?;
+                let configured = known_virtual_storage(&self.proxy, &storage.virtual_storage)?;
                 if !configured.contains(&storage.storage) {
                     return Err(InvalidRequest::UnknownStorage {
                         virtual_storage: storage.virtual_storage,
@@ -161,15 +178,5 @@ impl PraefectInfo {
                 })
             }
         }
-    }
-
-    /// The storages of a configured virtual storage; InvalidArgument naming it otherwise.
-    fn known_virtual_storage(&self, name: &str) -> Result<&[String], ProxyError> {
-        self.proxy
-            .router
-            .topology()
-            .get(name)
-            .map(|vs| vs.storages.as_slice())
-            .ok_or_else(|| InvalidRequest::UnknownVirtualStorage(name.to_string()).into())
     }
 }
