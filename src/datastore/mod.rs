@@ -32,6 +32,8 @@ mod replicas;
 mod repositories;
 mod routing;
 pub mod sql;
+mod storage_cleanup;
+mod tracking;
 mod verification;
 mod writer;
 
