@@ -18,5 +18,6 @@ mod queue;
 mod queue_bench;
 mod replication;
 mod router;
+mod toolkit_tracking;
 mod transactions;
 mod verification;
