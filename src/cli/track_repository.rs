@@ -190,16 +190,14 @@ impl<'a> Tracker<'a> {
             if self.replicate_immediately {
                 self.replicate(&update).await?;
                 lines.push(format!("Finished replicating repository to {target:?}."));
-            } else if created.is_some() {
-                lines.push(format!(
-                    "Added replication job to replicate repository to {target:?}."
-                ));
-            } else if self
-                .store
-                .enqueue(&queued_job(&update), &correlation_id)
-                .await?
-                .is_some()
+            } else if created.is_some()
+                || self
+                    .store
+                    .enqueue(&queued_job(&update), &correlation_id)
+                    .await?
+                    .is_some()
             {
+                // A new repository's jobs were queued with its records.
                 lines.push(format!(
                     "Added replication job to replicate repository to {target:?}."
                 ));
