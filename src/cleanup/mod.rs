@@ -38,8 +38,9 @@ pub struct RepositoriesCleanup {
 }
 
 impl RepositoriesCleanup {
-    /// Checks every `check_interval`, the first time at once (the database decides whether
-    /// a walk is due, so a restarting router does not walk again).
+    /// Checks every `check_interval`, the first time one interval after the start, as
+    /// Praefect does: a router that just started talks to its nodes for routing only (and
+    /// the database decides whether a walk is due, so restarts do not add walks).
     pub async fn run(self, stop: CancellationToken) {
         let settings = &self.config.repositories_cleanup;
         let (check, run) = (
@@ -52,7 +53,7 @@ impl RepositoriesCleanup {
         }
         let this = &self;
         let stop_ref = &stop;
-        run_every(check, &stop, FirstRun::Immediately, || async move {
+        run_every(check, &stop, FirstRun::AfterPeriod, || async move {
             if let Err(err) = this.check(run, stop_ref).await {
                 tracing::error!(error = %err, "repositories cleanup failed");
             }

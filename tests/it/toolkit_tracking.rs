@@ -607,9 +607,11 @@ async fn untracked_repositories_are_listed_and_logged_by_the_cleanup_worker() {
     .await;
     assert_eq!(code, 2, "{err}");
 
-    // The worker walks every storage once and reports only the old untracked repository.
+    // The worker walks every storage once, one check interval (at least a minute, as
+    // Praefect validates it) after the start, and reports only the old untracked repository.
+    assert!(router.log_lines("repositories cleanup walked").is_empty());
     wait_until(
-        Duration::from_secs(30),
+        Duration::from_secs(100),
         "the cleanup worker walks all three storages",
         async || {
             router
