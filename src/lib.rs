@@ -4,6 +4,7 @@
 //! `datastore` (all SQL), `metrics`, `logging`, `routing` (pure decisions), and `periodic`
 //! (the background workers' loop).
 
+pub mod cleanup;
 pub mod cli;
 pub mod config;
 pub mod datastore;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use praefect_wire::auth::{AuthConfig, AuthLayer};
 use praefect_wire::backchannel::{incoming, yamux_config, Listener, SessionRegistry};
 use praefect_wire::proto::commit_service_server::CommitServiceServer;
+use praefect_wire::proto::internal_gitaly_server::InternalGitalyServer;
 use praefect_wire::proto::ref_service_server::RefServiceServer;
 use praefect_wire::proto::repository_service_server::RepositoryServiceServer;
 use praefect_wire::proto::server_service_server::ServerServiceServer;
@@ -109,7 +110,8 @@ pub async fn serve(
             .add_service(RefServiceServer::new(services.clone()))
             .add_service(CommitServiceServer::new(services.clone()))
             .add_service(SshServiceServer::new(services.clone()))
-            .add_service(SmartHttpServiceServer::new(services.clone()));
+            .add_service(SmartHttpServiceServer::new(services.clone()))
+            .add_service(InternalGitalyServer::new(services.clone()));
         let stream = incoming(listener, node.sessions.clone(), yamux_config(0, 256));
         let mut stop = stop_rx.clone();
         servers.push(tokio::spawn(router.serve_with_incoming_shutdown(

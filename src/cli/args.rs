@@ -217,6 +217,64 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         virtual_storage: Option<String>,
     },
+    /// Start tracking a repository that exists on one storage but not in the database: it
+    /// becomes the primary, and the other storages are brought up to date from it.
+    #[command(name = "track-repository")]
+    TrackRepository {
+        /// The repository's virtual storage.
+        #[arg(long, value_name = "NAME")]
+        virtual_storage: String,
+        /// The relative path clients will use.
+        #[arg(long, value_name = "PATH")]
+        relative_path: String,
+        /// Where the repository is on the storage's disk.
+        #[arg(long, value_name = "PATH")]
+        replica_path: String,
+        /// The storage that has the repository, to consider authoritative.
+        #[arg(long, value_name = "NAME")]
+        authoritative_storage: String,
+        /// Replicate to the other storages now, instead of queueing replication jobs.
+        #[arg(long)]
+        replicate_immediately: bool,
+    },
+    /// `track-repository` for every line of a file of JSON objects (keys relative_path,
+    /// replica_path, virtual_storage, authoritative_storage); nothing is tracked unless every
+    /// line is valid.
+    #[command(name = "track-repositories")]
+    TrackRepositories {
+        /// The file of newline-delimited JSON objects.
+        #[arg(long, value_name = "FILE")]
+        input_path: PathBuf,
+        /// Replicate to the other storages now, instead of queueing replication jobs.
+        #[arg(long)]
+        replicate_immediately: bool,
+    },
+    /// Remove a repository from the nodes and the database (a dry run unless -apply).
+    #[command(name = "remove-repository")]
+    RemoveRepository {
+        /// The repository's virtual storage.
+        #[arg(long, value_name = "NAME")]
+        virtual_storage: String,
+        /// The repository's relative path.
+        #[arg(long, value_name = "PATH")]
+        relative_path: String,
+        /// Really remove it.
+        #[arg(long)]
+        apply: bool,
+        /// With -apply: remove only the database records, leaving the replicas on disk.
+        #[arg(long)]
+        db_only: bool,
+    },
+    /// List the repositories on the nodes' disks that the database does not track.
+    #[command(name = "list-untracked-repositories")]
+    ListUntrackedRepositories {
+        /// Leave out repositories modified more recently than this (Go duration).
+        #[arg(long, default_value = "6h", value_name = "DURATION")]
+        older_than: crate::config::GoDuration,
+        /// What follows each repository (`\n`, `\t` and `\0` are understood).
+        #[arg(long, default_value = "\n", value_name = "TEXT")]
+        delimiter: String,
+    },
     /// Work with configuration files.
     Configuration {
         #[command(subcommand)]

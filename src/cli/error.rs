@@ -34,6 +34,9 @@ pub enum CliError {
     /// Some nodes failed their checks (the output above says how).
     #[error("the following nodes are not healthy: {}", .0.join(", "))]
     UnhealthyNodes(Vec<String>),
+    /// The subcommand could not do its work (the message says why).
+    #[error("{0}")]
+    Failed(String),
     #[error("reading stdin: {0}")]
     Stdin(#[source] std::io::Error),
     /// `check`: at least one fatal check failed (the output above says which).

@@ -9,10 +9,15 @@ mod dial;
 mod dial_nodes;
 mod error;
 mod list_storages;
+mod list_untracked;
 mod metadata;
+mod remove_repository;
 mod replication_factor;
 mod serve;
 mod sql;
+mod track_input;
+mod track_repositories;
+mod track_repository;
 mod verify;
 
 pub use args::{normalize_args, Cli, Command, ConfigurationCommand};
@@ -175,6 +180,58 @@ async fn dispatch(command: Option<Command>, config: Config) -> ExitCode {
         Some(Command::ListStorages { virtual_storage }) => (
             "list-storages",
             Box::pin(list_storages::run(&config, virtual_storage)),
+        ),
+        Some(Command::TrackRepository {
+            virtual_storage,
+            relative_path,
+            replica_path,
+            authoritative_storage,
+            replicate_immediately,
+        }) => (
+            "track-repository",
+            Box::pin(track_repository::run(
+                &config,
+                track_repository::TrackRequest {
+                    virtual_storage,
+                    relative_path,
+                    replica_path,
+                    authoritative_storage,
+                },
+                replicate_immediately,
+            )),
+        ),
+        Some(Command::TrackRepositories {
+            input_path,
+            replicate_immediately,
+        }) => (
+            "track-repositories",
+            Box::pin(async move {
+                track_repositories::run(&config, &input_path, replicate_immediately).await
+            }),
+        ),
+        Some(Command::RemoveRepository {
+            virtual_storage,
+            relative_path,
+            apply,
+            db_only,
+        }) => (
+            "remove-repository",
+            Box::pin(remove_repository::run(
+                &config,
+                virtual_storage,
+                relative_path,
+                apply,
+                db_only,
+            )),
+        ),
+        Some(Command::ListUntrackedRepositories {
+            older_than,
+            delimiter,
+        }) => (
+            "list-untracked-repositories",
+            Box::pin(
+                async move { list_untracked::run(&config, older_than.to_std(), &delimiter).await },
+            ),
         ),
     };
     report(name, interruptible(work).await)

@@ -7,7 +7,8 @@ use super::error::CliError;
 use crate::config::{Config, GoDuration};
 use crate::datastore::{Datastore, DatastoreError, MigrationEvent, MigrationState, PoolSettings};
 
-async fn open(config: &Config) -> Result<Datastore, DatastoreError> {
+/// The database of `config`, for the subcommands that work on it directly.
+pub(super) async fn open(config: &Config) -> Result<Datastore, DatastoreError> {
     Datastore::connect(&config.database.connection(), PoolSettings::default()).await
 }
 

@@ -34,6 +34,8 @@ mod replicas;
 mod repositories;
 mod routing;
 pub mod sql;
+mod storage_cleanup;
+mod tracking;
 mod verification;
 mod writer;
 

@@ -6,7 +6,9 @@ use base64::Engine;
 use tonic::Code;
 
 use crate::config::Config;
-use crate::datastore::{ChangeType, Datastore, DatastoreError, QueuedJob};
+use crate::datastore::{
+    ChangeType, Datastore, DatastoreError, JobState, QueuedJob, ReplicationJob,
+};
 use crate::nodes::NodePool;
 use crate::wire::proto::repository_service_client::RepositoryServiceClient;
 use crate::wire::proto::{RemoveRepositoryRequest, ReplicateRepositoryRequest, Repository};
@@ -61,6 +63,22 @@ impl JobRunner<'_> {
             .ok_or_else(|| {
                 JobError::UnknownStorage(storage.to_string(), virtual_storage.to_string())
             })
+    }
+
+    /// Runs a job that was never queued: `track-repository -replicate-immediately`
+    /// replicates at once, the way the replicator would, instead of queueing the job.
+    pub async fn run_now(&self, job: ReplicationJob, correlation_id: &str) -> Result<(), JobError> {
+        let queued = QueuedJob {
+            id: 0,
+            state: JobState::InProgress,
+            attempt: 0,
+            lock_id: job.lock_id(),
+            job,
+            correlation_id: correlation_id.to_string(),
+            created_at: chrono::Utc::now().naive_utc(),
+            updated_at: None,
+        };
+        self.run(&queued).await
     }
 
     pub async fn run(&self, queued: &QueuedJob) -> Result<(), JobError> {

@@ -20,5 +20,6 @@ mod replication;
 mod router;
 mod toolkit_check;
 mod toolkit_dataloss;
+mod toolkit_tracking;
 mod transactions;
 mod verification;

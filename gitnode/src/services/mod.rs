@@ -2,6 +2,7 @@
 //! Unimplemented, as Gitaly does for a method it does not know.
 
 pub mod commit;
+pub mod internal;
 mod pack;
 pub mod refs;
 mod replicate;

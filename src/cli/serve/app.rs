@@ -16,6 +16,7 @@ use super::db_metrics::{db_metrics_route, DbMetrics};
 use super::listen::bind;
 use super::readiness::readiness_route;
 use super::tasks::Tasks;
+use crate::cleanup::RepositoriesCleanup;
 use crate::config::Config;
 use crate::datastore::{Datastore, ListenerSettings, PoolSettings, StorageCache};
 use crate::health::HealthManager;
@@ -88,6 +89,7 @@ impl App {
         let cache = app.start_cache();
         app.start_verification();
         app.start_replication()?;
+        app.start_cleanup();
         let proxy = app.proxy(cache);
         app.start_metrics(proxy.clone()).await?;
         app.start_servers(proxy).await?;
@@ -165,6 +167,17 @@ impl App {
         self.tasks
             .spawn_replication(reconciler.run(self.tasks.stop_token()));
         Ok(())
+    }
+
+    /// The repositories cleanup (it logs that it is disabled when it is).
+    fn start_cleanup(&self) {
+        let cleanup = RepositoriesCleanup {
+            config: self.config.clone(),
+            nodes: self.nodes.clone(),
+            store: self.store.clone(),
+        };
+        self.tasks
+            .spawn_worker(cleanup.run(self.tasks.stop_token()));
     }
 
     fn proxy(&self, cache: Arc<StorageCache>) -> Arc<Proxy> {
