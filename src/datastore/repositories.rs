@@ -328,3 +328,24 @@ impl Datastore {
         .await
     }
 }
+
+impl Datastore {
+    /// The virtual storage and relative path of repository `repository_id`, if tracked.
+    pub async fn repository_path(
+        &self,
+        repository_id: i64,
+    ) -> Result<Option<(String, String)>, DatastoreError> {
+        self.run("repository_path", move |conn| {
+            Box::pin(async move {
+                sql::query_as(
+                    "SELECT virtual_storage, relative_path FROM repositories
+                     WHERE repository_id = $1",
+                )
+                .bind(repository_id)
+                .fetch_optional(&mut *conn)
+                .await
+            })
+        })
+        .await
+    }
+}

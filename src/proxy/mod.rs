@@ -12,6 +12,7 @@ mod forward;
 pub mod frame;
 pub mod layers;
 pub mod local;
+mod object_pool;
 mod pipeline;
 mod request_body;
 pub mod rewrite;

@@ -22,7 +22,7 @@ use super::local::{self, AnsweredBy};
 use super::route::{self, Destination, Forwarding};
 use super::state::Proxy;
 use super::write::WriteCall;
-use super::{forward, request_body, sidechannel};
+use super::{forward, object_pool, request_body, sidechannel};
 use crate::routing::registry::MethodInfo;
 use crate::wire::backchannel::PeerInfo;
 use crate::wire::sidechannel as wire_sidechannel;
@@ -69,6 +69,9 @@ impl Proxy {
                     request_body::single(method.client_streaming, &message, first.rest, body);
                 let channel = forward::channel(self, &destination)?;
                 match forward::try_send(&channel, uri, headers, &destination, outgoing).await {
+                    Ok(response) if method.full_name == object_pool::GET_OBJECT_POOL => {
+                        object_pool::translate(self, response).await
+                    }
                     Ok(response) => Ok(response),
                     // The node could not be reached and the call never left: a read goes
                     // to another up-to-date replica (the health checks have not noticed yet).

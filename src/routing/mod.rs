@@ -22,7 +22,7 @@ pub use plan::{
     AccessorRoute, Creation, CreationRoute, MaintenanceRoute, MutatorRoute, Neighbour,
     NeighbourSource, RepositoryRef, StorageRoute, WriteRecord, WriteRoute,
 };
-pub use replica_path::{is_rails_pool_path, pool_replica_path, replica_path};
+pub use replica_path::{is_rails_pool_path, pool_replica_path, pool_repository_id, replica_path};
 pub use router::{Router, WriteRequest};
 pub use store::{HealthView, HealthySet, ReplicaSet, RoutingStore, StoreError};
 pub use topology::{Topology, VirtualStorage};

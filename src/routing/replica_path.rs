@@ -22,6 +22,17 @@ pub fn pool_replica_path(repository_id: i64) -> String {
     format!("@cluster/pools/{h0}/{h1}/{repository_id}")
 }
 
+/// The repository id of a pool replica path the router made (`@cluster/pools/xx/yy/<id>`).
+pub fn pool_repository_id(path: &str) -> Option<i64> {
+    let id: i64 = path
+        .strip_prefix("@cluster/pools/")?
+        .rsplit('/')
+        .next()?
+        .parse()
+        .ok()?;
+    (pool_replica_path(id) == path).then_some(id)
+}
+
 /// Whether `path` is a pool path as Rails creates them: `@pools/xx/yy/<64 hex>.git`, where xx
 /// and yy are the hash's first two bytes.
 pub fn is_rails_pool_path(path: &str) -> bool {
@@ -71,5 +82,18 @@ mod tests {
         ] {
             assert!(!is_rails_pool_path(&bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn pool_ids_come_back_from_pool_paths_only() {
+        assert_eq!(pool_repository_id(&pool_replica_path(42)), Some(42));
+        assert_eq!(pool_repository_id(&replica_path(42)), None);
+        assert_eq!(
+            pool_repository_id("@cluster/pools/00/00/42"),
+            None,
+            "wrong fan-out"
+        );
+        assert_eq!(pool_repository_id("@cluster/pools/x"), None);
+        assert_eq!(pool_repository_id("@pools/ab/cd/abcd.git"), None);
     }
 }
