@@ -25,6 +25,7 @@ use super::balancer::AddressSet;
 use super::http2::{RequestBody, ResponseBody, SendError};
 use super::resolve::{self, ResolveError};
 use super::subchannel::{ConnectSettings, Sender, Subchannel};
+use crate::metrics::grpc::ClientCall;
 use crate::wire::auth::TokenCache;
 use crate::wire::backchannel::DialTarget;
 
@@ -415,6 +416,33 @@ impl ChannelShared {
         if let Err(error) = self.prepare(&mut request) {
             return Err(unsent(error, request));
         }
+        let call = ClientCall::start(request.uri().path());
+        let result = self.send_prepared(request).await;
+        match result {
+            Ok(mut response) => {
+                match response.headers().get("grpc-status") {
+                    // Trailers-only: the call is over.
+                    Some(code) => call.done(tonic::Code::from_bytes(code.as_bytes())),
+                    None => response.body_mut().count(call),
+                }
+                Ok(response)
+            }
+            Err(unsent) => {
+                call.done(tonic::Code::Unavailable);
+                Err(unsent)
+            }
+        }
+    }
+
+    /// [`ChannelShared::send_or_return`] of a prepared request.
+    async fn send_prepared(
+        self: &Arc<Self>,
+        request: http::Request<RequestBody>,
+    ) -> Result<http::Response<ResponseBody>, Unsent> {
+        let unsent = |error, request| Unsent {
+            error,
+            request: Some(Box::new(request)),
+        };
         let conn = match self.pick_ready() {
             Some(conn) => conn,
             None => match self.wait_ready().await {

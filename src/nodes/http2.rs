@@ -16,6 +16,8 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+
+use crate::metrics::grpc::ClientCall;
 use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
@@ -346,6 +348,8 @@ pub struct ResponseBody {
     done: bool,
     /// Tells the request body's pipe, if one still runs, that the answer is dropped.
     pipe_guard: Option<oneshot::Sender<()>>,
+    /// The call's client metrics, counted when the answer ends.
+    call: Option<ClientCall>,
 }
 
 impl ResponseBody {
@@ -355,7 +359,25 @@ impl ResponseBody {
             data_done: false,
             done: false,
             pipe_guard: None,
+            call: None,
         }
+    }
+
+    /// Counts the call in the client metrics once the answer ends.
+    pub(crate) fn count(&mut self, call: ClientCall) {
+        self.call = Some(call);
+    }
+
+    fn ended(&mut self, code: tonic::Code) {
+        if let Some(call) = self.call.take() {
+            call.done(code);
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        self.ended(tonic::Code::Cancelled);
     }
 }
 
@@ -379,6 +401,7 @@ impl Body for ResponseBody {
                 }
                 Some(Err(err)) => {
                     this.done = true;
+                    this.ended(tonic::Code::Unavailable);
                     return Poll::Ready(Some(Err(err)));
                 }
                 None => this.data_done = true,
@@ -387,9 +410,23 @@ impl Body for ResponseBody {
         let trailers = ready!(this.recv.poll_trailers(cx));
         this.done = true;
         match trailers {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(err) => Poll::Ready(Some(Err(err))),
+            Ok(Some(trailers)) => {
+                let code = trailers
+                    .get("grpc-status")
+                    .map_or(tonic::Code::Unknown, |c| {
+                        tonic::Code::from_bytes(c.as_bytes())
+                    });
+                this.ended(code);
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+            Ok(None) => {
+                this.ended(tonic::Code::Unknown);
+                Poll::Ready(None)
+            }
+            Err(err) => {
+                this.ended(tonic::Code::Unavailable);
+                Poll::Ready(Some(Err(err)))
+            }
         }
     }
 

@@ -17,7 +17,6 @@ use http_body::{Body, Frame, SizeHint};
 use tower::{Layer, Service};
 
 use crate::metrics::grpc::{self, CallLabels};
-use crate::routing::registry::Registry;
 use crate::wire::backchannel::PeerInfo;
 
 type Request = http::Request<tonic::body::Body>;
@@ -76,25 +75,11 @@ struct Finish {
 impl Finish {
     fn start(request: &Request) -> Finish {
         let method = request.uri().path().to_string();
-        let (service, name) = method
-            .trim_start_matches('/')
-            .split_once('/')
-            .unwrap_or(("unknown", "unknown"));
-        let grpc_type = match Registry::global().lookup(&method) {
-            Some(m) if m.client_streaming && m.server_streaming => "bidi_stream",
-            Some(m) if m.client_streaming => "client_stream",
-            Some(m) if m.server_streaming => "server_stream",
-            _ => "unary",
-        };
-        let labels = CallLabels {
-            grpc_type,
-            service: service.to_string(),
-            method: name.to_string(),
-        };
+        let labels = CallLabels::for_path(&method);
         grpc::started(&labels);
         Finish {
             span: tracing::Span::none(),
-            health_check: service == "grpc.health.v1.Health",
+            health_check: labels.service == "grpc.health.v1.Health",
             method,
             labels,
             peer: request

@@ -318,4 +318,23 @@ async fn every_call_is_logged_once_and_counted() {
         sample(&metrics, "grpc_server_handling_seconds_count", &labels),
         2.0
     );
+    // The router's own calls to the nodes: the forwarded read, and the health checks.
+    let mut forwarded = labels.to_vec();
+    forwarded.push(("grpc_code", "OK"));
+    assert_eq!(
+        sample(&metrics, "grpc_client_handled_total", &forwarded),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            "grpc_client_handled_total",
+            &[
+                ("grpc_service", "grpc.health.v1.Health"),
+                ("grpc_code", "OK")
+            ]
+        ) >= 2.0
+    );
+    assert!(sample(&metrics, "grpc_client_started_total", &labels) >= 1.0);
 }
