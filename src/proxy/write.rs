@@ -66,6 +66,9 @@ impl Proxy {
         } = write;
         let mut headers = call.headers;
         let correlation_id = correlation_id(&headers);
+        // Before any node gets the call: a refused sidechannel must not leave secondaries
+        // running. Only the primary's copy keeps the sidechannel id (removed below).
+        self.bridge_sidechannel(&mut headers, call.extensions)?;
         let registration = if transactional {
             Some(self.register(&participants)?)
         } else {
@@ -114,7 +117,6 @@ impl Proxy {
                 true,
             )?;
         }
-        self.bridge_sidechannel(&mut headers, call.extensions)?;
         let pending = PendingWrite {
             store: self.store().clone(),
             route,
