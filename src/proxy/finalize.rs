@@ -99,7 +99,7 @@ where
 
 /// How the rest of `body` ends: the status its trailers report, or a failure if it breaks
 /// off or ends without trailers.
-async fn ends_with(body: &mut tonic::body::Body) -> CallStatus {
+pub async fn ends_with(body: &mut tonic::body::Body) -> CallStatus {
     use http_body_util::BodyExt;
     while let Some(frame) = body.frame().await {
         match frame {

@@ -231,7 +231,6 @@ async fn run_secondary(
     destination: &Destination,
     body: tonic::body::Body,
 ) -> CallStatus {
-    use http_body_util::BodyExt;
     let response = match forward::send_on(channel, uri, headers, destination, body).await {
         Ok(response) => response,
         Err(err) => return broken(format!("{err}: {}", err.chain())),
@@ -240,17 +239,7 @@ async fn run_secondary(
     if parts.headers.contains_key("grpc-status") {
         return call_status(&parts.headers);
     }
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    return call_status(trailers);
-                }
-            }
-            Err(status) => return broken(status.to_string()),
-        }
-    }
-    broken("the answer ended without trailers".to_string())
+    finalize::ends_with(&mut body).await
 }
 
 /// The transaction of a write in flight and its secondaries' calls.

@@ -8,7 +8,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::cluster::start_router;
+use common::cluster::{clone_replica, replica_path, start_router};
 use common::gitnode::GitNode;
 use common::pg::{OwnServer, TestDb};
 use common::router::{
@@ -137,23 +137,8 @@ async fn db_metrics_show_a_queue_building_against_a_stopped_node() {
     nodes[2].kill();
     wait_for_health_round(&db, "gitaly-3", false).await;
 
-    let work = tempfile::tempdir().unwrap();
-    let replica: String =
-        sqlx::query_scalar("SELECT replica_path FROM repositories WHERE relative_path = $1")
-            .bind(path)
-            .fetch_one(&mut db.raw().await)
-            .await
-            .unwrap();
-    common::gitnode::git(
-        work.path(),
-        &[
-            "clone",
-            "--quiet",
-            &nodes[0].root.join(&replica).display().to_string(),
-            ".",
-        ],
-        &[],
-    );
+    let replica = replica_path(&db, path).await;
+    let work = clone_replica(&nodes[0], &replica);
     commit_and_push(work.path(), &router, path, "while gitaly-3 is away");
 
     let db_metrics = || {

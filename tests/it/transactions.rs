@@ -15,7 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::cluster::{
-    checksum, converged, create, generations, metrics, primary_of, replica_path, start_router,
+    checksum, clone_replica, converged, create, generations, metrics, primary_of, replica_path,
+    start_router,
 };
 use common::gitnode::{as_refs, git, GitNode};
 use common::pg::TestDb;
@@ -180,17 +181,7 @@ async fn a_secondary_voting_otherwise_is_left_behind_and_repaired() {
     let replica = replica_path(&db, path).await;
     let before = refs_of(&nodes[2], &replica);
 
-    let work = tempfile::tempdir().unwrap();
-    git(
-        work.path(),
-        &[
-            "clone",
-            "--quiet",
-            &nodes[0].root.join(&replica).display().to_string(),
-            ".",
-        ],
-        &[],
-    );
+    let work = clone_replica(&nodes[0], &replica);
     commit_and_push(work.path(), &router, path, "second");
 
     let scrape = metrics(&router).await;
@@ -242,17 +233,7 @@ async fn a_primary_that_will_not_commit(
     let replica = replica_path(&db, path).await;
     let before: Vec<String> = nodes.iter().map(|n| refs_of(n, &replica)).collect();
 
-    let work = tempfile::tempdir().unwrap();
-    git(
-        work.path(),
-        &[
-            "clone",
-            "--quiet",
-            &nodes[1].root.join(&replica).display().to_string(),
-            ".",
-        ],
-        &[],
-    );
+    let work = clone_replica(&nodes[1], &replica);
     assert!(
         !try_commit_and_push(work.path(), &router, path, "refused", "main"),
         "the push must fail when the primary does not commit"
@@ -296,17 +277,7 @@ async fn a_dead_primary_leaves_reads_and_the_next_push_to_the_secondaries() {
     let dir = tempfile::tempdir().unwrap();
     let router = router_over(&db, dir.path(), &nodes).await;
     let replica = replica_path(&db, path).await;
-    let work = tempfile::tempdir().unwrap();
-    git(
-        work.path(),
-        &[
-            "clone",
-            "--quiet",
-            &nodes[1].root.join(&replica).display().to_string(),
-            ".",
-        ],
-        &[],
-    );
+    let work = clone_replica(&nodes[1], &replica);
     commit_and_push(work.path(), &router, path, "acknowledged");
     let acknowledged = git(work.path(), &["rev-parse", "HEAD"], &[])
         .trim()
@@ -487,17 +458,7 @@ async fn a_secondary_killed_mid_push_is_left_behind_with_a_job() {
     let dir = tempfile::tempdir().unwrap();
     let router = std::sync::Arc::new(router_over(&db, dir.path(), &nodes).await);
     let replica = replica_path(&db, path).await;
-    let work = tempfile::tempdir().unwrap();
-    git(
-        work.path(),
-        &[
-            "clone",
-            "--quiet",
-            &nodes[0].root.join(&replica).display().to_string(),
-            ".",
-        ],
-        &[],
-    );
+    let work = clone_replica(&nodes[0], &replica);
 
     let push = {
         let router = router.clone();

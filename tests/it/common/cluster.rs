@@ -93,3 +93,11 @@ pub async fn create(router: &Router, path: &str) {
         .await
         .unwrap();
 }
+
+/// A working copy cloned from `node`'s replica at `replica_path`.
+pub fn clone_replica(node: &GitNode, replica_path: &str) -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    let source = node.root.join(replica_path).display().to_string();
+    super::gitnode::git(work.path(), &["clone", "--quiet", &source, "."], &[]);
+    work
+}
