@@ -112,7 +112,7 @@ pub async fn serve(
             .add_service(SshServiceServer::new(services.clone()))
             .add_service(SmartHttpServiceServer::new(services.clone()))
             .add_service(InternalGitalyServer::new(services.clone()));
-        let stream = incoming(listener, node.sessions.clone(), yamux_config(0, 256));
+        let stream = incoming(listener, node.sessions.clone(), yamux_config(0, 256), None);
         let mut stop = stop_rx.clone();
         servers.push(tokio::spawn(router.serve_with_incoming_shutdown(
             stream,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 pub mod grpc;
+pub mod server;
 
 /// The registry served on `/metrics`.
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);

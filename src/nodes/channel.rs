@@ -25,7 +25,7 @@ use super::balancer::AddressSet;
 use super::http2::{RequestBody, ResponseBody, SendError};
 use super::resolve::{self, ResolveError};
 use super::subchannel::{ConnectSettings, Sender, Subchannel};
-use crate::metrics::grpc::ClientCall;
+use crate::metrics::grpc::{MethodMetrics, Side};
 use crate::wire::auth::TokenCache;
 use crate::wire::backchannel::DialTarget;
 
@@ -416,19 +416,21 @@ impl ChannelShared {
         if let Err(error) = self.prepare(&mut request) {
             return Err(unsent(error, request));
         }
-        let call = ClientCall::start(request.uri().path());
-        let result = self.send_prepared(request).await;
+        let call = MethodMetrics::for_path(Side::Client, request.uri().path()).start();
+        let result = self.send_prepared(request, &call.metrics().msg_sent).await;
         match result {
             Ok(mut response) => {
                 match response.headers().get("grpc-status") {
                     // Trailers-only: the call is over.
-                    Some(code) => call.done(tonic::Code::from_bytes(code.as_bytes())),
+                    Some(code) => {
+                        call.done(tonic::Code::from_bytes(code.as_bytes()));
+                    }
                     None => response.body_mut().count(call),
                 }
                 Ok(response)
             }
             Err(unsent) => {
-                call.done(tonic::Code::Unavailable);
+                let _ = call.done(tonic::Code::Unavailable);
                 Err(unsent)
             }
         }
@@ -438,6 +440,7 @@ impl ChannelShared {
     async fn send_prepared(
         self: &Arc<Self>,
         request: http::Request<RequestBody>,
+        sent: &prometheus::IntCounter,
     ) -> Result<http::Response<ResponseBody>, Unsent> {
         let unsent = |error, request| Unsent {
             error,
@@ -454,7 +457,7 @@ impl ChannelShared {
             error,
             request: None,
         };
-        match conn.send(request).await {
+        match conn.send_counted(request, Some(sent)).await {
             Ok(response) => Ok(response),
             // The connection would not open a stream (closing, failed): the request is
             // intact, so it goes to another connection, once.
@@ -468,7 +471,7 @@ impl ChannelShared {
                     Ok(conn) => conn,
                     Err(error) => return Err(unsent(error, *request)),
                 };
-                match conn.send(*request).await {
+                match conn.send_counted(*request, Some(sent)).await {
                     Ok(response) => Ok(response),
                     Err(SendError::NotSent {
                         request: Some(request),

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 
-use crate::metrics::grpc::ClientCall;
+use crate::metrics::grpc::{CallTimer, MessageCounter};
 use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
@@ -164,10 +164,21 @@ impl Http2Conn {
         self.closed.store(true, Ordering::Release);
     }
 
-    /// Sends `request` (its URI complete) and waits for the response head.
+    /// [`Http2Conn::send_counted`] with the sent messages counted nowhere.
+    #[cfg(test)]
     pub(crate) async fn send(
         &self,
         request: http::Request<RequestBody>,
+    ) -> Result<http::Response<ResponseBody>, SendError> {
+        self.send_counted(request, None).await
+    }
+
+    /// Sends `request` (its URI complete) and waits for the response head; the messages of
+    /// its body are added to `sent` as they go.
+    pub(crate) async fn send_counted(
+        &self,
+        request: http::Request<RequestBody>,
+        sent: Option<&prometheus::IntCounter>,
     ) -> Result<http::Response<ResponseBody>, SendError> {
         let mut send = self.send.clone();
         if let Err(error) = std::future::poll_fn(|cx| send.poll_ready(cx)).await {
@@ -195,7 +206,7 @@ impl Http2Conn {
                 request: None,
             })?;
         let mut response = response;
-        let mut pipe = (!end_of_stream).then(|| PipeBody::new(body, stream));
+        let mut pipe = (!end_of_stream).then(|| PipeBody::new(body, stream, sent.cloned()));
         let head = std::future::poll_fn(|cx| {
             if let Some(p) = pipe.as_mut() {
                 if Pin::new(p).poll(cx).is_ready() {
@@ -241,6 +252,8 @@ struct PipeBody {
     stream: h2::SendStream<Bytes>,
     /// Data read from the body and not yet sent (waiting for window).
     pending: Bytes,
+    /// Where the body's messages are counted (`grpc_client_msg_sent_total`).
+    sent: Option<(MessageCounter, prometheus::IntCounter)>,
     /// The body ended after `pending`.
     ended: bool,
     /// Ready when the caller dropped the call's [`ResponseBody`] (for a pipe that outlives
@@ -252,11 +265,16 @@ struct PipeBody {
 }
 
 impl PipeBody {
-    fn new(body: RequestBody, stream: h2::SendStream<Bytes>) -> Self {
+    fn new(
+        body: RequestBody,
+        stream: h2::SendStream<Bytes>,
+        sent: Option<prometheus::IntCounter>,
+    ) -> Self {
         PipeBody {
             body,
             stream,
             pending: Bytes::new(),
+            sent: sent.map(|counter| (MessageCounter::default(), counter)),
             ended: false,
             answer_dropped: None,
         }
@@ -299,6 +317,9 @@ impl PipeBody {
                     Ok(mut data) => {
                         self.ended = self.body.is_end_stream();
                         self.pending = data.copy_to_bytes(data.remaining());
+                        if let Some((counter, sent)) = self.sent.as_mut() {
+                            counter.count(&self.pending, sent);
+                        }
                     }
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
@@ -348,8 +369,8 @@ pub struct ResponseBody {
     done: bool,
     /// Tells the request body's pipe, if one still runs, that the answer is dropped.
     pipe_guard: Option<oneshot::Sender<()>>,
-    /// The call's client metrics, counted when the answer ends.
-    call: Option<ClientCall>,
+    /// The call's client metrics: its messages counted as they come, its end when it ends.
+    call: Option<(CallTimer, MessageCounter)>,
 }
 
 impl ResponseBody {
@@ -364,12 +385,12 @@ impl ResponseBody {
     }
 
     /// Counts the call in the client metrics once the answer ends.
-    pub(crate) fn count(&mut self, call: ClientCall) {
-        self.call = Some(call);
+    pub(crate) fn count(&mut self, call: CallTimer) {
+        self.call = Some((call, MessageCounter::default()));
     }
 
     fn ended(&mut self, code: tonic::Code) {
-        if let Some(call) = self.call.take() {
+        if let Some((call, _)) = self.call.take() {
             call.done(code);
         }
     }
@@ -397,6 +418,9 @@ impl Body for ResponseBody {
             match ready!(this.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
                     let _ = this.recv.flow_control().release_capacity(data.len());
+                    if let Some((call, counter)) = this.call.as_mut() {
+                        counter.count(&data, &call.metrics().msg_received);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(err)) => {

@@ -10,13 +10,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tower::{Layer, Service};
 
-use crate::metrics::grpc::{self, CallLabels};
+use crate::metrics::grpc::{self, CallTimer, MessageCounter, MethodMetrics, Side};
 use crate::wire::backchannel::PeerInfo;
 
 type Request = http::Request<tonic::body::Body>;
@@ -52,6 +51,14 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         let mut finish = Finish::start(&request);
+        let received = finish.timer.metrics().msg_received.clone();
+        let request = request.map(|body| {
+            tonic::body::Body::new(Counted {
+                inner: body,
+                counter: MessageCounter::default(),
+                messages: received,
+            })
+        });
         let future = self.inner.call(request);
         Box::pin(async move {
             // The request span is entered while this future runs (not when `call` runs).
@@ -66,27 +73,24 @@ where
 struct Finish {
     span: tracing::Span,
     method: String,
-    labels: CallLabels,
+    timer: CallTimer,
     peer: Option<Arc<str>>,
-    started: Instant,
     health_check: bool,
 }
 
 impl Finish {
     fn start(request: &Request) -> Finish {
         let method = request.uri().path().to_string();
-        let labels = CallLabels::for_path(&method);
-        grpc::started(&labels);
+        let metrics = MethodMetrics::for_path(Side::Server, &method);
         Finish {
             span: tracing::Span::none(),
-            health_check: labels.service == "grpc.health.v1.Health",
+            health_check: metrics.service() == "grpc.health.v1.Health",
             method,
-            labels,
+            timer: metrics.start(),
             peer: request
                 .extensions()
                 .get::<PeerInfo>()
                 .map(|p| p.remote_addr.clone()),
-            started: Instant::now(),
         }
     }
 
@@ -102,14 +106,15 @@ impl Finish {
         let (parts, body) = response.into_parts();
         let body = Watched {
             inner: body,
+            counter: MessageCounter::default(),
+            sent: self.timer.metrics().msg_sent.clone(),
             finish: Some(self),
         };
         http::Response::from_parts(parts, tonic::body::Body::new(body))
     }
 
     fn done(self, code: tonic::Code, message: &str) {
-        let elapsed = self.started.elapsed();
-        grpc::handled(&self.labels, code, elapsed);
+        let elapsed = self.timer.done(code);
         let time_ms = elapsed.as_secs_f64() * 1000.0;
         let peer = self.peer.as_deref().unwrap_or("");
         let code_name = grpc::code_name(code);
@@ -132,9 +137,11 @@ fn message(headers: &http::HeaderMap) -> String {
         .unwrap_or_default()
 }
 
-/// A response body that reports the call's end.
+/// A response body that counts its messages and reports the call's end.
 struct Watched {
     inner: tonic::body::Body,
+    counter: MessageCounter,
+    sent: prometheus::IntCounter,
     finish: Option<Finish>,
 }
 
@@ -146,7 +153,13 @@ impl Body for Watched {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.counter.count(data, &this.sent);
+            }
+        }
         let ended = match &polled {
             Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|trailers| {
                 let code = trailers
@@ -185,5 +198,39 @@ impl Drop for Watched {
         if let Some(finish) = self.finish.take() {
             finish.done(tonic::Code::Cancelled, "the client went away");
         }
+    }
+}
+
+/// A request body that counts the messages the client sent.
+struct Counted {
+    inner: tonic::body::Body,
+    counter: MessageCounter,
+    messages: prometheus::IntCounter,
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.counter.count(data, &this.messages);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

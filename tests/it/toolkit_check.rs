@@ -322,4 +322,98 @@ async fn every_call_is_logged_once_and_counted() {
         ) >= 2.0
     );
     assert!(sample(&metrics, "grpc_client_started_total", &labels) >= 1.0);
+    // Messages, counted from the forwarded bytes: both requests came in, one answer went
+    // out (the router answered the unknown repository with trailers only); to the node, one
+    // request and one answer.
+    for (name, want) in [
+        ("grpc_server_msg_received_total", 2.0),
+        ("grpc_server_msg_sent_total", 1.0),
+        ("grpc_client_msg_sent_total", 1.0),
+        ("grpc_client_msg_received_total", 1.0),
+    ] {
+        assert_eq!(sample(&metrics, name, &labels), want, "{name}: {metrics}");
+    }
+    // A server-streaming call whose answer is several messages on the node's side.
+    let mut stream = client
+        .list_refs(praefect::wire::proto::ListRefsRequest {
+            repository: Some(common::router::virtual_repo(path)),
+            patterns: vec![b"refs/".to_vec()],
+            head: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answers = 0.0;
+    while stream.message().await.unwrap().is_some() {
+        answers += 1.0;
+    }
+    let (_, metrics) = router.http_get("/metrics");
+    assert!(answers >= 1.0);
+    let listed = [("grpc_method", "ListRefs"), ("grpc_type", "server_stream")];
+    assert_eq!(
+        sample(&metrics, "grpc_server_msg_sent_total", &listed),
+        answers
+    );
+    assert_eq!(
+        sample(&metrics, "grpc_client_msg_received_total", &listed),
+        answers
+    );
+
+    // Every call was authenticated; a wrong token is counted as denied, and why.
+    let ok = sample(
+        &metrics,
+        "gitaly_authentications_total",
+        &[("enforced", "true"), ("status", "ok")],
+    );
+    assert!(ok >= 3.0, "{metrics}");
+    let wrong = tonic::service::interceptor::InterceptedService::new(
+        praefect::wire::backchannel::dial_lazy(
+            &router.address,
+            praefect::wire::backchannel::yamux_config(0, 256),
+            praefect::wire::backchannel::ClientHandler::default(),
+        )
+        .unwrap(),
+        praefect::wire::auth::TokenInterceptor::new("not the router's token"),
+    );
+    let refused = RefServiceClient::new(wrong)
+        .find_default_branch_name(call(path, "wrong-token"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let (_, metrics) = router.http_get("/metrics");
+    assert_eq!(
+        sample(
+            &metrics,
+            "gitaly_authentications_total",
+            &[("enforced", "true"), ("status", "denied")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "gitaly_authentication_errors_total",
+            &[("version", "v2"), ("error", "hmac")]
+        ),
+        1.0
+    );
+    // The test's channels are backchannel sessions: their reads and writes were measured.
+    for name in [
+        "gitaly_backchannel_yamux_read_size_bytes_count",
+        "gitaly_backchannel_yamux_write_size_bytes_count",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(sample(&metrics, name, &[]) > 0.0, "{name}: {metrics}");
+    }
+    assert_eq!(sample(&metrics, "gitlab_build_info", &[]), 1.0);
+    // Each client connection (the test's two channels) was counted by its listener's type.
+    assert!(
+        sample(
+            &metrics,
+            "gitaly_praefect_connections_total",
+            &[("type", "tcp")]
+        ) >= 2.0,
+        "{metrics}"
+    );
 }

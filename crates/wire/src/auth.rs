@@ -40,6 +40,19 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// The labels of `gitaly_authentication_errors_total` (version, error) for a token that
+    /// was refused; none for a missing or malformed one (those count as unauthenticated).
+    pub fn error_labels(&self) -> Option<(&'static str, &'static str)> {
+        match self {
+            AuthError::Missing => None,
+            AuthError::InvalidVersion => Some(("unsupported", "version")),
+            AuthError::WrongSignature => Some(("v2", "hmac")),
+            AuthError::BadTimestamp(_) => Some(("v2", "timestamp")),
+            AuthError::Expired => Some(("v2", "expired")),
+            AuthError::InFuture => Some(("v2", "future")),
+        }
+    }
+
     /// Unauthenticated when there is no usable token, PermissionDenied when it is wrong.
     pub fn code(&self) -> Code {
         match self {
@@ -211,6 +224,36 @@ impl LastVerified {
     }
 }
 
+/// What became of one call's token, for the server's metrics (Gitaly's
+/// `gitaly_authentications_total{enforced,status}` and
+/// `gitaly_authentication_errors_total{version,error}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuthEvent {
+    /// False in `transitioning` mode (and with authentication disabled).
+    pub enforced: bool,
+    /// `ok`, `would be ok` (transitioning), `unauthenticated`, `denied` or `server disabled
+    /// authentication`.
+    pub status: &'static str,
+    /// For a refused token: its version and what was wrong ([`AuthError::error_labels`]).
+    pub error: Option<(&'static str, &'static str)>,
+}
+
+/// Told of every checked call; the server's metrics live with the server, not here.
+#[derive(Clone)]
+pub struct AuthObserver(Arc<dyn Fn(AuthEvent) + Send + Sync>);
+
+impl AuthObserver {
+    pub fn new(observe: impl Fn(AuthEvent) + Send + Sync + 'static) -> Self {
+        AuthObserver(Arc::new(observe))
+    }
+}
+
+impl std::fmt::Debug for AuthObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuthObserver")
+    }
+}
+
 /// How a server checks tokens. No secret means authentication is disabled.
 #[derive(Clone, Debug, Default)]
 pub struct AuthConfig {
@@ -219,6 +262,7 @@ pub struct AuthConfig {
     pub transitioning: bool,
     /// Shared by the clones of this configuration (one per connection and call).
     last_verified: Arc<LastVerified>,
+    observer: Option<AuthObserver>,
 }
 
 impl AuthConfig {
@@ -227,6 +271,23 @@ impl AuthConfig {
             secret: (!token.is_empty()).then(|| Arc::from(token.as_bytes())),
             transitioning,
             last_verified: Arc::default(),
+            observer: None,
+        }
+    }
+
+    /// The same configuration, telling `observer` of every call it checks.
+    pub fn observed_by(mut self, observer: AuthObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    fn observe(&self, status: &'static str, error: Option<(&'static str, &'static str)>) {
+        if let Some(observer) = &self.observer {
+            (observer.0)(AuthEvent {
+                enforced: self.secret.is_some() && !self.transitioning,
+                status,
+                error,
+            });
         }
     }
 
@@ -251,13 +312,26 @@ impl AuthConfig {
 
     /// The verdict for one call: Ok to serve it, or the status to answer with.
     pub fn authorize(&self, path: &str, header: Option<&str>) -> Result<(), Status> {
-        let Some(secret) = &self.secret else {
-            return Ok(());
-        };
         if EXEMPT_PREFIXES.iter().any(|p| path.starts_with(p)) {
             return Ok(());
         }
-        match self.check(secret, header, SystemTime::now()) {
+        let Some(secret) = &self.secret else {
+            self.observe("server disabled authentication", None);
+            return Ok(());
+        };
+        let result = self.check(secret, header, SystemTime::now());
+        match &result {
+            Ok(()) if self.transitioning => self.observe("would be ok", None),
+            Ok(()) => self.observe("ok", None),
+            Err(err) => {
+                let status = match err.code() {
+                    Code::Unauthenticated => "unauthenticated",
+                    _ => "denied",
+                };
+                self.observe(status, err.error_labels());
+            }
+        }
+        match result {
             Ok(()) => Ok(()),
             Err(err) if self.transitioning => {
                 tracing::warn!(grpc.method = path, error = %err, "authentication would have failed");
@@ -503,6 +577,44 @@ mod tests {
         assert!(disabled
             .authorize("/gitaly.RefService/RefExists", None)
             .is_ok());
+    }
+
+    #[test]
+    fn every_checked_call_is_reported_with_gitalys_labels() {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let observer = {
+            let events = events.clone();
+            AuthObserver::new(move |event| events.lock().unwrap().push(event))
+        };
+        let method = "/gitaly.RefService/RefExists";
+        let good = header(&sign_v2(b"secret", SystemTime::now()));
+        let wrong = header(&sign_v2(b"other", SystemTime::now()));
+        let strict = AuthConfig::new("secret", false).observed_by(observer.clone());
+        let _ = strict.authorize("/grpc.health.v1.Health/Check", None);
+        let _ = strict.authorize(method, Some(&good));
+        let _ = strict.authorize(method, None);
+        let _ = strict.authorize(method, Some(&wrong));
+        let lenient = AuthConfig::new("secret", true).observed_by(observer.clone());
+        let _ = lenient.authorize(method, Some(&good));
+        let _ = lenient.authorize(method, Some("Bearer v1.abc.123"));
+        let disabled = AuthConfig::new("", false).observed_by(observer);
+        let _ = disabled.authorize(method, None);
+        let event = |enforced, status, error| AuthEvent {
+            enforced,
+            status,
+            error,
+        };
+        assert_eq!(
+            *events.lock().unwrap(),
+            vec![
+                event(true, "ok", None),
+                event(true, "unauthenticated", None),
+                event(true, "denied", Some(("v2", "hmac"))),
+                event(false, "would be ok", None),
+                event(false, "denied", Some(("unsupported", "version"))),
+                event(false, "server disabled authentication", None),
+            ]
+        );
     }
 
     #[test]

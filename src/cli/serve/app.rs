@@ -204,6 +204,7 @@ impl App {
             .await
             .with_context(|| format!("listening for Prometheus on {addr}"))?;
         tracing::info!(address = %listener.local_addr()?, scheme = "http", "prometheus listening");
+        crate::metrics::server::install(crate::cli::VERSION);
         crate::metrics::grpc::enable_handling_histogram(
             &self.config.prometheus.grpc_latency_buckets,
         )
@@ -235,17 +236,22 @@ impl App {
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
         let service = crate::proxy::router_service(proxy, health_service);
-        let auth = AuthLayer::new(AuthConfig::new(
-            &self.config.auth.token,
-            self.config.auth.transitioning,
-        ));
+        let auth = AuthLayer::new(
+            AuthConfig::new(&self.config.auth.token, self.config.auth.transitioning)
+                .observed_by(crate::metrics::server::auth_observer()),
+        );
         let yamux = yamux_config(
             u32::try_from(self.config.yamux.maximum_stream_window_size_bytes).unwrap_or(u32::MAX),
             usize::try_from(self.config.yamux.accept_backlog).unwrap_or(256),
         );
         for listener in bind(&self.config).await? {
             let server = tonic::transport::Server::builder().layer(auth.clone());
-            let stream = incoming(listener, self.sessions.clone(), yamux);
+            let stream = incoming(
+                listener,
+                self.sessions.clone(),
+                yamux,
+                Some(crate::metrics::server::accept_observer()),
+            );
             self.tasks.spawn_server(server.serve_with_incoming_shutdown(
                 service.clone(),
                 stream,

@@ -34,6 +34,7 @@ where
         Listener::Tcp(listener),
         SessionRegistry::default(),
         yamux_config(0, 256),
+        None,
     );
     tokio::spawn(async move {
         if let Some(Ok(conn)) = conns.next().await {

@@ -116,7 +116,12 @@ impl EchoNode {
         let mut routes = tonic::service::Routes::new(health_service);
         let router = std::mem::take(routes.axum_router_mut()).fallback_service(fallback);
         *routes.axum_router_mut() = router;
-        let stream = incoming(Listener::Tcp(listener), sessions, yamux_config(0, 256));
+        let stream = incoming(
+            Listener::Tcp(listener),
+            sessions,
+            yamux_config(0, 256),
+            None,
+        );
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(
             tonic::transport::Server::builder()

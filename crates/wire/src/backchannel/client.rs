@@ -38,7 +38,7 @@ pub async fn start_client_session(
 ) -> io::Result<ClientSession> {
     io.write_all(BACKCHANNEL_MAGIC).await?;
     io.flush().await?;
-    let mut session = Session::new_client(io, yamux);
+    let mut session = Session::new_client(super::measured::Measured::new(io), yamux);
     let mut control = session.control();
     tokio::spawn(async move {
         while let Some(Ok(stream)) = session.next().await {

@@ -32,6 +32,15 @@ impl Accepted {
 }
 
 impl Listener {
+    /// The listener's kind as Praefect names it in `gitaly_praefect_connections_total{type}`.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Listener::Tcp(_) => "tcp",
+            Listener::Tls(..) => "tls",
+            Listener::Unix(_) => "unix",
+        }
+    }
+
     pub(crate) async fn accept(&self) -> io::Result<(Accepted, String)> {
         match self {
             Listener::Tcp(l) => {

@@ -12,7 +12,8 @@
 //!
 //! One file per concern: `io` (boxed connections, sniffing a magic), `yamux` (settings),
 //! `sessions` (the server's registry of sessions, [`PeerInfo`]), `listener` and `server`
-//! (accepting), `coalesce` (the server session's batched writes), `connect` (a client's raw
+//! (accepting), `coalesce` (the server session's batched writes), `measured` (read and write sizes for
+//! metrics), `connect` (a client's raw
 //! connection), `client` (the client's session), `dial` (tonic channels over it) and `callback` (a
 //! server's channels back to its callers).
 //! Everything public is re-exported here, at the paths it always had; sidechannels use `io`
@@ -25,6 +26,7 @@ mod connect;
 mod dial;
 pub(crate) mod io;
 mod listener;
+mod measured;
 mod server;
 pub(crate) mod sessions;
 mod yamux;
@@ -36,7 +38,8 @@ pub use connect::{connect_raw, connect_target, DialTarget};
 pub use dial::{dial, dial_lazy, error_chain};
 pub use io::{sniff, BoxIo, Io, Prefixed, BACKCHANNEL_MAGIC};
 pub use listener::Listener;
-pub use server::{incoming, ServerConn};
+pub use measured::{observe_sizes, Direction, Measured};
+pub use server::{incoming, AcceptObserver, ServerConn};
 pub use sessions::{PeerInfo, SessionRegistry};
 pub use yamux::yamux_config;
 

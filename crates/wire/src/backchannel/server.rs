@@ -17,6 +17,7 @@ use tonic::transport::server::Connected;
 use super::coalesce::{finish_writes, next_stream, Coalesced};
 use super::io::{sniff, BoxIo, BACKCHANNEL_MAGIC, SNIFF_TIMEOUT};
 use super::listener::{Accepted, Listener};
+use super::measured::Measured;
 use super::sessions::{PeerInfo, SessionRegistry};
 
 /// One HTTP/2 connection for the gRPC server: a plain socket or one yamux stream.
@@ -68,13 +69,18 @@ impl AsyncWrite for ServerConn {
     }
 }
 
+/// Told of each accepted connection, with its listener's [`Listener::scheme`] (the server's
+/// metrics live with the server).
+pub type AcceptObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
+
 /// Accepts connections on `listener` and yields one [`ServerConn`] per plain connection and
 /// per yamux stream of each backchannel session, ready for
-/// `tonic::transport::Server::serve_with_incoming`.
+/// `tonic::transport::Server::serve_with_incoming`. `on_accept` hears of every connection.
 pub fn incoming(
     listener: Listener,
     registry: SessionRegistry,
     yamux: YamuxConfig,
+    on_accept: Option<AcceptObserver>,
 ) -> ReceiverStream<io::Result<ServerConn>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -89,6 +95,9 @@ pub fn incoming(
             };
             if tx.is_closed() {
                 return;
+            }
+            if let Some(observe) = &on_accept {
+                observe(listener.scheme());
             }
             tokio::spawn(handle_connection(
                 accepted,
@@ -136,7 +145,7 @@ async fn handle_connection(
         let _ = tx.send(Ok(conn)).await;
         return;
     }
-    let (io, writer) = Coalesced::new(io);
+    let (io, writer) = Coalesced::new(Measured::new(io));
     let mut session = Session::new_server(io, yamux);
     let id = registry.insert(session.control());
     let remote_addr: Arc<str> = remote_addr.into();
