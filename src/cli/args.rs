@@ -90,6 +90,9 @@ pub enum Command {
         /// Print the text of each migration as it is applied.
         #[arg(long)]
         verbose: bool,
+        /// Take over a database of Go Praefect in place (it cannot go back to Go Praefect).
+        #[arg(long)]
+        adopt_go_praefect: bool,
     },
     /// Show which migrations are applied.
     #[command(name = "sql-migrate-status")]
@@ -361,7 +364,8 @@ mod tests {
             Some(Command::SqlMigrate {
                 ignore_unknown,
                 verbose,
-            }) => assert!(ignore_unknown && !verbose),
+                adopt_go_praefect,
+            }) => assert!(ignore_unknown && !verbose && !adopt_go_praefect),
             other => panic!("unexpected {other:?}"),
         }
         match parse(&[
@@ -369,13 +373,15 @@ mod tests {
             "sql-migrate",
             "-ignore-unknown=false",
             "-verbose",
+            "--adopt-go-praefect",
         ])
         .command
         {
             Some(Command::SqlMigrate {
                 ignore_unknown,
                 verbose,
-            }) => assert!(!ignore_unknown && verbose),
+                adopt_go_praefect,
+            }) => assert!(!ignore_unknown && verbose && adopt_go_praefect),
             other => panic!("unexpected {other:?}"),
         }
         match parse(&["praefect", "sql-migrate-down", "-f", "2"]).command {

@@ -98,9 +98,15 @@ async fn dispatch(command: Option<Command>, config: Config) -> ExitCode {
         Some(Command::SqlMigrate {
             ignore_unknown,
             verbose,
+            adopt_go_praefect,
         }) => (
             "sql-migrate",
-            Box::pin(sql::migrate(&config, ignore_unknown, verbose)),
+            Box::pin(sql::migrate(
+                &config,
+                ignore_unknown,
+                verbose,
+                adopt_go_praefect,
+            )),
         ),
         Some(Command::SqlMigrateStatus) => {
             ("sql-migrate-status", Box::pin(sql::migrate_status(&config)))

@@ -26,11 +26,19 @@ fn timestamp(at: chrono::DateTime<chrono::Utc>) -> String {
 }
 
 /// `sql-migrate`: applies pending migrations, reporting each.
-pub async fn migrate(config: &Config, ignore_unknown: bool, verbose: bool) -> Result<(), CliError> {
+pub async fn migrate(
+    config: &Config,
+    ignore_unknown: bool,
+    verbose: bool,
+    adopt_go_praefect: bool,
+) -> Result<(), CliError> {
     const NAME: &str = "praefect sql-migrate";
     let store = open(config).await?;
     let result = store
-        .migrate_up(ignore_unknown, |event| match event {
+        .migrate_up(ignore_unknown, adopt_go_praefect, |event| match event {
+            MigrationEvent::Adopting { version } => {
+                println!("{NAME}: adopting the database of Go Praefect {version}")
+            }
             MigrationEvent::Planned(0) => {}
             MigrationEvent::Planned(n) => println!("{NAME}: migrations to apply: {n}"),
             MigrationEvent::Migrating { at, migration } => {

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::migrate::{MigrationType, Migrator};
 use sqlx::Connection;
 
+use super::adopt::{self, Lineage};
 use super::{sql, Datastore, DatastoreError};
 
 /// Where applied migrations are recorded.
@@ -81,6 +82,11 @@ pub struct MigrationStatus {
 /// Progress of `migrate_up`, reported as it happens.
 #[derive(Clone, Debug)]
 pub enum MigrationEvent<'a> {
+    /// A Go Praefect database is being adopted (see `adopt.rs`); `version` says which Go
+    /// versions leave it that way.
+    Adopting {
+        version: &'static str,
+    },
     Planned(usize),
     Migrating {
         at: DateTime<Utc>,
@@ -135,9 +141,13 @@ impl Datastore {
                 id: m.id,
             })
             .collect();
-        rows.extend(applied.into_keys().map(|id| MigrationStatus {
+        rows.extend(applied.into_iter().map(|(id, at)| MigrationStatus {
+            state: if adopt::is_foreign_known(&id) {
+                MigrationState::Applied(at)
+            } else {
+                MigrationState::Unknown
+            },
             id,
-            state: MigrationState::Unknown,
         }));
         rows.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(rows)
@@ -161,12 +171,41 @@ impl Datastore {
         }
     }
 
+    /// What `serve` needs to know of the schema: the number of migrations not yet applied.
+    /// Those are no reason to refuse to start, as with Go Praefect: in a multi-router install
+    /// one router runs `sql-migrate` while the others keep (re)starting. A Go Praefect database
+    /// that was not adopted is: its NOTIFY function and views are Go's.
+    pub async fn schema_for_serving(&self) -> Result<usize, DatastoreError> {
+        let status = self.migration_status().await?;
+        let applied: std::collections::HashSet<String> = status
+            .iter()
+            .filter(|s| matches!(s.state, MigrationState::Applied(_)))
+            .map(|s| s.id.clone())
+            .collect();
+        match adopt::lineage(&applied) {
+            Lineage::Ours | Lineage::Adopted => Ok(status
+                .iter()
+                .filter(|s| s.state == MigrationState::NotApplied)
+                .count()),
+            Lineage::GoPraefect { version } => Err(DatastoreError::Migration(format!(
+                "the database belongs to Go Praefect ({version}) and was not adopted: stop every \
+                 Go Praefect and run `praefect -config FILE sql-migrate --adopt-go-praefect` first"
+            ))),
+            Lineage::Unadoptable(why) => Err(DatastoreError::Migration(why)),
+        }
+    }
+
     /// Applies every pending migration in id order and returns how many were applied.
     /// Migrations found in the database but unknown to this binary are an error unless
     /// `ignore_unknown` is set.
+    ///
+    /// A database of Go Praefect is adopted (see `adopt.rs`) only with `adopt_go_praefect`;
+    /// without it, it is an error that says what adopting means. The adoption and the
+    /// migrations after it run in one transaction.
     pub async fn migrate_up(
         &self,
         ignore_unknown: bool,
+        adopt_go_praefect: bool,
         mut progress: impl FnMut(MigrationEvent<'_>),
     ) -> Result<usize, DatastoreError> {
         self.ensure_migrations_table().await?;
@@ -180,10 +219,23 @@ impl Datastore {
                 source,
             })?;
         let applied: std::collections::HashSet<String> = applied.into_iter().map(|r| r.0).collect();
+        let adopting = match adopt::lineage(&applied) {
+            Lineage::Ours | Lineage::Adopted => None,
+            Lineage::Unadoptable(why) => return Err(DatastoreError::Migration(why)),
+            Lineage::GoPraefect { version } if !adopt_go_praefect => {
+                return Err(DatastoreError::Migration(format!(
+                    "this database belongs to Go Praefect ({version}). praefect-rs can adopt it \
+                     in place, keeping every repository, replica, assignment and queued job, but \
+                     Go Praefect cannot use it afterwards: stop every Go Praefect, back the \
+                     database up (pg_dump), then run sql-migrate --adopt-go-praefect"
+                )))
+            }
+            Lineage::GoPraefect { version } => Some(version),
+        };
         if !ignore_unknown {
             let mut unknown: Vec<&String> = applied
                 .iter()
-                .filter(|id| !known.iter().any(|m| &m.id == *id))
+                .filter(|id| !known.iter().any(|m| &m.id == *id) && !adopt::is_foreign_known(id))
                 .collect();
             unknown.sort();
             if let Some(first) = unknown.first() {
@@ -192,7 +244,20 @@ impl Datastore {
                 )));
             }
         }
-        let pending: Vec<&Migration> = known.iter().filter(|m| !applied.contains(&m.id)).collect();
+        let pending: Vec<&Migration> = known
+            .iter()
+            .filter(|m| !applied.contains(&m.id))
+            .filter(|m| adopting.is_none() || !adopt::BASE_MIGRATIONS.contains(&m.id.as_str()))
+            .collect();
+        if let Some(version) = adopting {
+            progress(MigrationEvent::Adopting { version });
+            progress(MigrationEvent::Planned(pending.len()));
+            return adopt_and_migrate(&mut conn, &pending, progress)
+                .await
+                .map_err(|err| {
+                    DatastoreError::Migration(format!("adopting the Go Praefect database: {err}"))
+                });
+        }
         progress(MigrationEvent::Planned(pending.len()));
         for migration in &pending {
             progress(MigrationEvent::Migrating {
@@ -271,6 +336,50 @@ impl Datastore {
         })
         .await
     }
+}
+
+/// Adopts a Go Praefect database and applies `pending` after it, all in one transaction
+/// (migrations that need to run outside one, none so far, run after it).
+async fn adopt_and_migrate(
+    conn: &mut sqlx::PgConnection,
+    pending: &[&Migration],
+    mut progress: impl FnMut(MigrationEvent<'_>),
+) -> Result<usize, sqlx::Error> {
+    let (in_tx, after): (Vec<&Migration>, Vec<&Migration>) = pending.iter().partition(|m| !m.no_tx);
+    let mut tx = conn.begin().await?;
+    sqlx::raw_sql(adopt::ADOPTION_SQL).execute(&mut *tx).await?;
+    for id in adopt::BASE_MIGRATIONS.iter().chain([&adopt::ADOPTION_ID]) {
+        Record::Applied(id).write(&mut tx).await?;
+    }
+    for migration in &in_tx {
+        progress(MigrationEvent::Migrating {
+            at: Utc::now(),
+            migration,
+        });
+        let started = Instant::now();
+        sqlx::raw_sql(migration.up).execute(&mut *tx).await?;
+        Record::Applied(&migration.id).write(&mut tx).await?;
+        progress(MigrationEvent::Applied {
+            at: Utc::now(),
+            migration,
+            took: started.elapsed(),
+        });
+    }
+    tx.commit().await?;
+    for migration in &after {
+        progress(MigrationEvent::Migrating {
+            at: Utc::now(),
+            migration,
+        });
+        let started = Instant::now();
+        apply(conn, migration.up, true, Record::Applied(&migration.id)).await?;
+        progress(MigrationEvent::Applied {
+            at: Utc::now(),
+            migration,
+            took: started.elapsed(),
+        });
+    }
+    Ok(pending.len())
 }
 
 /// What to note in `schema_migrations` once a migration's text ran.

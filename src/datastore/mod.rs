@@ -20,6 +20,7 @@
 //! (gitlab#328493). While no writer is known, operations fail at once with
 //! [`DatastoreError::Unavailable`].
 
+pub mod adopt;
 mod assignments;
 mod cache;
 mod connect;

@@ -477,7 +477,7 @@ async fn patroni_switchover_and_failover_under_load() {
     let store = Datastore::connect(&connection, PoolSettings::default())
         .await
         .unwrap();
-    store.migrate_up(false, |_| {}).await.unwrap();
+    store.migrate_up(false, false, |_| {}).await.unwrap();
     store
         .run("create_probe_table", |conn| {
             Box::pin(async move {

@@ -52,7 +52,10 @@ async fn migrations_apply_roll_back_and_reapply() {
         Err(DatastoreError::PendingMigrations(n)) if n == known.len()
     ));
     let mut events = 0;
-    let applied = store.migrate_up(false, |_| events += 1).await.unwrap();
+    let applied = store
+        .migrate_up(false, false, |_| events += 1)
+        .await
+        .unwrap();
     assert_eq!(applied, known.len());
     assert_eq!(
         events,
@@ -60,7 +63,7 @@ async fn migrations_apply_roll_back_and_reapply() {
         "planned + migrating/applied per migration"
     );
     store.check_migrations_up_to_date().await.unwrap();
-    assert_eq!(store.migrate_up(false, |_| {}).await.unwrap(), 0);
+    assert_eq!(store.migrate_up(false, false, |_| {}).await.unwrap(), 0);
 
     // Roll everything back, one by one, then forward again: every down undoes its up.
     let newest = known.last().unwrap().id.clone();
@@ -87,7 +90,10 @@ async fn migrations_apply_roll_back_and_reapply() {
         leftover.is_empty(),
         "down migrations left tables: {leftover:?}"
     );
-    assert_eq!(store.migrate_up(false, |_| {}).await.unwrap(), known.len());
+    assert_eq!(
+        store.migrate_up(false, false, |_| {}).await.unwrap(),
+        known.len()
+    );
     store.check_migrations_up_to_date().await.unwrap();
 }
 
@@ -99,13 +105,13 @@ async fn unknown_migrations_are_refused_unless_ignored() {
     raw.execute("INSERT INTO schema_migrations VALUES ('20990101000000_from_the_future', now())")
         .await
         .unwrap();
-    let err = store.migrate_up(false, |_| {}).await.unwrap_err();
+    let err = store.migrate_up(false, false, |_| {}).await.unwrap_err();
     assert!(
         err.to_string()
             .contains("unknown migration in database: 20990101000000_from_the_future"),
         "{err}"
     );
-    assert_eq!(store.migrate_up(true, |_| {}).await.unwrap(), 0);
+    assert_eq!(store.migrate_up(true, false, |_| {}).await.unwrap(), 0);
     let status = store.migration_status().await.unwrap();
     assert_eq!(status.last().unwrap().state, MigrationState::Unknown);
 }
@@ -460,11 +466,16 @@ async fn valid_primaries_are_up_to_date_healthy_assigned_and_not_being_deleted()
     .unwrap();
     assert_eq!(valid_primaries(&store, id).await, ["g1", "g2"]);
 
-    // Pending delete_replica: a replica about to be removed cannot become primary.
+    // Pending delete_replica: a replica about to be removed cannot become primary (the job
+    // is matched by repository id).
     raw.execute(
-        "INSERT INTO replication_queue (state, lock_id, job) VALUES
-            ('ready', 'vs|g1|r.git', '{\"change\": \"delete_replica\", \"virtual_storage\": \"vs\",
-              \"relative_path\": \"r.git\", \"target_node_storage\": \"g1\", \"source_node_storage\": \"\"}')",
+        format!(
+            "INSERT INTO replication_queue (state, lock_id, job) VALUES
+            ('ready', 'vs|g1|r.git', '{{\"change\": \"delete_replica\", \"virtual_storage\": \"vs\",
+              \"repository_id\": {id}, \"relative_path\": \"r.git\", \"target_node_storage\": \"g1\",
+              \"source_node_storage\": \"\"}}')"
+        )
+        .as_str(),
     )
     .await
     .unwrap();

@@ -8,6 +8,7 @@
 
 mod common;
 
+mod adopt_go;
 mod cli;
 mod cluster;
 mod database_ha;

@@ -33,7 +33,7 @@ fn migrate(conn: Conn) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>
             .await
             .expect("connecting to the database to migrate");
         store
-            .migrate_up(false, |_| {})
+            .migrate_up(false, false, |_| {})
             .await
             .expect("migrating the database");
         store.close().await;

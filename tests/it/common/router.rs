@@ -152,7 +152,9 @@ impl Router {
         let mut address = None;
         let mut metrics_address = None;
         let mut started = false;
+        let mut early = Vec::new();
         for line in lines.by_ref().map_while(Result::ok) {
+            early.push(line.clone());
             let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
@@ -168,7 +170,7 @@ impl Router {
             }
         }
         assert!(started, "praefect did not start");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = std::sync::Arc::new(std::sync::Mutex::new(early));
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
