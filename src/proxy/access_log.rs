@@ -52,13 +52,7 @@ where
     fn call(&mut self, request: Request) -> Self::Future {
         let mut finish = Finish::start(&request);
         let received = finish.timer.metrics().msg_received.clone();
-        let request = request.map(|body| {
-            tonic::body::Body::new(Counted {
-                inner: body,
-                counter: MessageCounter::default(),
-                messages: received,
-            })
-        });
+        let request = request.map(|body| tonic::body::Body::new(Counted::new(body, received)));
         let future = self.inner.call(request);
         Box::pin(async move {
             // The request span is entered while this future runs (not when `call` runs).
@@ -105,9 +99,7 @@ impl Finish {
         }
         let (parts, body) = response.into_parts();
         let body = Watched {
-            inner: body,
-            counter: MessageCounter::default(),
-            sent: self.timer.metrics().msg_sent.clone(),
+            inner: Counted::new(body, self.timer.metrics().msg_sent.clone()),
             finish: Some(self),
         };
         http::Response::from_parts(parts, tonic::body::Body::new(body))
@@ -139,9 +131,7 @@ fn message(headers: &http::HeaderMap) -> String {
 
 /// A response body that counts its messages and reports the call's end.
 struct Watched {
-    inner: tonic::body::Body,
-    counter: MessageCounter,
-    sent: prometheus::IntCounter,
+    inner: Counted,
     finish: Option<Finish>,
 }
 
@@ -153,13 +143,7 @@ impl Body for Watched {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                this.counter.count(data, &this.sent);
-            }
-        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
         let ended = match &polled {
             Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|trailers| {
                 let code = trailers
@@ -201,11 +185,21 @@ impl Drop for Watched {
     }
 }
 
-/// A request body that counts the messages the client sent.
+/// A body that counts the messages that pass (the client's, or the answer's).
 struct Counted {
     inner: tonic::body::Body,
     counter: MessageCounter,
     messages: prometheus::IntCounter,
+}
+
+impl Counted {
+    fn new(inner: tonic::body::Body, messages: prometheus::IntCounter) -> Self {
+        Counted {
+            inner,
+            counter: MessageCounter::default(),
+            messages,
+        }
+    }
 }
 
 impl Body for Counted {
