@@ -8,6 +8,7 @@ use std::process::Command;
 
 use serde::de::{self, Deserializer, Visitor};
 
+use super::keys;
 use super::validate::{validate, ValidationError};
 use super::Config;
 
@@ -68,6 +69,9 @@ pub fn load_str(text: &str) -> Result<Config, ConfigError> {
         config = merged;
         errors.extend(unknown);
     }
+    if config.failover_enabled {
+        config.failover.enabled = true;
+    }
     // Validate before reading token_file, so that setting both token and token_file is seen.
     errors.extend(validate(&config));
     if !config.auth.token_file.is_empty() && config.auth.token.is_empty() {
@@ -107,12 +111,16 @@ pub fn parse_str(text: &str) -> Result<(Config, Vec<ValidationError>), ConfigErr
     }
 }
 
+/// The error for a key no field takes, with a hint when one fits (see [`keys::suggestion`]):
+/// `unknown configuration key "listen_adr", did you mean "listen_addr"?`.
 fn unknown_key_error(path: &serde_ignored::Path<'_>) -> ValidationError {
     let key = ignored_segments(path);
-    ValidationError {
-        message: format!("unknown configuration key {:?}", key.join(".")),
-        key,
+    let mut message = format!("unknown configuration key {:?}", key.join("."));
+    if let Some(hint) = keys::suggestion(&key) {
+        message.push_str(", ");
+        message.push_str(&hint);
     }
+    ValidationError { message, key }
 }
 
 fn ignored_segments(path: &serde_ignored::Path<'_>) -> Vec<String> {
