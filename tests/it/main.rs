@@ -10,6 +10,7 @@ mod common;
 
 mod cli;
 mod cluster;
+mod config_compat;
 mod database_ha;
 mod datastore;
 mod nodes;
