@@ -10,7 +10,7 @@ use serde::de::{self, Deserializer, Visitor};
 
 use super::keys;
 use super::validate::{validate, ValidationError};
-use super::Config;
+use super::{Config, GoDuration};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -69,9 +69,7 @@ pub fn load_str(text: &str) -> Result<Config, ConfigError> {
         config = merged;
         errors.extend(unknown);
     }
-    if config.failover_enabled {
-        config.failover.enabled = true;
-    }
+    apply_go_defaults(&mut config);
     // Validate before reading token_file, so that setting both token and token_file is seen.
     errors.extend(validate(&config));
     if !config.auth.token_file.is_empty() && config.auth.token.is_empty() {
@@ -84,6 +82,26 @@ pub fn load_str(text: &str) -> Result<Config, ConfigError> {
         Ok(config)
     } else {
         Err(ConfigError::Invalid(errors))
+    }
+}
+
+/// What Go Praefect does after decoding, before validating: the legacy `failover_enabled`
+/// turns failover on, and a zero `graceful_stop_timeout`, `bootstrap_interval` or
+/// `monitor_interval` means "unset" and takes the default (so `graceful_stop_timeout = "0"`
+/// waits a minute, as it does there, rather than cutting calls at once).
+fn apply_go_defaults(config: &mut Config) {
+    let defaults = Config::default();
+    if config.failover_enabled {
+        config.failover.enabled = true;
+    }
+    if config.graceful_stop_timeout == GoDuration::ZERO {
+        config.graceful_stop_timeout = defaults.graceful_stop_timeout;
+    }
+    if config.failover.bootstrap_interval == GoDuration::ZERO {
+        config.failover.bootstrap_interval = defaults.failover.bootstrap_interval;
+    }
+    if config.failover.monitor_interval == GoDuration::ZERO {
+        config.failover.monitor_interval = defaults.failover.monitor_interval;
     }
 }
 

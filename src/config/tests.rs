@@ -747,8 +747,9 @@ fn integer_durations_are_read_as_go_reads_them() {
         "graceful_stop_timeout = 0\n{MINIMAL}\n[repositories_cleanup]\nrun_interval = 0\n"
     ))
     .unwrap();
-    assert_eq!(config.graceful_stop_timeout, GoDuration::ZERO);
     assert_eq!(config.repositories_cleanup.run_interval, GoDuration::ZERO);
+    // Zero means "unset" here, as in Go Praefect: the default applies.
+    assert_eq!(config.graceful_stop_timeout, GoDuration::from_secs(60));
     for bad in ["5", "-1", "1.5"] {
         let err = load_str(&format!("graceful_stop_timeout = {bad}\n{MINIMAL}")).unwrap_err();
         let ConfigError::Syntax(error) = err else {
@@ -761,6 +762,23 @@ fn integer_durations_are_read_as_go_reads_them() {
             error.message
         );
     }
+}
+
+#[test]
+fn zero_timings_take_go_praefects_defaults() {
+    let text = format!(
+        "graceful_stop_timeout = \"0s\"\n{MINIMAL}\n[failover]\nbootstrap_interval = \"0\"\nmonitor_interval = 0\n"
+    );
+    let config = load_str(&text).unwrap();
+    assert_eq!(config.graceful_stop_timeout, GoDuration::from_secs(60));
+    assert_eq!(config.failover, Failover::default());
+    assert!(ignored_keys(&config).is_empty());
+    // Only zero: any other value is kept.
+    let text = format!("graceful_stop_timeout = \"1ms\"\n{MINIMAL}");
+    assert_eq!(
+        load_str(&text).unwrap().graceful_stop_timeout,
+        GoDuration::from_millis(1)
+    );
 }
 
 #[test]
