@@ -8,6 +8,7 @@
 use std::fmt;
 use std::time::Duration as StdDuration;
 
+use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A signed duration with nanosecond resolution, the same range as Go's `time.Duration`.
@@ -195,10 +196,29 @@ impl std::str::FromStr for GoDuration {
     }
 }
 
+/// A string in Go's syntax, or a bare TOML integer. Go Praefect decodes durations through
+/// `UnmarshalText` with the value's literal text, whatever its TOML type: so `0` (what
+/// Omnibus writes for `verification_interval: 0`) is accepted as zero, and any other integer
+/// is refused for its missing unit, exactly as Go refuses it.
 impl<'de> Deserialize<'de> for GoDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        GoDuration::parse(&text).map_err(serde::de::Error::custom)
+        struct DurationVisitor;
+        impl Visitor<'_> for DurationVisitor {
+            type Value = GoDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration string such as \"30s\" or \"1m30s\"")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<GoDuration, E> {
+                GoDuration::parse(text).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, value: i64) -> Result<GoDuration, E> {
+                self.visit_str(&value.to_string())
+            }
+            fn visit_u64<E: de::Error>(self, value: u64) -> Result<GoDuration, E> {
+                self.visit_str(&value.to_string())
+            }
+        }
+        deserializer.deserialize_any(DurationVisitor)
     }
 }
 

@@ -8,8 +8,9 @@ use std::process::Command;
 
 use serde::de::{self, Deserializer, Visitor};
 
+use super::keys;
 use super::validate::{validate, ValidationError};
-use super::Config;
+use super::{Config, GoDuration};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,7 @@ pub fn load_str(text: &str) -> Result<Config, ConfigError> {
         config = merged;
         errors.extend(unknown);
     }
+    apply_go_defaults(&mut config);
     // Validate before reading token_file, so that setting both token and token_file is seen.
     errors.extend(validate(&config));
     if !config.auth.token_file.is_empty() && config.auth.token.is_empty() {
@@ -80,6 +82,26 @@ pub fn load_str(text: &str) -> Result<Config, ConfigError> {
         Ok(config)
     } else {
         Err(ConfigError::Invalid(errors))
+    }
+}
+
+/// What Go Praefect does after decoding, before validating: the legacy `failover_enabled`
+/// turns failover on, and a zero `graceful_stop_timeout`, `bootstrap_interval` or
+/// `monitor_interval` means "unset" and takes the default (so `graceful_stop_timeout = "0"`
+/// waits a minute, as it does there, rather than cutting calls at once).
+fn apply_go_defaults(config: &mut Config) {
+    let defaults = Config::default();
+    if config.failover_enabled {
+        config.failover.enabled = true;
+    }
+    if config.graceful_stop_timeout == GoDuration::ZERO {
+        config.graceful_stop_timeout = defaults.graceful_stop_timeout;
+    }
+    if config.failover.bootstrap_interval == GoDuration::ZERO {
+        config.failover.bootstrap_interval = defaults.failover.bootstrap_interval;
+    }
+    if config.failover.monitor_interval == GoDuration::ZERO {
+        config.failover.monitor_interval = defaults.failover.monitor_interval;
     }
 }
 
@@ -107,12 +129,16 @@ pub fn parse_str(text: &str) -> Result<(Config, Vec<ValidationError>), ConfigErr
     }
 }
 
+/// The error for a key no field takes, with a hint when one fits (see [`keys::suggestion`]):
+/// `unknown configuration key "listen_adr", did you mean "listen_addr"?`.
 fn unknown_key_error(path: &serde_ignored::Path<'_>) -> ValidationError {
     let key = ignored_segments(path);
-    ValidationError {
-        message: format!("unknown configuration key {:?}", key.join(".")),
-        key,
+    let mut message = format!("unknown configuration key {:?}", key.join("."));
+    if let Some(hint) = keys::suggestion(&key) {
+        message.push_str(", ");
+        message.push_str(&hint);
     }
+    ValidationError { message, key }
 }
 
 fn ignored_segments(path: &serde_ignored::Path<'_>) -> Vec<String> {

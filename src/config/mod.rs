@@ -2,14 +2,20 @@
 //! existing Omnibus and Helm templates produce files we read unchanged.
 //!
 //! Loading happens in [`load`]: TOML over built-in defaults, unknown keys collected (Praefect
-//! ignores typos silently; we report them), then `config_command` output merged on top,
-//! `token_file` read, and every validation error collected with its key path in [`validate`].
+//! ignores typos silently; we report them, with a "did you mean" from [`keys`]), then
+//! `config_command` output merged on top, `token_file` read, and every validation error
+//! collected with its key path in [`validate`]. Keys that are read but change nothing here
+//! are listed by [`ignored`], which `serve` warns about at startup.
 
 mod duration;
+mod ignored;
+mod keys;
 mod load;
 mod validate;
 
 pub use duration::{DurationError, GoDuration};
+pub use ignored::{ignorable_keys, ignored_keys, IgnoredKey};
+pub use keys::{known_keys, suggestion};
 pub use load::{load_file, load_str, parse_str, ConfigError};
 pub use validate::{validate, ValidationError};
 
@@ -41,6 +47,9 @@ pub struct Config {
     pub prometheus: Prometheus,
     pub database: Database,
     pub failover: Failover,
+    /// Go Praefect's key from before `[failover]` existed (read until GitLab 15): `true`
+    /// turns failover on whatever `[failover] enabled` says, as it did there.
+    pub failover_enabled: bool,
     pub replication: Replication,
     pub reconciliation: Reconciliation,
     pub background_verification: BackgroundVerification,
@@ -69,6 +78,7 @@ impl Default for Config {
             prometheus: Prometheus::default(),
             database: Database::default(),
             failover: Failover::default(),
+            failover_enabled: false,
             replication: Replication::default(),
             reconciliation: Reconciliation::default(),
             background_verification: BackgroundVerification::default(),
@@ -80,8 +90,9 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The election strategy in force: Praefect forces `per_repository` unless the operator
-    /// explicitly opted out.
+    /// The election strategy Go Praefect would use: it forces `per_repository` unless the
+    /// operator explicitly opted out. We elect per repository whatever this says (a legacy
+    /// strategy is warned about as ignored, see [`ignored_keys`]).
     pub fn effective_election_strategy(&self) -> &str {
         if self.i_understand_my_election_strategy_is_unsupported_and_will_be_removed_without_warning
         {
@@ -163,6 +174,9 @@ impl Default for Tls {
 pub struct Logging {
     pub format: String,
     pub level: String,
+    /// Read because Go Praefect's logging section (shared with Gitaly) has it, but Praefect
+    /// itself always logged to standard output, and so do we: see [`ignored_keys`].
+    pub dir: String,
 }
 
 impl Default for Logging {
@@ -170,6 +184,7 @@ impl Default for Logging {
         Logging {
             format: "text".to_string(),
             level: "info".to_string(),
+            dir: String::new(),
         }
     }
 }

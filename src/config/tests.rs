@@ -461,3 +461,469 @@ fn bad_input_is_an_error_never_a_panic() {
         "{nanos}"
     );
 }
+
+/// Every key of Go Praefect's configuration structs (GitLab 15 to 18), as key paths; `[0]`
+/// stands for an element of an array table.
+const GO_PRAEFECT_KEYS: &[&str] = &[
+    "listen_addr",
+    "tls_listen_addr",
+    "socket_path",
+    "prometheus_listen_addr",
+    "prometheus_exclude_database_from_default_metrics",
+    "memory_queue_enabled",
+    "graceful_stop_timeout",
+    "config_command",
+    "failover_enabled",
+    "i_understand_my_election_strategy_is_unsupported_and_will_be_removed_without_warning",
+    "auth.token",
+    "auth.token_file",
+    "auth.transitioning",
+    "tls.certificate_path",
+    "tls.key_path",
+    "tls.key",
+    "tls.min_version",
+    "logging.format",
+    "logging.level",
+    "logging.dir",
+    "sentry.sentry_dsn",
+    "sentry.sentry_environment",
+    "prometheus.scrape_timeout",
+    "prometheus.grpc_latency_buckets",
+    "database.host",
+    "database.port",
+    "database.user",
+    "database.password",
+    "database.dbname",
+    "database.sslmode",
+    "database.sslcert",
+    "database.sslkey",
+    "database.sslrootcert",
+    "database.host_no_proxy",
+    "database.port_no_proxy",
+    "database.session_pooled.host",
+    "database.session_pooled.port",
+    "database.session_pooled.user",
+    "database.session_pooled.password",
+    "database.session_pooled.dbname",
+    "database.session_pooled.sslmode",
+    "database.session_pooled.sslcert",
+    "database.session_pooled.sslkey",
+    "database.session_pooled.sslrootcert",
+    "failover.enabled",
+    "failover.election_strategy",
+    "failover.error_threshold_window",
+    "failover.write_error_threshold_count",
+    "failover.read_error_threshold_count",
+    "failover.bootstrap_interval",
+    "failover.monitor_interval",
+    "replication.batch_size",
+    "replication.parallel_storage_processing_workers",
+    "reconciliation.scheduling_interval",
+    "reconciliation.histogram_buckets",
+    "background_verification.verification_interval",
+    "background_verification.delete_invalid_records",
+    "repositories_cleanup.check_interval",
+    "repositories_cleanup.run_interval",
+    "repositories_cleanup.repositories_in_batch",
+    "yamux.maximum_stream_window_size_bytes",
+    "yamux.accept_backlog",
+    "virtual_storage.[0].name",
+    "virtual_storage.[0].default_replication_factor",
+    "virtual_storage.[0].node.[0].storage",
+    "virtual_storage.[0].node.[0].address",
+    "virtual_storage.[0].node.[0].token",
+];
+
+fn segments(path: &str) -> Vec<String> {
+    path.split('.').map(str::to_string).collect()
+}
+
+fn is_known(path: &str) -> bool {
+    let path = segments(path);
+    let (key, parent) = path.split_last().unwrap();
+    known_keys(parent).contains(key)
+}
+
+/// Every key path of a TOML document, arrays of tables as `[i]`.
+fn toml_paths(value: &toml::Value, prefix: &mut Vec<String>, out: &mut Vec<String>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, child) in table {
+                prefix.push(key.clone());
+                out.push(prefix.join("."));
+                toml_paths(child, prefix, out);
+                prefix.pop();
+            }
+        }
+        toml::Value::Array(items) if items.iter().all(toml::Value::is_table) => {
+            for (i, item) in items.iter().enumerate() {
+                prefix.push(format!("[{i}]"));
+                toml_paths(item, prefix, out);
+                prefix.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn every_go_praefect_key_is_known() {
+    for key in GO_PRAEFECT_KEYS {
+        assert!(is_known(key), "{key} is not a known key");
+    }
+    // And the check can fail.
+    assert!(!is_known("listen_adr"));
+    assert!(!is_known("virtual_storage.[0].node.[0].primary"));
+}
+
+#[test]
+fn every_key_of_the_example_is_known() {
+    let example: toml::Value = toml::from_str(EXAMPLE).unwrap();
+    let mut paths = Vec::new();
+    toml_paths(&example, &mut Vec::new(), &mut paths);
+    assert!(paths.len() > 60, "{paths:?}");
+    for path in &paths {
+        assert!(is_known(path), "{path} is not a known key");
+    }
+}
+
+#[test]
+fn known_keys_per_table() {
+    assert_eq!(
+        known_keys(&segments("virtual_storage.[3].node.[1]")),
+        ["address", "storage", "token"]
+    );
+    assert_eq!(known_keys(&segments("logging")), ["dir", "format", "level"]);
+    assert!(known_keys(&segments("database")).contains(&"stale_read_window".to_string()));
+    assert!(known_keys(&segments("database.session_pooled")).contains(&"sslrootcert".to_string()));
+    assert!(known_keys(&segments("nonexistent")).is_empty());
+    assert!(known_keys(&segments("listen_addr")).is_empty());
+}
+
+/// A file as Omnibus writes it from `praefect['configuration']` (integers where the Ruby
+/// hash had integers, `verification_interval: 0` as Omnibus's docs advise when migrating,
+/// empty tables for unset sections), plus the keys Omnibus leaves out: it loads as Go
+/// Praefect would read it.
+#[test]
+fn an_omnibus_style_file_with_every_go_key_loads() {
+    let text = r#"
+listen_addr = "0.0.0.0:2305"
+socket_path = "/var/opt/gitlab/praefect/cluster.socket"
+prometheus_listen_addr = "0.0.0.0:9652"
+prometheus_exclude_database_from_default_metrics = true
+tls_listen_addr = "0.0.0.0:3305"
+memory_queue_enabled = false
+graceful_stop_timeout = "1m30s"
+config_command = ""
+failover_enabled = true
+i_understand_my_election_strategy_is_unsupported_and_will_be_removed_without_warning = false
+
+[auth]
+token = "external-token"
+token_file = ""
+transitioning = false
+
+[tls]
+certificate_path = "/etc/gitlab/ssl/praefect.crt"
+key_path = "/etc/gitlab/ssl/praefect.key"
+key = ""
+min_version = "TLS 1.3"
+
+[logging]
+format = "json"
+level = "warning"
+dir = "/var/log/gitlab/praefect"
+
+[sentry]
+
+[prometheus]
+scrape_timeout = "10s"
+grpc_latency_buckets = [0.001, 0.005, 0.025, 0.1, 0.5, 1, 10, 30, 60, 300, 1500]
+
+[database]
+host = "10.0.0.5"
+port = 6432
+user = "praefect"
+password = "secret"
+dbname = "praefect_production"
+sslmode = "prefer"
+sslcert = ""
+sslkey = ""
+sslrootcert = ""
+host_no_proxy = ""
+port_no_proxy = 0
+
+[database.session_pooled]
+host = "10.0.0.6"
+port = 5432
+user = "praefect"
+password = "secret"
+dbname = "praefect_production"
+sslmode = "prefer"
+sslcert = ""
+sslkey = ""
+sslrootcert = ""
+
+[failover]
+enabled = false
+election_strategy = "per_repository"
+bootstrap_interval = "1s"
+monitor_interval = "3s"
+
+[replication]
+batch_size = 20
+parallel_storage_processing_workers = 2
+
+[reconciliation]
+scheduling_interval = "1m30s"
+histogram_buckets = [0, 1, 2]
+
+[background_verification]
+verification_interval = 0
+delete_invalid_records = true
+
+[repositories_cleanup]
+check_interval = "30m"
+run_interval = "24h"
+repositories_in_batch = 16
+
+[yamux]
+maximum_stream_window_size_bytes = 262144
+accept_backlog = 256
+
+[[virtual_storage]]
+name = "default"
+default_replication_factor = 3
+
+[[virtual_storage.node]]
+storage = "gitaly-1"
+address = "tcp://10.0.0.11:8075"
+token = "internal-token"
+
+[[virtual_storage.node]]
+storage = "gitaly-2"
+address = "tls://10.0.0.12:9999"
+token = "internal-token"
+
+[[virtual_storage.node]]
+storage = "gitaly-3"
+address = "dns:///gitaly-3.internal:8075"
+token = "internal-token"
+"#;
+    let config = load_str(text).unwrap();
+    assert_eq!(config.graceful_stop_timeout, GoDuration::from_secs(90));
+    assert_eq!(
+        config.reconciliation.scheduling_interval,
+        GoDuration::from_secs(90)
+    );
+    assert_eq!(config.reconciliation.histogram_buckets, [0.0, 1.0, 2.0]);
+    assert_eq!(config.prometheus.grpc_latency_buckets[5], 1.0);
+    assert_eq!(
+        config.background_verification.verification_interval,
+        GoDuration::ZERO
+    );
+    assert_eq!(config.database.port, "6432");
+    assert_eq!(config.database.port_no_proxy, "");
+    assert_eq!(config.logging.dir, "/var/log/gitlab/praefect");
+    assert_eq!(config.tls.min_version, "TLS 1.3");
+    assert_eq!(config.direct_database().host, "10.0.0.6");
+    // failover_enabled = true wins over [failover] enabled = false, as in Go Praefect.
+    assert!(config.failover.enabled);
+    // Only logging.dir asks for something we do not do.
+    assert_eq!(
+        ignored_keys(&config)
+            .iter()
+            .map(|k| k.key)
+            .collect::<Vec<_>>(),
+        ["logging.dir"]
+    );
+}
+
+/// Go decodes a duration from the literal text of the TOML value whatever its type: the
+/// integer 0 is zero, any other integer lacks a unit.
+#[test]
+fn integer_durations_are_read_as_go_reads_them() {
+    let config = load_str(&format!(
+        "graceful_stop_timeout = 0\n{MINIMAL}\n[repositories_cleanup]\nrun_interval = 0\n"
+    ))
+    .unwrap();
+    assert_eq!(config.repositories_cleanup.run_interval, GoDuration::ZERO);
+    // Zero means "unset" here, as in Go Praefect: the default applies.
+    assert_eq!(config.graceful_stop_timeout, GoDuration::from_secs(60));
+    for bad in ["5", "-1", "1.5"] {
+        let err = load_str(&format!("graceful_stop_timeout = {bad}\n{MINIMAL}")).unwrap_err();
+        let ConfigError::Syntax(error) = err else {
+            panic!("{bad}: {err:?}")
+        };
+        assert_eq!(error.key, ["graceful_stop_timeout"], "{bad}");
+        assert!(
+            error.message.contains("missing unit") || error.message.contains("duration"),
+            "{bad}: {}",
+            error.message
+        );
+    }
+}
+
+#[test]
+fn zero_timings_take_go_praefects_defaults() {
+    let text = format!(
+        "graceful_stop_timeout = \"0s\"\n{MINIMAL}\n[failover]\nbootstrap_interval = \"0\"\nmonitor_interval = 0\n"
+    );
+    let config = load_str(&text).unwrap();
+    assert_eq!(config.graceful_stop_timeout, GoDuration::from_secs(60));
+    assert_eq!(config.failover, Failover::default());
+    assert!(ignored_keys(&config).is_empty());
+    // Only zero: any other value is kept.
+    let text = format!("graceful_stop_timeout = \"1ms\"\n{MINIMAL}");
+    assert_eq!(
+        load_str(&text).unwrap().graceful_stop_timeout,
+        GoDuration::from_millis(1)
+    );
+}
+
+#[test]
+fn failover_enabled_only_turns_failover_on() {
+    let off = format!("failover_enabled = false\n{MINIMAL}\n[failover]\nenabled = false\n");
+    assert!(!load_str(&off).unwrap().failover.enabled);
+    let on = format!("failover_enabled = true\n{MINIMAL}\n[failover]\nenabled = false\n");
+    assert!(load_str(&on).unwrap().failover.enabled);
+}
+
+fn unknown_key_messages(text: &str) -> Vec<String> {
+    invalid(text)
+        .iter()
+        .filter(|e| e.message.starts_with("unknown configuration key"))
+        .map(ValidationError::to_string)
+        .collect()
+}
+
+#[test]
+fn near_miss_keys_get_a_suggestion() {
+    let text = format!(
+        "listen_adr = \"127.0.0.1:2305\"\nListen_Addr = \"x\"\n{MINIMAL}tokn = \"t\"\n[replication]\nbatchsize = 3\n[databse]\nhost = \"db\"\n[database.session_pooled]\nhots = \"db\"\n[[virtual_storage]]\nname = \"b\"\n[[virtual_storage.nodes]]\nstorage = \"s\"\n"
+    );
+    let messages = unknown_key_messages(&text);
+    for expected in [
+        r#"listen_adr: unknown configuration key "listen_adr", did you mean "listen_addr"?"#,
+        r#"Listen_Addr: unknown configuration key "Listen_Addr", did you mean "listen_addr"?"#,
+        r#"virtual_storage.[0].node.[0].tokn: unknown configuration key "virtual_storage.[0].node.[0].tokn", did you mean "token"?"#,
+        r#"replication.batchsize: unknown configuration key "replication.batchsize", did you mean "batch_size"?"#,
+        r#"databse: unknown configuration key "databse", did you mean "database"?"#,
+        r#"database.session_pooled.hots: unknown configuration key "database.session_pooled.hots", did you mean "host"?"#,
+        r#"virtual_storage.[1].nodes: unknown configuration key "virtual_storage.[1].nodes", did you mean "node"?"#,
+    ] {
+        assert!(
+            messages.contains(&expected.to_string()),
+            "missing {expected:?} in {messages:#?}"
+        );
+    }
+    assert_eq!(messages.len(), 7, "{messages:#?}");
+}
+
+#[test]
+fn unrelated_keys_get_no_suggestion_and_misplaced_top_level_keys_a_hint() {
+    let text = format!(
+        "colour = \"blue\"\n{MINIMAL}\n[auth]\nname = \"x\"\n[logging]\nlisten_addr = \"127.0.0.1:1\"\n"
+    );
+    let messages = unknown_key_messages(&text);
+    assert_eq!(
+        messages,
+        [
+            r#"colour: unknown configuration key "colour""#,
+            r#"auth.name: unknown configuration key "auth.name""#,
+            r#"logging.listen_addr: unknown configuration key "logging.listen_addr", "listen_addr" is a top-level key: put it before the first [table] header"#,
+        ],
+    );
+    assert_eq!(suggestion(&segments("node")), None);
+    assert_eq!(
+        suggestion(&segments("virtual_storage.[0].nmae")),
+        Some("did you mean \"name\"?".to_string())
+    );
+}
+
+#[test]
+fn config_command_typos_get_a_suggestion_too() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("secrets.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho '{\"database\": {\"pasword\": \"x\"}}'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = format!(
+        "config_command = {:?}\n{MINIMAL}",
+        script.display().to_string()
+    );
+    assert_eq!(
+        unknown_key_messages(&text),
+        [
+            r#"database.pasword: unknown configuration key "database.pasword", did you mean "password"?"#
+        ]
+    );
+}
+
+fn ignored(text: &str) -> Vec<&'static str> {
+    ignored_keys(&load_str(text).unwrap())
+        .iter()
+        .map(|k| k.key)
+        .collect()
+}
+
+#[test]
+fn keys_at_their_defaults_are_not_ignored() {
+    assert!(ignored_keys(&Config::default()).is_empty());
+    assert!(ignored(MINIMAL).is_empty());
+    assert!(
+        ignored(EXAMPLE).is_empty(),
+        "the example must start quietly"
+    );
+    // Set, but to what we do anyway.
+    let text = format!(
+        "memory_queue_enabled = false\n{MINIMAL}\n[sentry]\nsentry_dsn = \"\"\n[logging]\ndir = \"\"\n[failover]\nenabled = true\nbootstrap_interval = \"1s\"\nmonitor_interval = \"3s\"\nelection_strategy = \"sql\"\n"
+    );
+    // Without the opt-out flag Go forces per_repository too: nothing of ours to warn about.
+    assert!(ignored(&text).is_empty(), "{:?}", ignored(&text));
+}
+
+#[test]
+fn every_ignored_key_is_named_once_with_its_reason() {
+    let text = format!(
+        "memory_queue_enabled = true\ni_understand_my_election_strategy_is_unsupported_and_will_be_removed_without_warning = true\n{MINIMAL}\n[logging]\ndir = \"/var/log/gitlab/praefect\"\n[sentry]\nsentry_dsn = \"https://key@sentry.example.com/1\"\nsentry_environment = \"production\"\n[failover]\nenabled = false\nelection_strategy = \"sql\"\nerror_threshold_window = \"20s\"\nwrite_error_threshold_count = 10\nread_error_threshold_count = 100\nbootstrap_interval = \"5s\"\nmonitor_interval = \"10s\"\n"
+    );
+    let config = load_str(&text).unwrap();
+    let found = ignored_keys(&config);
+    let keys: Vec<&str> = found.iter().map(|k| k.key).collect();
+    assert_eq!(
+        keys,
+        [
+            "memory_queue_enabled",
+            "logging.dir",
+            "sentry.sentry_dsn",
+            "sentry.sentry_environment",
+            "failover.enabled",
+            "failover.election_strategy",
+            "failover.error_threshold_window",
+            "failover.write_error_threshold_count",
+            "failover.read_error_threshold_count",
+            "failover.bootstrap_interval",
+            "failover.monitor_interval",
+        ]
+    );
+    assert_eq!(found, ignorable_keys(), "a rule is never triggered here");
+    for key in &found {
+        assert!(is_known(key.key), "{} names no key", key.key);
+        assert!(!key.reason.is_empty());
+        assert!(
+            key.to_string()
+                .starts_with(&format!("{} is ignored: ", key.key)),
+            "{key}"
+        );
+    }
+    // Each rule looks at its own key only.
+    let text = format!("{MINIMAL}\n[sentry]\nsentry_environment = \"production\"\n");
+    assert_eq!(ignored(&text), ["sentry.sentry_environment"]);
+    let text = format!("{MINIMAL}\n[failover]\nmonitor_interval = \"1s\"\n");
+    assert_eq!(ignored(&text), ["failover.monitor_interval"]);
+}

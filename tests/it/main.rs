@@ -11,6 +11,7 @@ mod common;
 mod adopt_go;
 mod cli;
 mod cluster;
+mod config_compat;
 mod database_ha;
 mod datastore;
 mod nodes;

@@ -269,7 +269,7 @@ impl App {
             tls_listen_addr = %config.tls_listen_addr,
             socket_path = %config.socket_path,
             virtual_storages = ?self.virtual_storages(),
-            election_strategy = config.effective_election_strategy(),
+            election_strategy = crate::config::ELECTION_STRATEGY_PER_REPOSITORY,
             postgresql_version_num,
             praefect_name = self.health.praefect_name(),
             "praefect started"

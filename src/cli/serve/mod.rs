@@ -21,13 +21,14 @@ use std::process::ExitCode;
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::logging;
 
 use app::App;
 
 pub async fn run(config: Config) -> ExitCode {
     logging::init(&config.logging);
+    warn_ignored_keys(&config);
     match serve(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -35,6 +36,19 @@ pub async fn run(config: Config) -> ExitCode {
             eprintln!("praefect: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// One warning per key that is set but changes nothing here (`config::ignored_keys`), so an
+/// operator coming from Go Praefect learns at once which of their settings have no effect.
+fn warn_ignored_keys(config: &Config) {
+    for ignored in config::ignored_keys(config) {
+        tracing::warn!(
+            key = ignored.key,
+            reason = ignored.reason,
+            "ignoring configuration key {}",
+            ignored.key
+        );
     }
 }
 

@@ -138,12 +138,20 @@ pub struct Router {
     pub metrics_address: Option<String>,
     /// Every line the router logged after it started.
     pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The lines it logged while starting, up to and including `praefect started`.
+    pub startup_log: Vec<String>,
 }
 
 impl Router {
     pub fn start(config: &Path) -> Router {
+        Self::start_with_args(config, &[])
+    }
+
+    /// Like [`Router::start`], with `args` after `-config FILE` (e.g. `serve`).
+    pub fn start_with_args(config: &Path, args: &[&str]) -> Router {
         let mut child = Command::new(BIN)
             .args(["-config", config.to_str().unwrap()])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -152,9 +160,9 @@ impl Router {
         let mut address = None;
         let mut metrics_address = None;
         let mut started = false;
-        let mut early = Vec::new();
+        let mut startup_log = Vec::new();
         for line in lines.by_ref().map_while(Result::ok) {
-            early.push(line.clone());
+            startup_log.push(line.clone());
             let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
@@ -170,7 +178,7 @@ impl Router {
             }
         }
         assert!(started, "praefect did not start");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(early));
+        let log = std::sync::Arc::new(std::sync::Mutex::new(startup_log.clone()));
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
@@ -186,6 +194,7 @@ impl Router {
             address: address.expect("praefect logged its address"),
             metrics_address,
             log,
+            startup_log,
         }
     }
 
