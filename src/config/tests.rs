@@ -353,7 +353,10 @@ address = "dns://127.0.0.1:8600"
     let fixed = text
         .replace("consul.internal:8600", "10.0.0.53")
         .replace("127.0.0.1:99999", "[::1]:8600")
-        .replace("\"dns://127.0.0.1:8600\"", "\"dns:///gitaly-4.service.consul:8075\"");
+        .replace(
+            "\"dns://127.0.0.1:8600\"",
+            "\"dns:///gitaly-4.service.consul:8075\"",
+        );
     load_str(&fixed).unwrap();
 }
 

@@ -280,7 +280,10 @@ mod tests {
     fn a_dns_authority_names_the_server_to_ask_on_port_53_unless_given() {
         let cases = [
             ("dns://10.0.0.2/gitaly.internal:8075", "10.0.0.2:53"),
-            ("dns://127.0.0.1:8600/gitaly.internal:8075", "127.0.0.1:8600"),
+            (
+                "dns://127.0.0.1:8600/gitaly.internal:8075",
+                "127.0.0.1:8600",
+            ),
             ("dns://[fd00::53]/gitaly.internal:8075", "[fd00::53]:53"),
             ("dns://[::1]:8600/gitaly.internal:8075", "[::1]:8600"),
             ("dns://::1/gitaly.internal:8075", "[::1]:53"),

@@ -8,9 +8,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use hickory_resolver::config::{
-    LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig,
-};
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 
@@ -100,8 +98,7 @@ pub(crate) fn server_resolver(server: SocketAddr) -> Result<TokioResolver, Resol
         connection.port = server.port();
     }
     let config = ResolverConfig::from_parts(None, Vec::new(), vec![name_server]);
-    let mut builder =
-        TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+    let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
     let options = builder.options_mut();
     options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
     options.use_hosts_file = ResolveHosts::Never;

@@ -12,6 +12,7 @@ mod cli;
 mod cluster;
 mod database_ha;
 mod datastore;
+mod dns_discovery;
 mod nodes;
 mod proxy_walk;
 mod queue;
