@@ -305,6 +305,62 @@ address = ""
 }
 
 #[test]
+fn node_addresses_with_a_bad_dns_server_are_validation_errors() {
+    let text = r#"
+listen_addr = "127.0.0.1:2305"
+[[virtual_storage]]
+name = "default"
+[[virtual_storage.node]]
+storage = "gitaly-1"
+address = "dns://127.0.0.1:8600/gitaly-1.service.consul:8075"
+[[virtual_storage.node]]
+storage = "gitaly-2"
+address = "dns://consul.internal:8600/gitaly-2.service.consul:8075"
+[[virtual_storage.node]]
+storage = "gitaly-3"
+address = "dns+tls://127.0.0.1:99999/gitaly-3.service.consul:8075"
+[[virtual_storage.node]]
+storage = "gitaly-4"
+address = "dns://127.0.0.1:8600"
+"#;
+    let errors = invalid(text);
+    let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        keys(&errors),
+        [
+            "virtual_storage.[0].node.[1].address",
+            "virtual_storage.[0].node.[2].address",
+            "virtual_storage.[0].node.[3].address",
+        ],
+        "{messages:#?}"
+    );
+    assert!(
+        messages[0].contains("DNS server \"consul.internal:8600\" is not an IP address"),
+        "{}",
+        messages[0]
+    );
+    assert!(
+        messages[1].contains("DNS server \"127.0.0.1:99999\" has no valid port"),
+        "{}",
+        messages[1]
+    );
+    assert!(
+        messages[2].contains("names no host after the DNS server"),
+        "{}",
+        messages[2]
+    );
+    // The same addresses with a DNS server the router can ask are accepted.
+    let fixed = text
+        .replace("consul.internal:8600", "10.0.0.53")
+        .replace("127.0.0.1:99999", "[::1]:8600")
+        .replace(
+            "\"dns://127.0.0.1:8600\"",
+            "\"dns:///gitaly-4.service.consul:8075\"",
+        );
+    load_str(&fixed).unwrap();
+}
+
+#[test]
 fn no_virtual_storage_and_listener_conflicts() {
     let found = keys(&invalid(
         "listen_addr = \"127.0.0.1:1\"\nsocket_path = \"unix://127.0.0.1:1\"\n",

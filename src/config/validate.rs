@@ -420,6 +420,10 @@ fn validate_virtual_storages(config: &Config, errors: &mut Errors) {
                         NODE_ADDRESS_SCHEMES.join(" ")
                     ),
                 );
+            } else if let Err(err) = crate::nodes::check_address(&node.address) {
+                // What making the node's channel would refuse at startup (a bad DNS server,
+                // a port that is not a number), reported with the key like the rest.
+                errors.push(key(&["node", &node_index, "address"]), err.to_string());
             }
         }
     }

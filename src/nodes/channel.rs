@@ -2,7 +2,8 @@
 //! both the proxy (raw HTTP/2 requests) and tonic's generated clients call.
 //!
 //! A node address stands for one or more socket addresses: `tcp://`, `tls://` and `unix:`
-//! for exactly one, `dns:` and `dns+tls:` for whatever the name resolves to, re-resolved every
+//! for exactly one, `dns:` and `dns+tls:` for whatever the name resolves to (with the system
+//! resolver, or the DNS server a `dns://SERVER/` address names), re-resolved every
 //! [`RERESOLVE_INTERVAL`] and after a failed connection attempt. Each address gets its own
 //! [`Subchannel`]; calls go round-robin to the ones that are connected, and only when none is
 //! does a call wait for connection attempts (to all of them at once, the first one up wins).
@@ -90,6 +91,8 @@ struct DnsState {
     host: String,
     port: u16,
     tls: bool,
+    /// The DNS server of a `dns://SERVER/` address; `None` for the system resolver.
+    server: Option<std::net::SocketAddr>,
     resolver: OnceCell<Result<TokioResolver, ResolveError>>,
     /// Serializes resolutions; holds when the last one failed, and why.
     last: tokio::sync::Mutex<Option<(Instant, ResolveError)>>,
@@ -124,7 +127,12 @@ impl NodeChannel {
                 set.update([DialTarget::Address(target)], |_| sub.clone());
                 (authority, None)
             }
-            Resolution::Dns { host, port, tls } => {
+            Resolution::Dns {
+                host,
+                port,
+                tls,
+                server,
+            } => {
                 let authority = if host.contains(':') {
                     format!("[{host}]:{port}")
                 } else {
@@ -134,6 +142,7 @@ impl NodeChannel {
                     host,
                     port,
                     tls,
+                    server,
                     resolver: OnceCell::new(),
                     last: tokio::sync::Mutex::new(None),
                     wake: Arc::new(Notify::new()),
@@ -271,11 +280,16 @@ impl ChannelShared {
         }
         let resolver = dns
             .resolver
-            .get_or_init(|| async { resolve::system_resolver() })
+            .get_or_init(|| async {
+                match dns.server {
+                    Some(server) => resolve::server_resolver(server),
+                    None => resolve::system_resolver(),
+                }
+            })
             .await
             .as_ref()
             .map_err(Clone::clone)?;
-        match resolve::lookup(resolver, &dns.host, dns.port).await {
+        match resolve::lookup(resolver, dns.server, &dns.host, dns.port).await {
             Ok(addrs) => {
                 *last = None;
                 self.apply(dns, addrs);
@@ -546,6 +560,7 @@ mod tests {
             host: "gitaly.example".into(),
             port: 8075,
             tls,
+            server: None,
         };
         NodeChannel::new("dns:gitaly.example:8075", resolution, "secret", settings).unwrap()
     }

@@ -12,7 +12,7 @@ mod subchannel;
 
 use std::time::Duration;
 
-pub use address::{dial_target, AddressError};
+pub use address::{check_address, dial_target, AddressError};
 pub use channel::{NodeChannel, NodeError, Unsent, RERESOLVE_INTERVAL};
 pub use http2::ResponseBody;
 pub use resolve::ResolveError;

@@ -1,13 +1,14 @@
 //! DNS for `dns:` and `dns+tls:` node addresses, with hickory's resolver.
 //!
-//! The system configuration (`/etc/resolv.conf`, `/etc/hosts`) is used; when it cannot be
-//! read, the resolver falls back to what the C library does without one, a name server on
-//! the local host. Both A and AAAA records are asked for: a name with several addresses
-//! gets a connection to each.
+//! Without a DNS server in the address, the system configuration (`/etc/resolv.conf`,
+//! `/etc/hosts`) is used; when it cannot be read, the resolver falls back to what the C
+//! library does without one, a name server on the local host. `dns://SERVER/NAME:PORT` asks
+//! `SERVER` alone ([`server_resolver`]). Both A and AAAA records are asked for: a name with
+//! several addresses gets a connection to each.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig};
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 
@@ -19,10 +20,25 @@ const DEFAULT_PORT: u16 = 443;
 pub enum ResolveError {
     #[error("no usable DNS resolver: {0}")]
     NoResolver(String),
-    #[error("resolving {host}: {reason}")]
-    Lookup { host: String, reason: String },
-    #[error("{0} resolved to no addresses")]
-    Empty(String),
+    #[error("resolving {host}{}: {reason}", asked(server))]
+    Lookup {
+        host: String,
+        server: Option<SocketAddr>,
+        reason: String,
+    },
+    #[error("{host} resolved to no addresses{}", asked(server))]
+    Empty {
+        host: String,
+        server: Option<SocketAddr>,
+    },
+}
+
+/// Names the DNS server of a `dns://SERVER/` address in messages: "no record found" alone
+/// would send an operator to the system resolver's configuration.
+fn asked(server: &Option<SocketAddr>) -> String {
+    server
+        .map(|server| format!(" with the DNS server {server}"))
+        .unwrap_or_default()
 }
 
 /// Splits a `dns:` target (`host:port`, `[v6]:port`, or a bare host) into host and port.
@@ -69,9 +85,34 @@ pub(crate) fn system_resolver() -> Result<TokioResolver, ResolveError> {
         .map_err(|e| ResolveError::NoResolver(e.to_string()))
 }
 
+/// A resolver that asks the DNS server at `server` and nothing else: not `/etc/hosts`, not
+/// the system's name servers, no search domains (the name is looked up as written). Queries
+/// go over UDP and are repeated over TCP when the answer comes back truncated (hickory does
+/// that for a name server with both connections configured). Nothing is cached: the channel
+/// asks again only every [`super::RERESOLVE_INTERVAL`] or after a failure, and then it wants
+/// the server's answer of the moment, so that a node added or removed there (Consul's
+/// catalog) is seen at that re-resolution whatever TTL the server gave.
+pub(crate) fn server_resolver(server: SocketAddr) -> Result<TokioResolver, ResolveError> {
+    let mut name_server = NameServerConfig::udp_and_tcp(server.ip());
+    for connection in &mut name_server.connections {
+        connection.port = server.port();
+    }
+    let config = ResolverConfig::from_parts(None, Vec::new(), vec![name_server]);
+    let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+    let options = builder.options_mut();
+    options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    options.use_hosts_file = ResolveHosts::Never;
+    options.cache_size = 0;
+    builder
+        .build()
+        .map_err(|e| ResolveError::NoResolver(e.to_string()))
+}
+
 /// Every address `host` resolves to, with `port`, without duplicates, in the resolver's order.
+/// `server` is the DNS server `resolver` asks, if the address named one (for messages).
 pub(crate) async fn lookup(
     resolver: &TokioResolver,
+    server: Option<SocketAddr>,
     host: &str,
     port: u16,
 ) -> Result<Vec<SocketAddr>, ResolveError> {
@@ -80,6 +121,7 @@ pub(crate) async fn lookup(
         .await
         .map_err(|e| ResolveError::Lookup {
             host: host.to_string(),
+            server,
             reason: e.to_string(),
         })?;
     let mut addrs: Vec<SocketAddr> = Vec::new();
@@ -90,7 +132,10 @@ pub(crate) async fn lookup(
         }
     }
     if addrs.is_empty() {
-        return Err(ResolveError::Empty(host.to_string()));
+        return Err(ResolveError::Empty {
+            host: host.to_string(),
+            server,
+        });
     }
     Ok(addrs)
 }
@@ -124,12 +169,12 @@ mod tests {
     #[tokio::test]
     async fn localhost_and_literals_resolve() {
         let resolver = system_resolver().unwrap();
-        let addrs = lookup(&resolver, "localhost", 8075).await.unwrap();
+        let addrs = lookup(&resolver, None, "localhost", 8075).await.unwrap();
         assert!(
             addrs.contains(&"127.0.0.1:8075".parse().unwrap()),
             "{addrs:?}"
         );
-        let literal = lookup(&resolver, "127.0.0.2", 1).await.unwrap();
+        let literal = lookup(&resolver, None, "127.0.0.2", 1).await.unwrap();
         assert_eq!(literal, ["127.0.0.2:1".parse().unwrap()]);
     }
 }

@@ -14,6 +14,7 @@ mod cluster;
 mod config_compat;
 mod database_ha;
 mod datastore;
+mod dns_discovery;
 mod nodes;
 mod proxy_walk;
 mod queue;

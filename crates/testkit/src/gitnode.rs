@@ -85,15 +85,27 @@ impl GitNode {
     /// Starts the node with extra environment variables (e.g. gitnode's test-only knobs
     /// `GITNODE_TEST_VOTE_SALT`, `GITNODE_TEST_HOOK_REFUSE`); [`GitNode::restart`] keeps them.
     pub fn start_with_env(storage: &str, env: &[(&str, &str)]) -> GitNode {
-        Self::start_full(storage, None, env)
+        Self::start_full(storage, "127.0.0.1:0", None, env)
     }
 
     /// Also listens on TLS with `certs`; `tls_address` is then "tls://localhost:PORT".
     pub fn start_with(storage: &str, certs: Option<&TestCerts>) -> GitNode {
-        Self::start_full(storage, certs, &[])
+        Self::start_full(storage, "127.0.0.1:0", certs, &[])
     }
 
-    fn start_full(storage: &str, certs: Option<&TestCerts>, env: &[(&str, &str)]) -> GitNode {
+    /// Listens on `listen_addr` (`IP:PORT`, port 0 for any) instead of a port of 127.0.0.1:
+    /// nodes found through one DNS name share the port the name's address gives, so they
+    /// listen on distinct loopback addresses (127.0.0.2, 127.0.0.3, ...) with the same port.
+    pub fn start_on(storage: &str, listen_addr: &str) -> GitNode {
+        Self::start_full(storage, listen_addr, None, &[])
+    }
+
+    fn start_full(
+        storage: &str,
+        listen_addr: &str,
+        certs: Option<&TestCerts>,
+        env: &[(&str, &str)],
+    ) -> GitNode {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("storage");
         let config = dir.path().join("gitnode.toml");
@@ -108,7 +120,7 @@ impl GitNode {
         std::fs::write(
             &config,
             format!(
-                "listen_addr = \"127.0.0.1:0\"\n{tls}[auth]\ntoken = \"{TOKEN}\"\n[[storage]]\nname = \"{storage}\"\npath = \"{}\"\n",
+                "listen_addr = \"{listen_addr}\"\n{tls}[auth]\ntoken = \"{TOKEN}\"\n[[storage]]\nname = \"{storage}\"\npath = \"{}\"\n",
                 root.display()
             ),
         )
@@ -143,11 +155,16 @@ impl GitNode {
         self.kill();
         let text = std::fs::read_to_string(&self.config).unwrap();
         let fixed = self.address.trim_start_matches("tcp://");
-        let text = text.replacen(
-            "listen_addr = \"127.0.0.1:0\"",
-            &format!("listen_addr = \"{fixed}\""),
-            1,
-        );
+        let text: String = text
+            .lines()
+            .map(|line| {
+                if line.starts_with("listen_addr = ") {
+                    format!("listen_addr = \"{fixed}\"\n")
+                } else {
+                    format!("{line}\n")
+                }
+            })
+            .collect();
         std::fs::write(&self.config, text).unwrap();
         let (child, address, _) = spawn_node(&self.config, false, &self.env);
         assert_eq!(address, self.address);

@@ -6,6 +6,7 @@
 //!   database per test copied from a migrated template, and servers of a test's own.
 //! - [`patroni`], [`pgbouncer`]: a three-member Patroni cluster with etcd, and PgBouncer.
 //! - [`gitnode`]: gitnode processes, git, and the environment for git over gitnode-ssh.
+//! - [`dns`]: a DNS server on loopback whose answers a test changes (service discovery).
 //! - [`wait`]: [`wait::wait_until`], polling a condition until a deadline.
 //!
 //! Nothing here knows the router's own types (its configuration or datastore): the tests
@@ -20,6 +21,7 @@
 /// The Gitaly protocol: client stubs, the backchannel dialer and the token interceptor.
 pub use praefect_wire as wire;
 
+pub mod dns;
 pub mod gitnode;
 pub mod patroni;
 pub mod pg;
