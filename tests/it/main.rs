@@ -8,6 +8,7 @@
 
 mod common;
 
+mod abuse;
 mod adopt_go;
 mod cli;
 mod cluster;

@@ -1,0 +1,1 @@
+//! See `abuse/mod.rs`.
