@@ -76,6 +76,11 @@ pub type AcceptObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
 /// Accepts connections on `listener` and yields one [`ServerConn`] per plain connection and
 /// per yamux stream of each backchannel session, ready for
 /// `tonic::transport::Server::serve_with_incoming`. `on_accept` hears of every connection.
+///
+/// Accepting stops, and the listener is closed, as soon as the stream is dropped (the server
+/// stopped): another process may share the listening socket (a SIGHUP hand-over's
+/// successor), and a connection accepted here after the stop would be closed unserved
+/// instead of reaching it.
 pub fn incoming(
     listener: Listener,
     registry: SessionRegistry,
@@ -85,7 +90,11 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let (accepted, remote_addr) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tx.closed() => return,
+            };
+            let (accepted, remote_addr) = match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     tracing::warn!(error = %err, "accepting a connection failed");
@@ -176,4 +185,33 @@ async fn handle_connection(
     }
     registry.remove(id);
     finish_writes(&writer).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After the stream is dropped, a connection attempt is refused: nothing in this process
+    /// accepts it (and closes it unserved) while another process could serve it.
+    #[tokio::test]
+    async fn the_listener_closes_when_the_stream_is_dropped() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let stream = incoming(
+            Listener::Tcp(listener),
+            SessionRegistry::default(),
+            super::super::yamux_config(0, 256),
+            None,
+        );
+        drop(stream);
+        // On this single-threaded runtime, yielding lets the accept loop (woken by the drop)
+        // run to its end before the connection attempt.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            tokio::net::TcpStream::connect(address).await.is_err(),
+            "the listener still accepts after the stream was dropped"
+        );
+    }
 }
