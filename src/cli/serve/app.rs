@@ -197,6 +197,7 @@ impl App {
             cache,
             self.sessions.clone(),
             self.transactions.clone(),
+            self.tasks.bridges(),
         ))
     }
 
