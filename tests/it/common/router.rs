@@ -142,8 +142,14 @@ pub struct Router {
 
 impl Router {
     pub fn start(config: &Path) -> Router {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Like [`Router::start`], with extra environment variables (e.g. `GITALY_PID_FILE`).
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Router {
         let mut child = Command::new(BIN)
             .args(["-config", config.to_str().unwrap()])
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
