@@ -29,7 +29,7 @@ use crate::routing::registry::Registry;
 use crate::transactions::{RefTransactionService, Transactions};
 use crate::verification::{self, NodeCluster, Verifier};
 use crate::wire::auth::{AuthConfig, AuthLayer};
-use crate::wire::backchannel::{incoming, yamux_config, SessionRegistry};
+use crate::wire::backchannel::{incoming_until, yamux_config, SessionRegistry};
 
 /// How long startup waits for the database before giving up.
 const DATABASE_STARTUP_WAIT: Duration = Duration::from_secs(30);
@@ -266,16 +266,21 @@ impl App {
         for (listener, passable) in bind(&self.config, inherited).await? {
             passables.push(passable);
             let server = tonic::transport::Server::builder().layer(auth.clone());
-            let stream = incoming(
+            // The stop ends the stream once the connections accepted before it are handed
+            // over, and the stream's end stops the server gracefully (the signal given to
+            // tonic only makes it graceful): a connection accepted just before the stop is
+            // served rather than closed in its handshake.
+            let stream = incoming_until(
                 listener,
                 self.sessions.clone(),
                 yamux,
                 Some(crate::metrics::server::accept_observer()),
+                self.tasks.stop_token().cancelled_owned(),
             );
             self.tasks.spawn_server(server.serve_with_incoming_shutdown(
                 service.clone(),
                 stream,
-                self.tasks.stop_token().cancelled_owned(),
+                std::future::pending::<()>(),
             ));
         }
         Ok(passables)
