@@ -13,7 +13,7 @@ use common::gitnode::{as_refs, binary, git, GitNode};
 use common::pg::TestDb;
 use common::router::{
     free_port, router_git_env, scrape_metrics, virtual_repo, work_tree, write_config_on, NodeEntry,
-    Router,
+    Router, ROUTER_TOKEN,
 };
 use common::wait::{wait_until, wait_until_blocking};
 use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
@@ -23,15 +23,19 @@ use praefect::wire::proto::RepositoryExistsRequest;
 /// finishing, never the timeout.
 const GRACE: &str = "graceful_stop_timeout = \"2m\"";
 
-/// Starts a router over `node` with a pid file, a Prometheus listener and a long graceful
-/// stop timeout; its configuration is `dir/praefect.toml`.
+/// Starts a router over `node` with a pid file, a Prometheus listener, a Unix socket
+/// (`dir/praefect.socket`) and a long graceful stop timeout; its configuration is
+/// `dir/praefect.toml`.
 async fn start_router(dir: &Path, db: &TestDb, node: &GitNode, pid_file: &Path) -> Router {
     let config = write_config_on(
         dir,
         &db.connection(),
         &[NodeEntry::from(node)],
         &format!("127.0.0.1:{}", free_port()),
-        &format!("prometheus_listen_addr = \"127.0.0.1:0\"\n{GRACE}"),
+        &format!(
+            "prometheus_listen_addr = \"127.0.0.1:0\"\nsocket_path = \"{}\"\n{GRACE}",
+            dir.join("praefect.socket").display()
+        ),
     );
     let pid_file = pid_file.display().to_string();
     tokio::task::spawn_blocking(move || {
@@ -93,7 +97,24 @@ impl Drop for Successor {
 
 /// RepositoryExists through `router`'s listening address, on a new connection.
 async fn repository_exists(router: &Router, path: &str) -> bool {
-    RepositoryServiceClient::new(router.channel())
+    repository_exists_at(router.channel(), path).await
+}
+
+/// RepositoryExists through the router's Unix socket in `dir`, on a new connection.
+async fn repository_exists_on_socket(dir: &Path, path: &str) -> bool {
+    use praefect::wire::auth::TokenInterceptor;
+    use praefect::wire::backchannel::{dial_lazy, yamux_config, ClientHandler};
+    let address = format!("unix:{}", dir.join("praefect.socket").display());
+    let channel = dial_lazy(&address, yamux_config(0, 256), ClientHandler::default()).unwrap();
+    let channel = tonic::service::interceptor::InterceptedService::new(
+        channel,
+        TokenInterceptor::new(ROUTER_TOKEN),
+    );
+    repository_exists_at(channel, path).await
+}
+
+async fn repository_exists_at(channel: common::gitnode::Authed, path: &str) -> bool {
+    RepositoryServiceClient::new(channel)
         .repository_exists(RepositoryExistsRequest {
             repository: Some(virtual_repo(path)),
         })
@@ -125,21 +146,119 @@ fn gated_ssh(dir: &Path) -> PathBuf {
     script
 }
 
-/// Starts `git clone` of `path` through `router` into `target`, with `ssh` as the ssh command.
-fn start_clone(router: &Router, path: &str, ssh: &Path, target: &Path) -> Child {
-    let mut env = router_git_env(router, path);
-    env.retain(|(k, _)| k != "GIT_SSH_COMMAND");
-    Command::new("git")
-        .args(["clone", "--quiet", "--no-checkout", "ssh://gitaly/x"])
-        .arg(target)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("GIT_SSH_COMMAND", ssh)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+/// Creates `path` through `router` and pushes one commit per `files` entry of `size` bytes of
+/// noise; the commit pushed.
+async fn push_repository(router: &Router, path: &str, files: &[&str], size: usize) -> String {
+    common::cluster::create(router, path).await;
+    let work = work_tree(files, size);
+    git(
+        work.path(),
+        &["push", "--quiet", "ssh://gitaly/x", "main"],
+        &as_refs(&router_git_env(router, path)),
+    );
+    git(work.path(), &["rev-parse", "main"], &[])
+}
+
+/// A `git clone` through a router, held by [`gated_ssh`] until [`HeldClone::finish`].
+struct HeldClone {
+    child: Child,
+    gate: tempfile::TempDir,
+    target: PathBuf,
+}
+
+impl HeldClone {
+    /// Starts `git clone` of `path` through `router` into `dir/clone` and waits until the
+    /// gate holds it, mid-transfer.
+    async fn start(router: &Router, path: &str, dir: &Path) -> HeldClone {
+        let gate = tempfile::tempdir().unwrap();
+        let ssh = gated_ssh(gate.path());
+        let target = dir.join("clone");
+        let mut env = router_git_env(router, path);
+        env.retain(|(k, _)| k != "GIT_SSH_COMMAND");
+        let mut child = Command::new("git")
+            .args(["clone", "--quiet", "--no-checkout", "ssh://gitaly/x"])
+            .arg(&target)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("GIT_SSH_COMMAND", &ssh)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_until(
+            Duration::from_secs(60),
+            "the clone has received the start of the pack",
+            async || {
+                if let Some(status) = child.try_wait().unwrap() {
+                    let mut stderr = String::new();
+                    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+                        .unwrap();
+                    panic!("the clone ended before the gate held it: {status:?}: {stderr}");
+                }
+                gate.path().join("held").exists()
+            },
+        )
+        .await;
+        HeldClone {
+            child,
+            gate,
+            target,
+        }
+    }
+
+    fn is_held(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Opens the gate and checks that the clone completes with `head`, intact.
+    async fn finish(self, head: &str) {
+        let HeldClone {
+            child,
+            gate,
+            target,
+        } = self;
+        std::fs::write(gate.path().join("open"), "").unwrap();
+        let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "the clone completes: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(git(&target, &["rev-parse", "HEAD"], &[]), head);
+        git(&target, &["fsck", "--no-progress"], &[]);
+    }
+}
+
+/// Sends SIGHUP to the router `old_pid` and waits until it says its successor serves; the
+/// successor, which the pid file names.
+async fn hand_over(router: &Router, old_pid: u32, pid_file: &Path) -> Successor {
+    signal(old_pid, "HUP");
+    let handed_over = wait_until(
+        Duration::from_secs(90),
+        "the old router says its successor serves",
+        async || router.log_lines("the successor serves").pop(),
+    )
+    .await;
+    let new_pid = read_pid(pid_file).expect("a pid in the pid file");
+    assert_ne!(new_pid, old_pid, "the pid file names the successor");
+    assert_eq!(handed_over["successor_pid"], new_pid);
+    assert!(!gone(new_pid), "the successor runs");
+    Successor(new_pid)
+}
+
+/// Waits until the old router `router` has exited, cleanly; the router, for its log.
+async fn old_router_exits(mut router: Router, what: &'static str) -> Router {
+    let (status, router) = tokio::task::spawn_blocking(move || {
+        let status = router.wait_exited(Duration::from_secs(60), what);
+        (status, router)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+    router
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -181,50 +300,19 @@ async fn sighup_hands_over_to_a_new_process_without_cutting_a_clone() {
     )
     .await;
 
-    // A repository large enough that its clone is still transferring when the gate holds it.
+    // A clone of a large repository through the router, held mid-transfer: in flight on the
+    // old process.
     let path = "group/large.git";
-    common::cluster::create(&router, path).await;
-    let work = work_tree(&["big-1", "big-2", "big-3", "big-4"], 5_000_000);
-    git(
-        work.path(),
-        &["push", "--quiet", "ssh://gitaly/x", "main"],
-        &as_refs(&router_git_env(&router, path)),
-    );
-    let head = git(work.path(), &["rev-parse", "main"], &[]);
-
-    // A clone through the router, held after the start of its pack: in flight on the old
-    // process.
-    let gate = tempfile::tempdir().unwrap();
-    let ssh = gated_ssh(gate.path());
-    let target = dir.path().join("clone");
-    let mut clone = start_clone(&router, path, &ssh, &target);
-    wait_until(
-        Duration::from_secs(60),
-        "the clone has received the start of the pack",
-        async || {
-            if let Some(status) = clone.try_wait().unwrap() {
-                let mut stderr = String::new();
-                std::io::Read::read_to_string(&mut clone.stderr.take().unwrap(), &mut stderr)
-                    .unwrap();
-                panic!("the clone ended before the gate held it: {status:?}: {stderr}");
-            }
-            gate.path().join("held").exists()
-        },
+    let head = push_repository(
+        &router,
+        path,
+        &["big-1", "big-2", "big-3", "big-4"],
+        5_000_000,
     )
     .await;
+    let mut clone = HeldClone::start(&router, path, dir.path()).await;
 
-    signal(old_pid, "HUP");
-    let handed_over = wait_until(
-        Duration::from_secs(90),
-        "the old router says its successor serves",
-        async || router.log_lines("the successor serves").pop(),
-    )
-    .await;
-    let new_pid = read_pid(&pid_file).expect("a pid in the pid file");
-    let successor = Successor(new_pid);
-    assert_ne!(new_pid, old_pid, "the pid file names the successor");
-    assert_eq!(handed_over["successor_pid"], new_pid);
-    assert!(!gone(new_pid), "the successor runs");
+    let successor = hand_over(&router, old_pid, &pid_file).await;
     // The successor serves on the sockets it inherited (binding the same ports anew would
     // fail while the old process holds them).
     let inherited: Vec<String> = router
@@ -233,7 +321,7 @@ async fn sighup_hands_over_to_a_new_process_without_cutting_a_clone() {
         .filter(|entry| entry["inherited"] == true)
         .filter_map(|entry| entry["scheme"].as_str().map(str::to_string))
         .collect();
-    assert_eq!(inherited, ["http", "tcp"], "inherited listeners");
+    assert_eq!(inherited, ["http", "tcp", "unix"], "inherited listeners");
 
     // A new call right after the hand-over, on the same address, succeeds.
     assert!(repository_exists(&router, path).await);
@@ -242,45 +330,22 @@ async fn sighup_hands_over_to_a_new_process_without_cutting_a_clone() {
         router.child.try_wait().unwrap().is_none(),
         "the old router waits for its clone in flight"
     );
-    assert!(
-        clone.try_wait().unwrap().is_none(),
-        "the clone is held until the gate opens"
-    );
+    assert!(clone.is_held(), "the clone is held until the gate opens");
 
-    // The clone finishes through the old process, complete.
-    std::fs::write(gate.path().join("open"), "").unwrap();
-    let output = tokio::task::spawn_blocking(move || clone.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "the clone completes: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(git(&target, &["rev-parse", "HEAD"], &[]), head);
-    git(&target, &["fsck", "--no-progress"], &[]);
+    // The clone finishes through the old process, complete; then the old process exits.
+    clone.finish(&head).await;
+    let router = old_router_exits(router, "the old router exits once its clone finished").await;
 
-    // Then the old process exits, cleanly.
-    let (status, router) = tokio::task::spawn_blocking(move || {
-        let status = router.wait_exited(
-            Duration::from_secs(60),
-            "the old router exits once its clone finished",
-        );
-        (status, router)
-    })
-    .await
-    .unwrap();
-    assert!(status.success(), "{status:?}");
-
-    // The successor alone serves gRPC and Prometheus on the same addresses, and the pid file
-    // still names it.
+    // The successor alone serves gRPC (TCP and the same Unix socket file) and Prometheus on
+    // the same addresses, and the pid file still names it.
     assert!(repository_exists(&router, path).await);
+    assert!(repository_exists_on_socket(dir.path(), path).await);
     let metrics_address = router.metrics_address.clone().unwrap();
     tokio::task::spawn_blocking(move || scrape_metrics(&metrics_address))
         .await
         .unwrap();
-    assert_eq!(read_pid(&pid_file), Some(new_pid));
-    assert!(!gone(new_pid));
+    assert_eq!(read_pid(&pid_file), Some(successor.0));
+    assert!(!gone(successor.0));
     tokio::task::spawn_blocking(move || successor.stop())
         .await
         .unwrap();
@@ -347,4 +412,53 @@ async fn a_successor_that_cannot_start_leaves_the_router_serving() {
     tokio::task::spawn_blocking(move || successor.stop())
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_hand_over_kills_the_new_process() {
+    let db = TestDb::new().await;
+    let node = GitNode::start("gitaly-1");
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("praefect.pid");
+    let mut router = start_router(dir.path(), &db, &node, &pid_file).await;
+    let pid = router.child.id();
+
+    // The successor's database is a port nothing listens on: it waits 30 s for it, starting.
+    let config = dir.path().join("praefect.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let port = format!("port = \"{}\"", db.connection().port);
+    assert!(text.contains(&port), "{text}");
+    std::fs::write(
+        &config,
+        text.replacen(&port, &format!("port = \"{}\"", free_port()), 1),
+    )
+    .unwrap();
+    signal(pid, "HUP");
+    let started = wait_until(
+        Duration::from_secs(30),
+        "the router starts its successor",
+        async || router.log_lines("successor started").pop(),
+    )
+    .await;
+    let successor = Successor(u32::try_from(started["successor_pid"].as_u64().unwrap()).unwrap());
+    assert!(!gone(successor.0), "the successor is starting");
+
+    signal(pid, "TERM");
+    let (status, router) = tokio::task::spawn_blocking(move || {
+        let status = router.wait_exited(Duration::from_secs(30), "the router exits");
+        (status, router)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+    // Killed with the router, not given up on after its database wait.
+    wait_until(
+        Duration::from_secs(15),
+        "the successor is gone",
+        async || gone(successor.0),
+    )
+    .await;
+    assert!(router.log_lines("hand-over failed").is_empty());
+    assert_eq!(router.log_lines("hand-over abandoned").len(), 1);
+    assert_eq!(read_pid(&pid_file), Some(pid));
 }
