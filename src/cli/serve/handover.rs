@@ -144,7 +144,7 @@ pub fn inherit() -> Result<Inheritance, HandoverError> {
     }
     let mut listeners = HashMap::new();
     for (index, id) in manifest.listeners.into_iter().enumerate() {
-        let fd = FIRST_FD + i32::try_from(index).unwrap_or(i32::MAX);
+        let fd = fd_at(index);
         let socket = match id {
             ListenerId::Unix(_) => fds
                 .take_unix_listener(index)
@@ -169,7 +169,7 @@ pub fn inherit() -> Result<Inheritance, HandoverError> {
     let predecessor = fds
         .take_unix_datagram(ready_index)
         .map_err(|source| HandoverError::Descriptor {
-            fd: FIRST_FD + i32::try_from(ready_index).unwrap_or(i32::MAX),
+            fd: fd_at(ready_index),
             what: "readiness socket",
             source,
         })?
@@ -178,6 +178,11 @@ pub fn inherit() -> Result<Inheritance, HandoverError> {
         listeners: InheritedListeners(listeners),
         predecessor,
     })
+}
+
+/// The descriptor number of the `index`th inherited descriptor (for messages).
+fn fd_at(index: usize) -> i32 {
+    FIRST_FD.saturating_add(i32::try_from(index).unwrap_or(i32::MAX))
 }
 
 impl Inheritance {
