@@ -54,6 +54,9 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
     {
         return configuration::validate_stdin();
     }
+    // Before the configuration is loaded (`config_command` starts a process): the sockets a
+    // predecessor passed to `serve` become close-on-exec here, so no other process gets them.
+    let inheritance = matches!(cli.command, None | Some(Command::Serve)).then(serve::inherit);
     let Some(config_path) = cli.config else {
         eprintln!("praefect: the -config flag is required: praefect -config FILE [subcommand]");
         return ExitCode::from(EXIT_USAGE);
@@ -79,15 +82,27 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(dispatch(cli.command, config))
+    runtime.block_on(dispatch(cli.command, config, inheritance))
 }
 
 /// A subcommand's work, run until done or interrupted.
 type Work<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(), CliError>> + 'a>>;
 
-async fn dispatch(command: Option<Command>, config: Config) -> ExitCode {
+/// `inheritance` is what a `serve` predecessor passed (see `serve::inherit`); `None` for the
+/// other subcommands.
+async fn dispatch(
+    command: Option<Command>,
+    config: Config,
+    inheritance: Option<Result<serve::Inheritance, serve::HandoverError>>,
+) -> ExitCode {
     let (name, work): (&str, Work<'_>) = match command {
-        None | Some(Command::Serve) => return serve::run(config).await,
+        None | Some(Command::Serve) => {
+            return serve::run(
+                config,
+                inheritance.unwrap_or_else(|| Ok(Default::default())),
+            )
+            .await
+        }
         Some(Command::Configuration { .. }) => {
             return report(
                 "configuration",

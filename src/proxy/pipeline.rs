@@ -147,7 +147,13 @@ impl Proxy {
         let waiter = self.nodes.sidechannels.register();
         let value = http::HeaderValue::from(waiter.id());
         headers.append(wire_sidechannel::METADATA_KEY, value);
-        sidechannel::spawn_bridge(waiter, self.sessions.clone(), peer, client_id);
+        sidechannel::spawn_bridge(
+            &self.bridges,
+            waiter,
+            self.sessions.clone(),
+            peer,
+            client_id,
+        );
         Ok(true)
     }
 }

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio_util::task::TaskTracker;
 
 use super::error::Malformed;
 use crate::wire::backchannel::{BoxIo, PeerInfo, SessionRegistry};
@@ -17,14 +18,16 @@ use crate::wire::sidechannel::{self, SidechannelWaiter};
 /// How long the node may take to connect its sidechannel after the call was forwarded.
 const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Connects the node's sidechannel (when it arrives) to the client's, in the background.
+/// Connects the node's sidechannel (when it arrives) to the client's, in the background, on
+/// `bridges` (which a graceful stop waits for).
 pub fn spawn_bridge(
+    bridges: &TaskTracker,
     mut waiter: SidechannelWaiter,
     sessions: SessionRegistry,
     client: PeerInfo,
     client_id: u64,
 ) {
-    tokio::spawn(async move {
+    bridges.spawn(async move {
         let node = match tokio::time::timeout(NODE_CONNECT_TIMEOUT, waiter.connected()).await {
             Ok(Ok(node)) => node,
             Ok(Err(err)) => {

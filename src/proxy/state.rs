@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use tokio_util::task::TaskTracker;
+
 use super::store::CachedStore;
 use crate::config::Config;
 use crate::datastore::{Datastore, StorageCache};
@@ -25,6 +27,10 @@ pub struct Proxy {
     pub sessions: SessionRegistry,
     /// The reference transactions of writes in flight (the nodes vote on them).
     pub transactions: Transactions,
+    /// The sidechannel bridges in flight. A bridge outlives its call (the node's answer is
+    /// complete before the client has read it all), so a graceful stop waits for these as
+    /// for the calls: stopping when the calls end would cut a clone's last megabytes.
+    pub bridges: TaskTracker,
 }
 
 impl Proxy {
@@ -35,6 +41,7 @@ impl Proxy {
         cache: Arc<StorageCache>,
         sessions: SessionRegistry,
         transactions: Transactions,
+        bridges: TaskTracker,
     ) -> Self {
         let router = Router::new(
             Topology::from_config(&config),
@@ -52,6 +59,7 @@ impl Proxy {
             router,
             sessions,
             transactions,
+            bridges,
         }
     }
 

@@ -22,6 +22,7 @@ mod queue;
 mod queue_bench;
 mod replication;
 mod router;
+mod sighup;
 mod toolkit_check;
 mod toolkit_dataloss;
 mod toolkit_tracking;

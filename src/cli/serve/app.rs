@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 
 use super::db_metrics::{db_metrics_route, DbMetrics};
-use super::listen::bind;
+use super::handover::{self, HandoverError, InheritedListeners, ListenerId, Passable};
+use super::listen::{self, bind};
 use super::readiness::readiness_route;
 use super::tasks::Tasks;
 use crate::cleanup::RepositoriesCleanup;
@@ -29,7 +29,7 @@ use crate::routing::registry::Registry;
 use crate::transactions::{RefTransactionService, Transactions};
 use crate::verification::{self, NodeCluster, Verifier};
 use crate::wire::auth::{AuthConfig, AuthLayer};
-use crate::wire::backchannel::{incoming, yamux_config, SessionRegistry};
+use crate::wire::backchannel::{incoming_until, yamux_config, SessionRegistry};
 
 /// How long startup waits for the database before giving up.
 const DATABASE_STARTUP_WAIT: Duration = Duration::from_secs(30);
@@ -49,17 +49,23 @@ pub struct App {
     tasks: Tasks,
 }
 
-/// A started router: its tasks and the database pool to close once they are done.
+/// A started router: its tasks, the database pool to close once they are done, and its
+/// listening sockets as a SIGHUP hand-over passes them on.
 pub struct RunningApp {
     tasks: Tasks,
     store: Datastore,
+    listeners: Vec<Passable>,
 }
 
 impl App {
     /// Starts the router: the database (reachable, recent enough, migrated), the node
     /// connections, the health manager and its first recorded round, the background
-    /// workers, then the listeners. An error stops whatever was started so far.
-    pub async fn start(config: Config) -> anyhow::Result<RunningApp> {
+    /// workers, then the listeners (the `inherited` ones where configured, the others bound).
+    /// An error stops whatever was started so far.
+    pub async fn start(
+        config: Config,
+        mut inherited: InheritedListeners,
+    ) -> anyhow::Result<RunningApp> {
         check_transactional(Registry::global().iter()).map_err(|problems| {
             anyhow::anyhow!(
                 "the RPC registry disagrees with the list of transactional RPCs: {problems}"
@@ -91,13 +97,16 @@ impl App {
         app.start_replication()?;
         app.start_cleanup();
         let proxy = app.proxy(cache);
-        app.start_metrics(proxy.clone()).await?;
-        app.start_servers(proxy).await?;
+        let mut listeners = Vec::new();
+        listeners.extend(app.start_metrics(proxy.clone(), &mut inherited).await?);
+        listeners.extend(app.start_servers(proxy, &mut inherited).await?);
+        inherited.close_unused();
         app.log_started(postgresql_version_num);
         stop_on_error.disarm();
         Ok(RunningApp {
             tasks: app.tasks,
             store: app.store,
+            listeners,
         })
     }
 
@@ -188,22 +197,27 @@ impl App {
             cache,
             self.sessions.clone(),
             self.transactions.clone(),
+            self.tasks.bridges(),
         ))
     }
 
     /// The Prometheus listener (`/metrics`, `/db_metrics` and `/readiness`), when configured.
-    async fn start_metrics(&self, proxy: Arc<Proxy>) -> anyhow::Result<()> {
+    async fn start_metrics(
+        &self,
+        proxy: Arc<Proxy>,
+        inherited: &mut InheritedListeners,
+    ) -> anyhow::Result<Option<Passable>> {
         if self.config.prometheus_listen_addr.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let addr = self
             .config
             .prometheus_listen_addr
             .trim_start_matches("tcp://");
-        let listener = TcpListener::bind(addr)
+        let id = ListenerId::Prometheus(addr.to_string());
+        let (listener, passable) = listen::tcp(inherited, id, addr, "http", "prometheus listening")
             .await
-            .with_context(|| format!("listening for Prometheus on {addr}"))?;
-        tracing::info!(address = %listener.local_addr()?, scheme = "http", "prometheus listening");
+            .context("the Prometheus listener")?;
         crate::metrics::server::install(crate::cli::VERSION);
         crate::metrics::grpc::enable_handling_histogram(
             &self.config.prometheus.grpc_latency_buckets,
@@ -225,12 +239,16 @@ impl App {
             routes,
             on_metrics,
         ));
-        Ok(())
+        Ok(Some(passable))
     }
 
-    /// Binds the gRPC listeners and serves, behind authentication, the gRPC health service
-    /// (serving) and the proxy on each.
-    async fn start_servers(&self, proxy: Arc<Proxy>) -> anyhow::Result<()> {
+    /// Binds (or inherits) the gRPC listeners and serves, behind authentication, the gRPC
+    /// health service (serving) and the proxy on each.
+    async fn start_servers(
+        &self,
+        proxy: Arc<Proxy>,
+        inherited: &mut InheritedListeners,
+    ) -> anyhow::Result<Vec<Passable>> {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -244,21 +262,28 @@ impl App {
             u32::try_from(self.config.yamux.maximum_stream_window_size_bytes).unwrap_or(u32::MAX),
             usize::try_from(self.config.yamux.accept_backlog).unwrap_or(256),
         );
-        for listener in bind(&self.config).await? {
+        let mut passables = Vec::new();
+        for (listener, passable) in bind(&self.config, inherited).await? {
+            passables.push(passable);
             let server = tonic::transport::Server::builder().layer(auth.clone());
-            let stream = incoming(
+            // The stop ends the stream once the connections accepted before it are handed
+            // over, and the stream's end stops the server gracefully (the signal given to
+            // tonic only makes it graceful): a connection accepted just before the stop is
+            // served rather than closed in its handshake.
+            let stream = incoming_until(
                 listener,
                 self.sessions.clone(),
                 yamux,
                 Some(crate::metrics::server::accept_observer()),
+                self.tasks.stop_token().cancelled_owned(),
             );
             self.tasks.spawn_server(server.serve_with_incoming_shutdown(
                 service.clone(),
                 stream,
-                self.tasks.stop_token().cancelled_owned(),
+                std::future::pending::<()>(),
             ));
         }
-        Ok(())
+        Ok(passables)
     }
 
     fn log_started(&self, postgresql_version_num: i64) {
@@ -313,10 +338,18 @@ async fn connect_database(config: &Config) -> anyhow::Result<(Datastore, i64)> {
 }
 
 impl RunningApp {
+    /// Copies of the listening sockets for a hand-over to a successor.
+    pub fn listeners_to_pass(&self) -> Result<Vec<Passable>, HandoverError> {
+        handover::duplicate(&self.listeners)
+    }
+
     /// Stops the router: the listeners stop accepting and in-flight calls get `grace`;
     /// running replication jobs get `grace` too; the other workers stop; the database pool
     /// is closed.
     pub async fn shutdown(self, grace: Duration) {
+        // The copies kept for a hand-over would keep the sockets open, so that connection
+        // attempts would wait in the backlog instead of being refused while calls finish.
+        drop(self.listeners);
         self.tasks.stop(grace).await;
         self.store.close().await;
         tracing::info!("praefect stopped");

@@ -1,9 +1,10 @@
 //! The router's tasks, grouped by how shutdown treats them.
 //!
 //! One cancellation token stops everything at once; what differs is how long shutdown waits
-//! for each group: in-flight calls and running replication jobs each get the graceful stop
-//! timeout (a stuck call or a job on an unresponsive node must not keep the process alive),
-//! while the other workers stop at their next wait and are simply awaited.
+//! for each group: in-flight calls (with their sidechannel bridges) and running replication
+//! jobs each get the graceful stop timeout (a stuck call or a job on an unresponsive node must
+//! not keep the process alive), while the other workers stop at their next wait and are
+//! simply awaited.
 
 use std::future::Future;
 use std::time::Duration;
@@ -18,6 +19,9 @@ pub(super) struct Tasks {
     stop: CancellationToken,
     /// The gRPC servers: they stop accepting at once; their in-flight calls get the grace.
     servers: TaskTracker,
+    /// The sidechannel bridges, which finish a call's answer after the call itself: they
+    /// share the calls' grace.
+    bridges: TaskTracker,
     /// The replicator and the reconciler: running jobs finish, within the grace too.
     replication: TaskTracker,
     /// Every other background worker (health, change listener, verifier, metrics).
@@ -29,6 +33,7 @@ impl Tasks {
         Tasks {
             stop: CancellationToken::new(),
             servers: TaskTracker::new(),
+            bridges: TaskTracker::new(),
             replication: TaskTracker::new(),
             workers: TaskTracker::new(),
         }
@@ -37,6 +42,11 @@ impl Tasks {
     /// The token every task watches (a clone: cancelling it stops them all).
     pub(super) fn stop_token(&self) -> CancellationToken {
         self.stop.clone()
+    }
+
+    /// The tracker the proxy spawns its sidechannel bridges on.
+    pub(super) fn bridges(&self) -> TaskTracker {
+        self.bridges.clone()
     }
 
     pub(super) fn spawn_server<T: Send + 'static>(
@@ -57,18 +67,22 @@ impl Tasks {
         self.workers.spawn(task);
     }
 
-    /// Stops everything: the servers stop accepting and their calls get `grace`, then the
-    /// replication jobs get `grace` too, then the other workers are awaited. A group still
-    /// running after its grace is left behind (it ends with the process).
+    /// Stops everything: the servers stop accepting and their calls (and the calls'
+    /// sidechannel bridges) get `grace`, then the replication jobs get `grace` too, then the
+    /// other workers are awaited. A group still running after its grace is left behind (it
+    /// ends with the process).
     pub(super) async fn stop(self, grace: Duration) {
         self.stop.cancel();
         // Logged as configured (Go syntax), whatever unit the configuration used.
         let timeout = GoDuration::from(grace);
         self.servers.close();
-        if tokio::time::timeout(grace, self.servers.wait())
-            .await
-            .is_err()
-        {
+        self.bridges.close();
+        let calls = async {
+            self.servers.wait().await;
+            // A call's bridge is started before the call ends, so none starts after this.
+            self.bridges.wait().await;
+        };
+        if tokio::time::timeout(grace, calls).await.is_err() {
             tracing::warn!(%timeout, "calls still running after the graceful stop timeout; cutting them");
         }
         // A job stuck on an unresponsive node must not keep the process alive: its heartbeat
@@ -104,6 +118,32 @@ mod tests {
         let started = Instant::now();
         tasks.stop(GRACE).await;
         assert_eq!(started.elapsed(), 2 * GRACE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bridge_that_outlives_its_call_is_waited_for() {
+        let tasks = Tasks::new();
+        let delivered = Arc::new(AtomicBool::new(false));
+        tasks.spawn_server(tokio::time::sleep(Duration::from_secs(1)));
+        tasks.bridges().spawn({
+            let delivered = delivered.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                delivered.store(true, Ordering::SeqCst);
+            }
+        });
+        tasks.stop(GRACE).await;
+        assert!(delivered.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_bridge_is_cut_with_the_calls_after_the_grace() {
+        let tasks = Tasks::new();
+        tasks.spawn_server(tokio::time::sleep(Duration::from_secs(1)));
+        tasks.bridges().spawn(std::future::pending::<()>());
+        let started = Instant::now();
+        tasks.stop(GRACE).await;
+        assert_eq!(started.elapsed(), GRACE);
     }
 
     #[tokio::test(start_paused = true)]

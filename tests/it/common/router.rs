@@ -144,14 +144,24 @@ pub struct Router {
 
 impl Router {
     pub fn start(config: &Path) -> Router {
-        Self::start_with_args(config, &[])
+        Self::start_with(config, &[], &[])
     }
 
     /// Like [`Router::start`], with `args` after `-config FILE` (e.g. `serve`).
     pub fn start_with_args(config: &Path, args: &[&str]) -> Router {
+        Self::start_with(config, args, &[])
+    }
+
+    /// Like [`Router::start`], with extra environment variables (e.g. `GITALY_PID_FILE`).
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Router {
+        Self::start_with(config, &[], env)
+    }
+
+    fn start_with(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Router {
         let mut child = Command::new(BIN)
             .args(["-config", config.to_str().unwrap()])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -39,7 +39,7 @@ pub use dial::{dial, dial_lazy, error_chain};
 pub use io::{sniff, BoxIo, Io, Prefixed, BACKCHANNEL_MAGIC};
 pub use listener::Listener;
 pub use measured::{observe_sizes, Direction, Measured};
-pub use server::{incoming, AcceptObserver, ServerConn};
+pub use server::{incoming, incoming_until, AcceptObserver, Incoming, ServerConn};
 pub use sessions::{PeerInfo, SessionRegistry};
 pub use yamux::yamux_config;
 

@@ -2,6 +2,7 @@
 //! becomes either one plain gRPC connection or a yamux session whose streams are each one.
 //! Both come out of [`incoming`] as [`ServerConn`]s for tonic's server.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,8 +10,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
 use tokio_yamux::{Config as YamuxConfig, Session};
 use tonic::transport::server::Connected;
 
@@ -76,16 +77,46 @@ pub type AcceptObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
 /// Accepts connections on `listener` and yields one [`ServerConn`] per plain connection and
 /// per yamux stream of each backchannel session, ready for
 /// `tonic::transport::Server::serve_with_incoming`. `on_accept` hears of every connection.
+///
+/// Accepting stops, and the listener is closed, as soon as the stream is dropped (the server
+/// stopped): another process may share the listening socket (a SIGHUP hand-over's
+/// successor), and a connection accepted here after the stop would be closed unserved
+/// instead of reaching it.
 pub fn incoming(
     listener: Listener,
     registry: SessionRegistry,
     yamux: YamuxConfig,
     on_accept: Option<AcceptObserver>,
-) -> ReceiverStream<io::Result<ServerConn>> {
+) -> Incoming {
+    incoming_until(listener, registry, yamux, on_accept, std::future::pending())
+}
+
+/// Like [`incoming`], for a stop that loses no connection: once `stop` completes, accepting
+/// stops (the listener is closed, so that another process sharing the socket gets the next
+/// connections) and the stream ends as soon as the connections accepted before are yielded,
+/// each after its handshake (given up to [`SNIFF_TIMEOUT`]). A server that stops gracefully
+/// when its stream ends (tonic's, with a shutdown signal) thus serves every connection it
+/// accepted, where stopping on a signal would close those still in their handshake.
+pub fn incoming_until(
+    listener: Listener,
+    registry: SessionRegistry,
+    yamux: YamuxConfig,
+    on_accept: Option<AcceptObserver>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Incoming {
     let (tx, rx) = mpsc::channel(64);
+    let (end, ended) = oneshot::channel();
     tokio::spawn(async move {
+        let mut stop = std::pin::pin!(stop);
+        // Each connection holds a clone until it is yielded; nothing is ever sent.
+        let (handshaking, mut handshakes) = mpsc::channel::<()>(1);
         loop {
-            let (accepted, remote_addr) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut stop => break,
+                () = tx.closed() => return,
+            };
+            let (accepted, remote_addr) = match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
                     tracing::warn!(error = %err, "accepting a connection failed");
@@ -105,10 +136,42 @@ pub fn incoming(
                 tx.clone(),
                 registry.clone(),
                 yamux,
+                handshaking.clone(),
             ));
         }
+        drop(listener);
+        drop(handshaking);
+        // `recv` answers None once every connection has dropped its clone.
+        let _ = tokio::time::timeout(SNIFF_TIMEOUT, handshakes.recv()).await;
+        let _ = end.send(());
     });
-    ReceiverStream::new(rx)
+    Incoming {
+        rx,
+        ended: Some(ended),
+    }
+}
+
+/// The connections [`incoming`] yields, as a stream for tonic's server.
+pub struct Incoming {
+    rx: mpsc::Receiver<io::Result<ServerConn>>,
+    /// Completes once accepting has stopped and the connections accepted before were sent:
+    /// the stream then ends after what is queued.
+    ended: Option<oneshot::Receiver<()>>,
+}
+
+impl Stream for Incoming {
+    type Item = io::Result<ServerConn>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(ended) = self.ended.as_mut() {
+            if Pin::new(ended).poll(cx).is_ready() {
+                self.ended = None;
+                // Queued connections are still received; nothing more can be sent.
+                self.rx.close();
+            }
+        }
+        self.rx.poll_recv(cx)
+    }
 }
 
 async fn handle_connection(
@@ -117,6 +180,7 @@ async fn handle_connection(
     tx: mpsc::Sender<io::Result<ServerConn>>,
     registry: SessionRegistry,
     yamux: YamuxConfig,
+    handshaking: mpsc::Sender<()>,
 ) {
     let handshake = async {
         let io = accepted.into_io().await?;
@@ -145,6 +209,7 @@ async fn handle_connection(
         let _ = tx.send(Ok(conn)).await;
         return;
     }
+    let mut handshaking = Some(handshaking);
     let (io, writer) = Coalesced::new(Measured::new(io));
     let mut session = Session::new_server(io, yamux);
     let id = registry.insert(session.control());
@@ -165,8 +230,15 @@ async fn handle_connection(
                     },
                 };
                 if tx.send(Ok(conn)).await.is_err() {
-                    break;
+                    // The server stopped: the new stream is refused, but the session goes on,
+                    // for the streams it already carries (a call finishing, a sidechannel).
+                    tracing::debug!(
+                        backchannel_id = id,
+                        "stream opened after the server stopped; closed"
+                    );
                 }
+                // The first stream (the client's HTTP/2) ends the connection's handshake.
+                drop(handshaking.take());
             }
             Err(err) => {
                 tracing::debug!(backchannel_id = id, error = ?err, "backchannel session ended");
@@ -176,4 +248,76 @@ async fn handle_connection(
     }
     registry.remove(id);
     finish_writes(&writer).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After the stream is dropped, a connection attempt is refused: nothing in this process
+    /// accepts it (and closes it unserved) while another process could serve it.
+    #[tokio::test]
+    async fn the_listener_closes_when_the_stream_is_dropped() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let stream = incoming(
+            Listener::Tcp(listener),
+            SessionRegistry::default(),
+            super::super::yamux_config(0, 256),
+            None,
+        );
+        drop(stream);
+        // On this single-threaded runtime, yielding lets the accept loop (woken by the drop)
+        // run to its end before the connection attempt.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            tokio::net::TcpStream::connect(address).await.is_err(),
+            "the listener still accepts after the stream was dropped"
+        );
+    }
+
+    /// A connection accepted before the stop but still in its handshake is yielded once it
+    /// is done, then the stream ends; the listener is closed at the stop.
+    #[tokio::test]
+    async fn the_stream_ends_after_the_connections_accepted_before_the_stop() {
+        use tokio::io::AsyncWriteExt;
+        use tokio_stream::StreamExt;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = Arc::new(tokio::sync::Notify::new());
+        let observer: AcceptObserver = {
+            let accepted = accepted.clone();
+            Arc::new(move |_| accepted.notify_one())
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let mut stream = incoming_until(
+            Listener::Tcp(listener),
+            SessionRegistry::default(),
+            super::super::yamux_config(0, 256),
+            Some(observer),
+            async {
+                let _ = stopped.await;
+            },
+        );
+        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+        accepted.notified().await;
+        stop.send(()).unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            tokio::net::TcpStream::connect(address).await.is_err(),
+            "the listener still accepts after the stop"
+        );
+        // The handshake completes after the stop: a plain HTTP/2 client's preface.
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(matches!(stream.next().await, Some(Ok(_))));
+        assert!(stream.next().await.is_none());
+    }
 }
