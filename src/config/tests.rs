@@ -989,8 +989,14 @@ fn every_ignored_key_is_named_once_with_its_reason() {
 fn proxy_limits_default_set_and_validated() {
     let (config, _) = parse_str(MINIMAL).unwrap();
     assert_eq!(config.proxy.max_first_message(), 4 * 1024 * 1024);
-    assert_eq!(config.proxy.first_message_timeout, GoDuration::from_secs(20));
-    assert_eq!(config.proxy.sidechannel_idle_timeout, GoDuration::from_secs(60));
+    assert_eq!(
+        config.proxy.first_message_timeout,
+        GoDuration::from_secs(20)
+    );
+    assert_eq!(
+        config.proxy.sidechannel_idle_timeout,
+        GoDuration::from_secs(60)
+    );
 
     let set = load_str(&format!(
         "{MINIMAL}[proxy]\nmax_first_message_bytes = 1024\nfirst_message_timeout = \"3s\"\nsidechannel_idle_timeout = \"500ms\"\n"

@@ -366,10 +366,7 @@ fn validate_proxy_limits(config: &Config, errors: &mut Errors) {
         ("sidechannel_idle_timeout", limits.sidechannel_idle_timeout),
     ] {
         if !value.is_positive() {
-            errors.at(
-                &["proxy", key],
-                format!("must be positive, got {value}"),
-            );
+            errors.at(&["proxy", key], format!("must be positive, got {value}"));
         }
     }
 }

@@ -125,7 +125,10 @@ mod tests {
         ));
         assert!(matches!(
             read_first(&mut frames(vec![b"\x00\xff\xff\xff\xff"]), LIMIT).await,
-            Err(FrameError::TooLarge { len: 0xffff_ffff, limit: LIMIT })
+            Err(FrameError::TooLarge {
+                len: 0xffff_ffff,
+                limit: LIMIT
+            })
         ));
         // The limit is the message's length, without the 5-byte prefix: 4 MiB passes a
         // 4 MiB limit, one byte more does not (and is refused before its body is read).
