@@ -24,8 +24,19 @@ pub struct Config {
     pub git: Git,
     #[serde(default)]
     pub logging: Logging,
+    /// Seconds a sidechannel may move no byte in either direction before the node ends the
+    /// call and its git process (a caller that answered `ok` and went silent would otherwise
+    /// hold them for as long as its connection lives).
+    #[serde(default = "default_sidechannel_idle_timeout")]
+    pub sidechannel_idle_timeout_seconds: u64,
     /// The storages this node serves.
     pub storage: Vec<Storage>,
+}
+
+/// One minute: longer than git's own silences (upload-pack sends keepalives every 5 s while
+/// it prepares a pack), short enough not to hoard processes.
+fn default_sidechannel_idle_timeout() -> u64 {
+    60
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -91,6 +102,9 @@ impl Config {
             && (self.tls.certificate_path.is_empty() || self.tls.key_path.is_empty())
         {
             anyhow::bail!("tls_listen_addr needs [tls] certificate_path and key_path");
+        }
+        if self.sidechannel_idle_timeout_seconds == 0 {
+            anyhow::bail!("sidechannel_idle_timeout_seconds must be at least 1");
         }
         if self.storage.is_empty() {
             anyhow::bail!("configure at least one [[storage]]");

@@ -29,6 +29,8 @@ pub struct Node {
     pub ssh_helper: PathBuf,
     /// Reference transactions: the calls that vote, the hook's socket, the voter.
     pub transactions: transaction::Transactions,
+    /// How long a sidechannel may be idle before its call and git process end.
+    pub sidechannel_idle_timeout: std::time::Duration,
 }
 
 /// The version ServerInfo reports.

@@ -52,6 +52,9 @@ pub async fn node(config: &Config) -> anyhow::Result<Node> {
         git_version,
         ssh_helper: bin_dir.join("gitnode-ssh"),
         transactions,
+        sidechannel_idle_timeout: std::time::Duration::from_secs(
+            config.sidechannel_idle_timeout_seconds,
+        ),
     })
 }
 

@@ -55,6 +55,8 @@ pub struct Config {
     pub background_verification: BackgroundVerification,
     pub repositories_cleanup: RepositoriesCleanup,
     pub yamux: Yamux,
+    /// praefect-rs: bounds on what one forwarded call may cost the router.
+    pub proxy: ProxyLimits,
     pub virtual_storage: Vec<VirtualStorage>,
 }
 
@@ -84,6 +86,7 @@ impl Default for Config {
             background_verification: BackgroundVerification::default(),
             repositories_cleanup: RepositoriesCleanup::default(),
             yamux: Yamux::default(),
+            proxy: ProxyLimits::default(),
             virtual_storage: Vec::new(),
         }
     }
@@ -394,6 +397,45 @@ impl Default for Yamux {
         Yamux {
             maximum_stream_window_size_bytes: YAMUX_MIN_STREAM_WINDOW,
             accept_backlog: 256,
+        }
+    }
+}
+
+/// `[proxy]` (praefect-rs only): limits on the calls the router forwards, so that one hostile
+/// or broken client cannot hold the router's memory or a node's git process for ever. Go
+/// Praefect has no such table; its gRPC server applies grpc-go's 4 MiB receive limit.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct ProxyLimits {
+    /// The largest first request message the router reads to route a call, in bytes
+    /// (grpc-go's default receive limit); a larger one is refused with InvalidArgument.
+    pub max_first_message_bytes: i64,
+    /// How long a client may take to send its whole first request message, from the start of
+    /// the call; a slower one is refused with DeadlineExceeded.
+    pub first_message_timeout: GoDuration,
+    /// How long a proxied sidechannel may move no byte in either direction before the router
+    /// closes both its sides (the node then stops its git process).
+    pub sidechannel_idle_timeout: GoDuration,
+}
+
+impl ProxyLimits {
+    /// grpc-go's default receive limit.
+    pub const DEFAULT_MAX_FIRST_MESSAGE_BYTES: i64 = 4 * 1024 * 1024;
+    /// Upper bound of `max_first_message_bytes`: a gRPC message length is 32 bits.
+    pub const MAX_FIRST_MESSAGE_BYTES_LIMIT: i64 = u32::MAX as i64;
+
+    /// `max_first_message_bytes` as a size (validation keeps it in range).
+    pub fn max_first_message(&self) -> usize {
+        usize::try_from(self.max_first_message_bytes).unwrap_or(0)
+    }
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        ProxyLimits {
+            max_first_message_bytes: Self::DEFAULT_MAX_FIRST_MESSAGE_BYTES,
+            first_message_timeout: GoDuration::from_secs(20),
+            sidechannel_idle_timeout: GoDuration::from_secs(60),
         }
     }
 }

@@ -39,6 +39,7 @@ fn the_example_parses_cleanly_and_shows_the_defaults() {
     );
     assert_eq!(config.repositories_cleanup, defaults.repositories_cleanup);
     assert_eq!(config.yamux, defaults.yamux);
+    assert_eq!(config.proxy, defaults.proxy);
     assert_eq!(config.auth, defaults.auth);
     assert_eq!(config.virtual_storage.len(), 1);
     assert_eq!(config.virtual_storage[0].node.len(), 3);
@@ -982,4 +983,45 @@ fn every_ignored_key_is_named_once_with_its_reason() {
     assert_eq!(ignored(&text), ["sentry.sentry_environment"]);
     let text = format!("{MINIMAL}\n[failover]\nmonitor_interval = \"1s\"\n");
     assert_eq!(ignored(&text), ["failover.monitor_interval"]);
+}
+
+#[test]
+fn proxy_limits_default_set_and_validated() {
+    let (config, _) = parse_str(MINIMAL).unwrap();
+    assert_eq!(config.proxy.max_first_message(), 4 * 1024 * 1024);
+    assert_eq!(
+        config.proxy.first_message_timeout,
+        GoDuration::from_secs(20)
+    );
+    assert_eq!(
+        config.proxy.sidechannel_idle_timeout,
+        GoDuration::from_secs(60)
+    );
+
+    let set = load_str(&format!(
+        "{MINIMAL}[proxy]\nmax_first_message_bytes = 1024\nfirst_message_timeout = \"3s\"\nsidechannel_idle_timeout = \"500ms\"\n"
+    ))
+    .unwrap();
+    assert_eq!(set.proxy.max_first_message(), 1024);
+    assert_eq!(set.proxy.first_message_timeout, GoDuration::from_secs(3));
+    assert_eq!(
+        set.proxy.sidechannel_idle_timeout,
+        GoDuration::from_millis(500)
+    );
+
+    let errors = invalid(&format!(
+        "{MINIMAL}[proxy]\nmax_first_message_bytes = 0\nfirst_message_timeout = 0\nsidechannel_idle_timeout = \"-1s\"\n"
+    ));
+    assert_eq!(
+        keys(&errors),
+        [
+            "proxy.max_first_message_bytes",
+            "proxy.first_message_timeout",
+            "proxy.sidechannel_idle_timeout"
+        ]
+    );
+    let errors = invalid(&format!(
+        "{MINIMAL}[proxy]\nmax_first_message_bytes = 4294967296\n"
+    ));
+    assert_eq!(keys(&errors), ["proxy.max_first_message_bytes"]);
 }

@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::{Config, GoDuration, YAMUX_MIN_STREAM_WINDOW};
+use super::{Config, GoDuration, ProxyLimits, YAMUX_MIN_STREAM_WINDOW};
 
 /// One problem in a configuration, at a key path such as
 /// `["virtual_storage", "[1]", "node", "[0]", "address"]`.
@@ -57,6 +57,7 @@ pub fn validate(config: &Config) -> Vec<ValidationError> {
     validate_database(config, &mut errors);
     validate_failover(config, &mut errors);
     validate_workers(config, &mut errors);
+    validate_proxy_limits(config, &mut errors);
     validate_virtual_storages(config, &mut errors);
     errors.0
 }
@@ -345,6 +346,28 @@ fn validate_workers(config: &Config, errors: &mut Errors) {
     }
     if config.yamux.accept_backlog < 1 {
         errors.at(&["yamux", "accept_backlog"], "must be at least 1");
+    }
+}
+
+fn validate_proxy_limits(config: &Config, errors: &mut Errors) {
+    let limits = &config.proxy;
+    let max = ProxyLimits::MAX_FIRST_MESSAGE_BYTES_LIMIT;
+    if !(1..=max).contains(&limits.max_first_message_bytes) {
+        errors.at(
+            &["proxy", "max_first_message_bytes"],
+            format!(
+                "must be between 1 and {max}, got {}",
+                limits.max_first_message_bytes
+            ),
+        );
+    }
+    for (key, value) in [
+        ("first_message_timeout", limits.first_message_timeout),
+        ("sidechannel_idle_timeout", limits.sidechannel_idle_timeout),
+    ] {
+        if !value.is_positive() {
+            errors.at(&["proxy", key], format!("must be positive, got {value}"));
+        }
     }
 }
 

@@ -83,6 +83,10 @@ pub enum ProxyError {
     RepositoryNotSet,
     #[error("first request message: {0}")]
     Malformed(#[source] Malformed),
+    /// The client did not send its whole first message in time (`[proxy]
+    /// first_message_timeout`).
+    #[error("the first request message did not arrive within {0:?}")]
+    FirstMessageTimeout(std::time::Duration),
     /// The client's request stream failed before its first message was complete.
     #[error("reading the first request message: {0}")]
     ClientStream(#[source] BoxError),
@@ -142,6 +146,7 @@ impl ProxyError {
             | ProxyError::RepositoryNotSet
             | ProxyError::Malformed(_)
             | ProxyError::ClientStream(_)
+            | ProxyError::FirstMessageTimeout(_)
             | ProxyError::RepositoryDoesNotExist
             | ProxyError::InvalidRequest(_)
             | ProxyError::InvalidPoolPath => Side::Client,
@@ -166,6 +171,7 @@ impl ProxyError {
             | ProxyError::InvalidPoolPath => Code::InvalidArgument,
             ProxyError::RepositoryDoesNotExist => Code::NotFound,
             ProxyError::ClientStream(_) => Code::Cancelled,
+            ProxyError::FirstMessageTimeout(_) => Code::DeadlineExceeded,
             ProxyError::NotImplemented(_) => Code::Unimplemented,
             ProxyError::Forward { .. } => Code::Unavailable,
             // The database being away (switchover, failover, stopped) is worth retrying
@@ -364,6 +370,22 @@ mod tests {
                 Malformed::Frame(FrameError::Empty).into(),
                 Code::InvalidArgument,
                 "first request message: the request ended before its first message",
+                Side::Client,
+            ),
+            (
+                Malformed::Frame(FrameError::TooLarge {
+                    len: 4194305,
+                    limit: 4194304,
+                })
+                .into(),
+                Code::InvalidArgument,
+                "first request message: the first message is 4194305 bytes, more than the limit of 4194304 bytes",
+                Side::Client,
+            ),
+            (
+                ProxyError::FirstMessageTimeout(std::time::Duration::from_secs(20)),
+                Code::DeadlineExceeded,
+                "the first request message did not arrive within 20s",
                 Side::Client,
             ),
             (

@@ -1,13 +1,12 @@
 //! gRPC message framing: a 1-byte compressed flag, a 4-byte big-endian length, the message.
 //! The router reads the first request message to route it; everything after it is forwarded
-//! as it came.
+//! as it came. The first message is bounded in size (`[proxy] max_first_message_bytes`) and
+//! its buffer is sized once from its length prefix, so reading it costs its size, not a
+//! multiple of it.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use http_body::Frame;
-
-/// The largest first message the router reads (Gitaly clients send far smaller ones).
-pub const MAX_FIRST_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// Why the first message could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -16,8 +15,8 @@ pub enum FrameError {
     Empty,
     #[error("the first message is compressed")]
     Compressed,
-    #[error("the first message is larger than {MAX_FIRST_MESSAGE} bytes")]
-    TooLarge,
+    #[error("the first message is {len} bytes, more than the limit of {limit} bytes")]
+    TooLarge { len: usize, limit: usize },
     #[error("reading the request: {0}")]
     Body(Box<dyn std::error::Error + Send + Sync>),
 }
@@ -28,21 +27,29 @@ pub struct FirstMessage {
     pub rest: Bytes,
 }
 
-/// Reads body frames until the first complete gRPC message.
-pub async fn read_first<S, E>(body: &mut S) -> Result<FirstMessage, FrameError>
+/// Reads body frames until the first complete gRPC message, refusing one longer than `limit`
+/// bytes as soon as its length prefix is in (before reading it).
+pub async fn read_first<S, E>(body: &mut S, limit: usize) -> Result<FirstMessage, FrameError>
 where
     S: Stream<Item = Result<Frame<Bytes>, E>> + Unpin,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut buf = BytesMut::new();
+    let mut reserved = false;
     loop {
         if buf.len() >= 5 {
             if buf[0] != 0 {
                 return Err(FrameError::Compressed);
             }
             let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-            if len > MAX_FIRST_MESSAGE {
-                return Err(FrameError::TooLarge);
+            if len > limit {
+                return Err(FrameError::TooLarge { len, limit });
+            }
+            if !reserved {
+                // Room for the whole message at once: growing by doubling would copy it
+                // several times and could leave twice its size allocated.
+                buf.reserve((5 + len).saturating_sub(buf.len()));
+                reserved = true;
             }
             if buf.len() >= 5 + len {
                 buf.advance(5);
@@ -95,7 +102,7 @@ mod tests {
             b"\x00\x03a",
             b"bc\x00\x00\x00\x00\x01z",
         ]);
-        let first = read_first(&mut body).await.unwrap();
+        let first = read_first(&mut body, 3).await.unwrap();
         assert_eq!(&first.message[..], b"abc");
         assert_eq!(&first.rest[..], b"\x00\x00\x00\x00\x01z");
         assert_eq!(&encode(b"abc")[..], b"\x00\x00\x00\x00\x03abc");
@@ -103,21 +110,40 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_empty_compressed_and_huge_requests() {
+        const LIMIT: usize = 4 * 1024 * 1024;
         assert!(matches!(
-            read_first(&mut frames(vec![])).await,
+            read_first(&mut frames(vec![]), LIMIT).await,
             Err(FrameError::Empty)
         ));
         assert!(matches!(
-            read_first(&mut frames(vec![b"\x00\x00"])).await,
+            read_first(&mut frames(vec![b"\x00\x00"]), LIMIT).await,
             Err(FrameError::Empty)
         ));
         assert!(matches!(
-            read_first(&mut frames(vec![b"\x01\x00\x00\x00\x01a"])).await,
+            read_first(&mut frames(vec![b"\x01\x00\x00\x00\x01a"]), LIMIT).await,
             Err(FrameError::Compressed)
         ));
         assert!(matches!(
-            read_first(&mut frames(vec![b"\x00\xff\xff\xff\xff"])).await,
-            Err(FrameError::TooLarge)
+            read_first(&mut frames(vec![b"\x00\xff\xff\xff\xff"]), LIMIT).await,
+            Err(FrameError::TooLarge {
+                len: 0xffff_ffff,
+                limit: LIMIT
+            })
+        ));
+        // The limit is the message's length, without the 5-byte prefix: 4 MiB passes a
+        // 4 MiB limit, one byte more does not (and is refused before its body is read).
+        assert!(matches!(
+            read_first(&mut frames(vec![b"\x00\x00\x40\x00\x01"]), LIMIT).await,
+            Err(FrameError::TooLarge { len, .. }) if len == LIMIT + 1
+        ));
+        assert!(matches!(
+            read_first(&mut frames(vec![b"\x00\x00\x40\x00\x00"]), LIMIT).await,
+            Err(FrameError::Empty)
+        ));
+        // A smaller configured limit.
+        assert!(matches!(
+            read_first(&mut frames(vec![b"\x00\x00\x00\x00\x03abc"]), 2).await,
+            Err(FrameError::TooLarge { len: 3, limit: 2 })
         ));
     }
 }

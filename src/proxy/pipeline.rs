@@ -44,8 +44,10 @@ impl Proxy {
     ) -> Result<Response, ProxyError> {
         let (parts, body) = request.into_parts();
         let method = self.look_up(parts.uri.path())?;
+        // A sidechannel id the router cannot use is refused before anything is read or sent.
+        sidechannel::client_id(&parts.headers)?;
         let mut body = BodyStream::new(body);
-        let first = read_first(&mut body).await?;
+        let first = self.read_first(&mut body).await?;
         if let Some(AnsweredBy::Method(local)) = local::answered_by(&method.full_name) {
             return local.answer(self, &first.message).await;
         }
@@ -57,6 +59,9 @@ impl Proxy {
                 if let Some((destination, _)) = calls.first() {
                     record_virtual_storage(destination);
                 }
+                // Several nodes cannot share the client's one sidechannel, and none may open
+                // one to the client under its id: maintenance calls never use one anyway.
+                headers.remove(wire_sidechannel::METADATA_KEY);
                 forward::fan_out(self, &uri, &headers, calls).await
             }
             Forwarding::One {
@@ -153,17 +158,30 @@ impl Proxy {
             self.sessions.clone(),
             peer,
             client_id,
+            self.config.proxy.sidechannel_idle_timeout.to_std(),
         );
         Ok(true)
     }
 }
 
-/// Step 2: the first request message, and what followed it in the same chunk.
-async fn read_first(body: &mut BodyStream<tonic::body::Body>) -> Result<FirstMessage, ProxyError> {
-    frame::read_first(body).await.map_err(|err| match err {
-        FrameError::Body(source) => ProxyError::ClientStream(source),
-        other => ProxyError::Malformed(Malformed::Frame(other)),
-    })
+impl Proxy {
+    /// Step 2: the first request message, and what followed it in the same chunk; within
+    /// `[proxy] first_message_timeout` and `max_first_message_bytes`, so that a client that
+    /// trickles its message or announces a huge one holds neither a task nor memory for long.
+    async fn read_first(
+        &self,
+        body: &mut BodyStream<tonic::body::Body>,
+    ) -> Result<FirstMessage, ProxyError> {
+        let limits = &self.config.proxy;
+        let timeout = limits.first_message_timeout.to_std();
+        let read = frame::read_first(body, limits.max_first_message());
+        match tokio::time::timeout(timeout, read).await {
+            Err(_) => Err(ProxyError::FirstMessageTimeout(timeout)),
+            Ok(Ok(first)) => Ok(first),
+            Ok(Err(FrameError::Body(source))) => Err(ProxyError::ClientStream(source)),
+            Ok(Err(other)) => Err(ProxyError::Malformed(Malformed::Frame(other))),
+        }
+    }
 }
 
 /// The URI a forwarded call is sent with: the client's path, without its scheme and

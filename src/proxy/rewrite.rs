@@ -56,11 +56,27 @@ fn write_varint(out: &mut Vec<u8>, mut value: u64) {
     out.push(value as u8);
 }
 
-/// Every field of a message, in order, as (number, wire type, location).
-fn fields(msg: &[u8]) -> Result<Vec<(u32, u8, Field)>, RewriteError> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < msg.len() {
+/// Every field of a message, in order, as (number, wire type, location); an error ends it.
+/// An iterator, not a list: a message of millions of tiny fields (a 4 MiB first message of
+/// two-byte fields has two million) must cost no memory to walk, where a list of locations
+/// would take dozens of bytes per field.
+fn fields(msg: &[u8]) -> Fields<'_> {
+    Fields {
+        msg,
+        pos: 0,
+        failed: false,
+    }
+}
+
+struct Fields<'a> {
+    msg: &'a [u8],
+    pos: usize,
+    failed: bool,
+}
+
+impl Fields<'_> {
+    fn next_field(&mut self) -> Result<(u32, u8, Field), RewriteError> {
+        let (msg, mut pos) = (self.msg, self.pos);
         let start = pos;
         let tag = read_varint(msg, &mut pos)?;
         let number = u32::try_from(tag >> 3).map_err(|_| RewriteError::Malformed)?;
@@ -93,34 +109,53 @@ fn fields(msg: &[u8]) -> Result<Vec<(u32, u8, Field)>, RewriteError> {
         if pos > msg.len() {
             return Err(RewriteError::Malformed);
         }
-        out.push((
+        self.pos = pos;
+        Ok((
             number,
             wire,
             Field {
                 whole: start..pos,
                 payload: payload_start..pos,
             },
-        ));
+        ))
     }
-    Ok(out)
 }
 
-/// The single length-delimited occurrence of `number`, if any.
+impl Iterator for Fields<'_> {
+    type Item = Result<(u32, u8, Field), RewriteError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.pos >= self.msg.len() {
+            return None;
+        }
+        let field = self.next_field();
+        self.failed = field.is_err();
+        Some(field)
+    }
+}
+
+/// The single length-delimited occurrence of `number`, if any. A malformed message is
+/// reported as such even when the field is also of the wrong type or repeated.
 fn find_unique(msg: &[u8], number: u32) -> Result<Option<Field>, RewriteError> {
     let mut found = None;
-    for (n, wire, field) in fields(msg)? {
-        if n != number {
+    let mut wrong = None;
+    for field in fields(msg) {
+        let (n, wire, field) = field?;
+        if n != number || wrong.is_some() {
             continue;
         }
         if wire != WIRE_LEN {
-            return Err(RewriteError::WrongType);
+            wrong = Some(RewriteError::WrongType);
+        } else if found.is_some() {
+            wrong = Some(RewriteError::Ambiguous);
+        } else {
+            found = Some(field);
         }
-        if found.is_some() {
-            return Err(RewriteError::Ambiguous);
-        }
-        found = Some(field);
     }
-    Ok(found)
+    match wrong {
+        Some(err) => Err(err),
+        None => Ok(found),
+    }
 }
 
 /// The bytes of the (sub)message at `path`.
@@ -196,7 +231,8 @@ pub fn rewrite_repository(
 ) -> Result<Vec<u8>, RewriteError> {
     replace_at(msg, path, &mut |repo| {
         let mut out = Vec::with_capacity(repo.len() + storage_name.len() + relative_path.len());
-        for (number, _, field) in fields(repo)? {
+        for field in fields(repo) {
+            let (number, _, field) = field?;
             if number != STORAGE_NAME && number != RELATIVE_PATH {
                 out.extend_from_slice(&repo[field.whole]);
             }

@@ -1166,7 +1166,7 @@ async fn bad_input_keeps_the_router_serving() {
             FIND_DEFAULT_BRANCH,
             raw(&[0, 0xff, 0xff, 0xff, 0xff]),
             Code::InvalidArgument,
-            Exactly("first request message: the first message is larger than 16777216 bytes"),
+            Exactly("first request message: the first message is 4294967295 bytes, more than the limit of 4194304 bytes"),
         ),
         // Missing repositories and storages.
         (

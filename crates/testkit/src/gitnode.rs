@@ -85,19 +85,25 @@ impl GitNode {
     /// Starts the node with extra environment variables (e.g. gitnode's test-only knobs
     /// `GITNODE_TEST_VOTE_SALT`, `GITNODE_TEST_HOOK_REFUSE`); [`GitNode::restart`] keeps them.
     pub fn start_with_env(storage: &str, env: &[(&str, &str)]) -> GitNode {
-        Self::start_full(storage, "127.0.0.1:0", None, env)
+        Self::start_full(storage, "127.0.0.1:0", None, env, "")
+    }
+
+    /// Starts the node with `extra` top-level keys in its configuration (e.g.
+    /// `sidechannel_idle_timeout_seconds = 2`); [`GitNode::restart`] keeps them.
+    pub fn start_with_config(storage: &str, extra: &str) -> GitNode {
+        Self::start_full(storage, "127.0.0.1:0", None, &[], extra)
     }
 
     /// Also listens on TLS with `certs`; `tls_address` is then "tls://localhost:PORT".
     pub fn start_with(storage: &str, certs: Option<&TestCerts>) -> GitNode {
-        Self::start_full(storage, "127.0.0.1:0", certs, &[])
+        Self::start_full(storage, "127.0.0.1:0", certs, &[], "")
     }
 
     /// Listens on `listen_addr` (`IP:PORT`, port 0 for any) instead of a port of 127.0.0.1:
     /// nodes found through one DNS name share the port the name's address gives, so they
     /// listen on distinct loopback addresses (127.0.0.2, 127.0.0.3, ...) with the same port.
     pub fn start_on(storage: &str, listen_addr: &str) -> GitNode {
-        Self::start_full(storage, listen_addr, None, &[])
+        Self::start_full(storage, listen_addr, None, &[], "")
     }
 
     fn start_full(
@@ -105,6 +111,7 @@ impl GitNode {
         listen_addr: &str,
         certs: Option<&TestCerts>,
         env: &[(&str, &str)],
+        extra: &str,
     ) -> GitNode {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("storage");
@@ -120,7 +127,7 @@ impl GitNode {
         std::fs::write(
             &config,
             format!(
-                "listen_addr = \"{listen_addr}\"\n{tls}[auth]\ntoken = \"{TOKEN}\"\n[[storage]]\nname = \"{storage}\"\npath = \"{}\"\n",
+                "listen_addr = \"{listen_addr}\"\n{extra}\n{tls}[auth]\ntoken = \"{TOKEN}\"\n[[storage]]\nname = \"{storage}\"\npath = \"{}\"\n",
                 root.display()
             ),
         )
@@ -210,6 +217,11 @@ impl GitNode {
             })
             .await
             .expect("CreateRepository");
+    }
+
+    /// The node's process id (to look at its git processes in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn kill(&mut self) {

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod backchannel;
+pub mod idle;
 pub mod pktline;
 pub mod sidechannel;
 pub mod tls;

@@ -115,7 +115,18 @@ impl Drop for SidechannelWaiter {
     }
 }
 
-/// The sidechannel id of a call: the last value of the metadata key.
+/// A sidechannel id as the metadata carries it: a non-negative int64 in decimal digits only
+/// (no sign, no spaces), as every Gitaly client makes them. Anything else (`abc`, `-1`, a
+/// value past `i64::MAX`) is refused rather than wrapped into some other caller's id.
+pub fn parse_id(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<i64>().ok().map(|id| id as u64)
+}
+
+/// The sidechannel id of a call: the last value of the metadata key (a router in between
+/// appends its own id to the client's).
 pub fn id_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Result<u64, SidechannelError> {
     let value = metadata
         .get_all(METADATA_KEY)
@@ -125,10 +136,7 @@ pub fn id_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Result<u64, 
     let text = value
         .to_str()
         .map_err(|_| SidechannelError::InvalidId(format!("{value:?}")))?;
-    text.trim()
-        .parse::<i64>()
-        .map(|id| id as u64)
-        .map_err(|_| SidechannelError::InvalidId(text.to_string()))
+    parse_id(text).ok_or_else(|| SidechannelError::InvalidId(text.to_string()))
 }
 
 /// The server's side: opens the sidechannel `id` to the caller of a call that arrived over
@@ -178,6 +186,26 @@ mod tests {
             id_from_metadata(&md),
             Err(SidechannelError::InvalidId(_))
         ));
+    }
+
+    #[test]
+    fn only_plain_non_negative_int64_ids_parse() {
+        assert_eq!(parse_id("0"), Some(0));
+        assert_eq!(parse_id("17"), Some(17));
+        assert_eq!(parse_id("9223372036854775807"), Some(i64::MAX as u64));
+        for bad in [
+            "",
+            "abc",
+            "-1",
+            "+1",
+            " 1",
+            "1 ",
+            "0x10",
+            "9223372036854775808",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(parse_id(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

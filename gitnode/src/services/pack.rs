@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::Stdio;
 
 use praefect_wire::backchannel::PeerInfo;
+use praefect_wire::idle::Activity;
 use praefect_wire::{pktline, sidechannel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
@@ -74,7 +75,9 @@ impl Services {
         Ok(command)
     }
 
-    /// Runs upload-pack with its input and output on the caller's sidechannel.
+    /// Runs upload-pack with its input and output on the caller's sidechannel. A sidechannel
+    /// that moves no byte either way for the node's idle timeout ends the call and kills
+    /// upload-pack (DeadlineExceeded).
     pub async fn upload_pack_over_sidechannel(
         &self,
         metadata: &MetadataMap,
@@ -88,7 +91,8 @@ impl Services {
         let channel = sidechannel::open(&self.0.sessions, &peer, id)
             .await
             .map_err(|e| Status::unavailable(format!("opening sidechannel: {e}")))?;
-        let (mut from_client, mut to_client) = tokio::io::split(channel);
+        let activity = Activity::new();
+        let (mut from_client, mut to_client) = tokio::io::split(activity.watch(channel));
         let mut child = spawn(self.pack_command(Pack::UploadPack, path, options)?, true)?;
         let mut stdin = take_pipe(&mut child.stdin, "stdin")?;
         let mut stdout = take_pipe(&mut child.stdout, "stdout")?;
@@ -103,8 +107,28 @@ impl Services {
             // stalls its writer once a window's worth of pack data is in flight.
             let _ = tokio::io::copy(&mut from_client, &mut tokio::io::sink()).await;
         });
-        let output = tokio::io::copy(&mut stdout, &mut to_client).await;
-        let _ = to_client.shutdown().await;
+        let copy_output = async {
+            let copied = tokio::io::copy(&mut stdout, &mut to_client).await;
+            let _ = to_client.shutdown().await;
+            copied
+        };
+        let idle_timeout = self.0.sidechannel_idle_timeout;
+        let output = tokio::select! {
+            copied = copy_output => Some(copied),
+            () = activity.idle(idle_timeout) => None,
+        };
+        // upload-pack may be blocked writing to a pipe nobody reads any more: close it so
+        // that it ends (with EPIPE) instead of waiting for ever.
+        drop(stdout);
+        let Some(output) = output else {
+            input.abort();
+            let _ = child.kill().await;
+            tracing::info!(?idle_timeout, "sidechannel idle: upload-pack stopped");
+            return Err(Status::deadline_exceeded(format!(
+                "sidechannel idle for {}s: no data moved either way",
+                idle_timeout.as_secs()
+            )));
+        };
         let status = child
             .wait()
             .await
