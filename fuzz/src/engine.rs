@@ -54,7 +54,7 @@ impl std::fmt::Display for Finding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.kind, self.message)?;
         if let Some(path) = &self.artifact {
-            write!(f, " (input saved to {})", path.display())?;
+            write!(f, " (input: {})", path.display())?;
         }
         Ok(())
     }

@@ -90,6 +90,37 @@ fn components(text: &str) -> Option<Vec<&str>> {
     Some(out)
 }
 
+/// Nanoseconds per unit, from Go's `unitMap`.
+fn unit_nanos(unit: &str) -> i128 {
+    match unit {
+        "ns" => 1,
+        "us" | "µs" | "μs" => 1_000,
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        other => panic!("not a unit: {other:?}"),
+    }
+}
+
+/// The exact value of a text in the grammar whose components have no fraction (None for
+/// fractions, which Go rounds its own way, and for numbers past 20 digits).
+fn whole_value(text: &str, parts: &[&str]) -> Option<i128> {
+    let mut total: i128 = 0;
+    for part in parts {
+        if *part == "0" {
+            return Some(0);
+        }
+        let digits = part.find(|c: char| !c.is_ascii_digit())?;
+        let (number, unit) = part.split_at(digits);
+        if unit.starts_with('.') || number.len() > 20 {
+            return None;
+        }
+        total += number.parse::<i128>().ok()? * unit_nanos(unit);
+    }
+    Some(if text.starts_with('-') { -total } else { total })
+}
+
 fn class(result: &Result<GoDuration, DurationError>) -> &'static str {
     match result {
         Ok(_) => "ok",
@@ -131,6 +162,18 @@ fn check(input: &[u8]) -> String {
     }
     if let Ok(value) = result {
         round_trips(value);
+    }
+    if let Some(expected) = grammar
+        .as_deref()
+        .and_then(|parts| whole_value(&text, parts))
+    {
+        match i64::try_from(expected) {
+            Ok(nanos) => assert_eq!(result, Ok(GoDuration::from_nanos(nanos)), "{text:?}"),
+            Err(_) => assert!(
+                matches!(result, Err(DurationError::Overflow(_))),
+                "{text:?} is out of range, yet {result:?}"
+            ),
+        }
     }
     if let Some(parts) = grammar.filter(|p| p.len() >= 2) {
         // A sum of two parts split where the input's hash says.
