@@ -52,6 +52,11 @@ pub async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Packe
         }
         filled += n;
     }
+    // Four hex digits and nothing else: `from_str_radix` alone would also take a sign
+    // ("+004"), which git never writes.
+    if !header.iter().all(u8::is_ascii_hexdigit) {
+        return Err(PktError::BadHeader(String::from_utf8_lossy(&header).into()));
+    }
     let text =
         std::str::from_utf8(&header).map_err(|_| PktError::BadHeader(format!("{header:?}")))?;
     let len = usize::from_str_radix(text, 16).map_err(|_| PktError::BadHeader(text.into()))?;
@@ -132,7 +137,7 @@ mod tests {
 
     #[tokio::test]
     async fn rejects_bad_headers_and_missing_flush() {
-        for bad in [&b"zzzz"[..], b"0002", b"fff5", b"00"] {
+        for bad in [&b"zzzz"[..], b"0002", b"fff5", b"00", b"+004", b"-004"] {
             assert!(read_packet(&mut &bad[..]).await.is_err(), "{bad:?}");
         }
         let mut out = Vec::new();
