@@ -58,11 +58,12 @@ where
     if let Some(status) = tonic::Status::from_header_map(&parts.headers) {
         return status;
     }
+    let http_status = parts.status;
     let collected = body.collect().await.unwrap();
     collected
         .trailers()
         .and_then(tonic::Status::from_header_map)
-        .unwrap_or_else(|| tonic::Status::unknown("no grpc-status"))
+        .unwrap_or_else(|| tonic::Status::unknown(format!("no grpc-status: HTTP {http_status}")))
 }
 
 fn repo(relative_path: &str) -> Option<Repository> {
