@@ -138,7 +138,9 @@ async fn bad_relative_paths_are_refused_before_anything_is_recorded_or_sent() {
             "relative path has a component longer than 255 bytes",
         ),
     ];
-    let mut cases: Vec<(String, &str, Vec<u8>, Vec<(&str, &str)>, &str)> = Vec::new();
+    /// What, method, first message, metadata, expected message.
+    type Case<'a> = (String, &'a str, Vec<u8>, Vec<(&'a str, &'a str)>, &'a str);
+    let mut cases: Vec<Case> = Vec::new();
     for (path, why) in bad {
         let shown = format!("{:?}", path.chars().take(40).collect::<String>());
         cases.push((
@@ -287,4 +289,88 @@ async fn bad_relative_paths_are_refused_before_anything_is_recorded_or_sent() {
     assert_eq!(status.code(), Code::Ok, "{status:?}");
     assert_eq!(rows(&db).await, 1);
     assert!(!log.is_empty());
+}
+
+/// Item 6 of the hardening issue: statuses a client gets never name a path or an address on
+/// a node. A replica whose HEAD is garbage makes git (on the node) fail with the replica's
+/// absolute path in its message; the router passes the node's code on with the path replaced,
+/// and logs the original with the correlation id. A node that is down is named by storage,
+/// never by address.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_errors_reach_clients_without_paths_or_addresses() {
+    use common::cluster::{create, replica_path, start_router};
+    use common::gitnode::GitNode;
+    use praefect::wire::proto::repository_service_client::RepositoryServiceClient;
+    use praefect::wire::proto::CalculateChecksumRequest;
+
+    let db = TestDb::new().await;
+    let mut node = GitNode::start("gitaly-1");
+    let dir = tempfile::tempdir().unwrap();
+    let router = start_router(&db, dir.path(), &[&node], "").await;
+    let pid = router.child.id();
+    create(&router, "group/broken.git").await;
+    let replica = replica_path(&db, "group/broken.git").await;
+    std::fs::write(node.root.join(&replica).join("HEAD"), "garbage\n").unwrap();
+    let root = node.root.display().to_string();
+
+    // Directly, the node names its path: the test has something to remove.
+    let direct = RepositoryServiceClient::new(node.channel())
+        .calculate_checksum(CalculateChecksumRequest {
+            repository: Some(node.repository(&replica)),
+        })
+        .await
+        .unwrap_err();
+    assert!(direct.message().contains(&root), "{direct:?}");
+
+    let (rss_before, fds_before) = rss_and_fds(pid);
+    let mut client = RepositoryServiceClient::new(router.channel());
+    let correlation = "abuse-paths-node-error";
+    for _ in 0..20 {
+        let mut request = tonic::Request::new(CalculateChecksumRequest {
+            repository: repo("group/broken.git"),
+        });
+        request
+            .metadata_mut()
+            .insert("x-gitlab-correlation-id", correlation.parse().unwrap());
+        let err = client.calculate_checksum(request).await.unwrap_err();
+        assert_eq!(err.code(), direct.code(), "{err:?}");
+        assert!(!err.message().contains(&root), "{err:?}");
+        assert!(err.message().contains("<path>"), "{err:?}");
+        assert_eq!(
+            err.message(),
+            direct
+                .message()
+                .replace(&format!("{}/{replica}", root), "<path>"),
+        );
+    }
+    let (rss, fds) = rss_and_fds(pid);
+    eprintln!("node errors: router RSS {rss_before} -> {rss} kB, fds {fds_before} -> {fds}");
+    let logged = router.log_lines("node error message had paths or addresses removed");
+    assert!(!logged.is_empty());
+    assert_eq!(logged[0]["correlation_id"], correlation, "{}", logged[0]);
+    assert!(logged[0]["node_message"].as_str().unwrap().contains(&root));
+
+    // A node that is down: the status names the storage, not the address.
+    let address = node.address.trim_start_matches("tcp://").to_string();
+    node.kill();
+    for _ in 0..3 {
+        let err = client
+            .calculate_checksum(CalculateChecksumRequest {
+                repository: repo("group/broken.git"),
+            })
+            .await
+            .unwrap_err();
+        assert!(!err.message().contains(&address), "{err:?}");
+        assert!(!err.message().contains("127.0.0.1"), "{err:?}");
+    }
+    // The router still answers what it can answer alone.
+    let exists = client
+        .repository_exists(praefect::wire::proto::RepositoryExistsRequest {
+            repository: repo("group/broken.git"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .exists;
+    assert!(exists);
 }
