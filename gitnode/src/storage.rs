@@ -59,16 +59,8 @@ impl Storages {
         let repo = required(repo)?;
         let root = self.root(&repo.storage_name)?;
         let relative = check_relative_path(&repo.relative_path)?;
-        let path = root.join(relative);
-        // A symlink inside the storage must not lead out of it either.
-        if let Ok(real) = path.canonicalize() {
-            if !real.starts_with(root) {
-                return Err(Status::invalid_argument(
-                    "relative path escapes root directory",
-                ));
-            }
-        }
-        Ok(path)
+        refuse_symlinks(root, relative)?;
+        Ok(root.join(relative))
     }
 
     /// The path of a repository that must exist.
@@ -124,6 +116,32 @@ pub fn check_relative_path(relative: &str) -> Result<&Path, Status> {
         return Err(Status::invalid_argument("empty RelativePath"));
     }
     Ok(path)
+}
+
+/// Refuses a relative path any existing component of which is a symbolic link. Resolving
+/// the link and checking where it leads is not enough: a link to a place that does not
+/// exist yet (or a link to a directory, followed by a name that does not exist yet) cannot
+/// be resolved, and creating the repository would then write wherever the link points. The
+/// root itself is canonical (see [`Storages::new`]), and `relative` has no `..` or root.
+fn refuse_symlinks(root: &Path, relative: &Path) -> Result<(), Status> {
+    let mut current = root.to_path_buf();
+    for component in relative.components() {
+        let Component::Normal(name) = component else {
+            continue;
+        };
+        current.push(name);
+        match std::fs::symlink_metadata(&current) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(Status::invalid_argument(
+                    "relative path goes through a symbolic link",
+                ))
+            }
+            Ok(_) => {}
+            // Nothing below a missing component exists either.
+            Err(_) => break,
+        }
+    }
+    Ok(())
 }
 
 /// Whether `path` holds a git repository (a bare one, as gitnode creates them).
@@ -209,6 +227,32 @@ mod tests {
             ..Default::default()
         };
         assert!(storages.repo_path(Some(&repo)).is_err());
+        // A link whose target does not exist yet, and a new name below a link to a
+        // directory, cannot be resolved; they are refused all the same.
+        std::os::unix::fs::symlink(outside.path().join("later"), dir.path().join("dangling"))
+            .unwrap();
+        std::fs::create_dir(dir.path().join("group")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("group/link")).unwrap();
+        for relative in [
+            "link/new.git",
+            "dangling",
+            "dangling/x.git",
+            "group/link/x.git",
+        ] {
+            let repo = Repository {
+                storage_name: "s".into(),
+                relative_path: relative.into(),
+                ..Default::default()
+            };
+            let err = storages.repo_path(Some(&repo)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{relative}");
+        }
+        let fine = Repository {
+            storage_name: "s".into(),
+            relative_path: "group/new/x.git".into(),
+            ..Default::default()
+        };
+        assert!(storages.repo_path(Some(&fine)).is_ok());
         let unknown = Repository {
             storage_name: "nope".into(),
             relative_path: "a".into(),

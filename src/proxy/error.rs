@@ -242,6 +242,7 @@ fn routing_side(err: &RoutingError) -> Side {
     match err {
         RoutingError::StorageNameNotSet
         | RoutingError::RelativePathNotSet
+        | RoutingError::InvalidRelativePath(_)
         | RoutingError::StorageNotFound
         | RoutingError::RepositoryNotFound
         | RoutingError::AdditionalRepositoryNotFound
@@ -265,6 +266,7 @@ fn routing_code(err: &RoutingError) -> Code {
     match err {
         RoutingError::StorageNameNotSet
         | RoutingError::RelativePathNotSet
+        | RoutingError::InvalidRelativePath(_)
         | RoutingError::StorageNotFound
         | RoutingError::DifferentVirtualStorages => Code::InvalidArgument,
         RoutingError::RepositoryNotFound | RoutingError::AdditionalRepositoryNotFound => {

@@ -1,6 +1,7 @@
 //! The send step: a call to one node with the client's metadata (minus its token: the
 //! node's channel signs with the node's), or a unary call to several nodes at once
-//! (maintenance), answered once all have answered.
+//! (maintenance), answered once all have answered. A node's status message reaches the
+//! client without paths or addresses on the node (`sanitize.rs`).
 
 use bytes::Bytes;
 use http_body::Frame;
@@ -10,6 +11,7 @@ use super::error::ProxyError;
 use super::finalize::is_ok;
 use super::frame;
 use super::route::Destination;
+use super::sanitize;
 use super::state::Proxy;
 use crate::nodes::NodeChannel;
 
@@ -77,10 +79,8 @@ pub async fn try_send(
     match channel.send_or_return(outgoing).await {
         Ok(response) => {
             let (parts, body) = response.into_parts();
-            Ok(http::Response::from_parts(
-                parts,
-                tonic::body::Body::new(body),
-            ))
+            let response = http::Response::from_parts(parts, tonic::body::Body::new(body));
+            Ok(sanitize::response(response, &destination.storage))
         }
         Err(unsent) => {
             let headers = unsent.request.map(|request| request.into_parts().0.headers);

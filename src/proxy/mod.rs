@@ -17,6 +17,7 @@ mod pipeline;
 mod request_body;
 pub mod rewrite;
 mod route;
+mod sanitize;
 mod service;
 mod sidechannel;
 mod state;

@@ -10,6 +10,9 @@ pub enum RoutingError {
     StorageNameNotSet,
     #[error("repository path not set")]
     RelativePathNotSet,
+    /// A relative path outside the one accepted spelling (see `relative_path`).
+    #[error(transparent)]
+    InvalidRelativePath(#[from] super::relative_path::InvalidPath),
     #[error("storage name not found")]
     StorageNotFound,
     #[error("repository not found")]

@@ -8,6 +8,7 @@ mod error;
 pub mod methods;
 mod plan;
 pub mod registry;
+pub mod relative_path;
 mod replica_path;
 mod router;
 mod store;

@@ -10,6 +10,7 @@ use super::plan::{
     AccessorRoute, CreationRoute, MaintenanceRoute, MutatorRoute, Neighbour, NeighbourSource,
     RepositoryRef, StorageRoute, WriteRoute,
 };
+use super::relative_path;
 use super::replica_path::{is_rails_pool_path, pool_replica_path, replica_path};
 use super::store::{HealthView, ReplicaSet, RoutingStore};
 use super::topology::{Topology, VirtualStorage};
@@ -61,13 +62,11 @@ impl<S: RoutingStore, H: HealthView> Router<S, H> {
         self.topology.get(name).ok_or(RoutingError::StorageNotFound)
     }
 
-    /// A repository must name a configured virtual storage and a relative path.
+    /// A repository must name a configured virtual storage and a valid relative path
+    /// (checked before anything is looked up, recorded or sent).
     pub fn check_repository(&self, repository: &RepositoryRef) -> Result<(), RoutingError> {
         self.virtual_storage(&repository.storage_name)?;
-        if repository.relative_path.is_empty() {
-            return Err(RoutingError::RelativePathNotSet);
-        }
-        Ok(())
+        check_relative_path(&repository.relative_path)
     }
 
     /// The locally healthy storages of a virtual storage; an error when there are none.
@@ -467,8 +466,13 @@ fn check_additional(target: &RepositoryRef, other: &RepositoryRef) -> Result<(),
     if other.storage_name != target.storage_name {
         return Err(RoutingError::DifferentVirtualStorages);
     }
-    if other.relative_path.is_empty() {
+    check_relative_path(&other.relative_path)
+}
+
+/// A relative path must be set, and be valid (see `relative_path`).
+pub fn check_relative_path(path: &str) -> Result<(), RoutingError> {
+    if path.is_empty() {
         return Err(RoutingError::RelativePathNotSet);
     }
-    Ok(())
+    Ok(relative_path::validate(path)?)
 }

@@ -4,6 +4,12 @@
 //! `authorization: Bearer <token>` on every call and valid for 30 seconds either side of the
 //! server's clock. Callers sign a fresh token per call ([`TokenInterceptor`]); servers check it
 //! in a tower layer ([`AuthLayer`]) with Praefect's exact codes and messages.
+//!
+//! Edge cases are decided as Gitaly decides them (its token check reads the metadata with
+//! go-grpc-middleware's `AuthFromMD` and decodes the signature with `hex.DecodeString`): the
+//! scheme is matched without regard to case (`bearer` works), the signature is hex in either
+//! case, and of several `authorization` values the first is the one checked. Anything longer
+//! than a v2 token can be ([`MAX_TOKEN_BYTES`]) is refused before any HMAC is computed.
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -18,6 +24,15 @@ use tower::{Layer, Service};
 
 /// How far a token's timestamp may be from the server's clock, either way.
 pub const TOKEN_VALIDITY: Duration = Duration::from_secs(30);
+
+/// The longest token looked at: a v2 token is `v2.`, 64 hex digits, `.` and a timestamp
+/// (about 90 bytes); a longer value (a 16 KiB header, say) is refused as unparsable without
+/// hashing it.
+pub const MAX_TOKEN_BYTES: usize = 256;
+
+/// In `transitioning` mode, refused tokens are logged at most this often; the line says how
+/// many were not logged since the last one (they are all counted in the metrics).
+pub const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Calls to these services need no token (load balancers probe them).
 const EXEMPT_PREFIXES: &[&str] = &["/grpc.health.v1.Health/"];
@@ -146,11 +161,15 @@ pub fn check_v2(secret: &[u8], header: Option<&str>, now: SystemTime) -> Result<
     check_window(issued, now)
 }
 
-/// The token of an `authorization` metadata value.
+/// The token of an `authorization` metadata value: `Bearer <token>`, the scheme in any case.
 fn bearer_token(header: Option<&str>) -> Result<&str, AuthError> {
-    header
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .ok_or(AuthError::Missing)
+    let (scheme, token) = header
+        .and_then(|h| h.split_once(' '))
+        .ok_or(AuthError::Missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.len() > MAX_TOKEN_BYTES {
+        return Err(AuthError::Missing);
+    }
+    Ok(token)
 }
 
 /// Checks a token's shape, version and signature: its timestamp if they are right.
@@ -164,8 +183,10 @@ fn verify_signature(secret: &[u8], token: &str) -> Result<i64, AuthError> {
     if version != "v2" {
         return Err(AuthError::InvalidVersion);
     }
-    let expected = hex::encode(mac(secret, timestamp.as_bytes()));
-    if !bool::from(expected.as_bytes().ct_eq(signature.as_bytes())) {
+    // Decoded, not compared as text: hex in upper or mixed case is the same signature.
+    let expected = mac(secret, timestamp.as_bytes());
+    let given = hex::decode(signature).map_err(|_| AuthError::WrongSignature)?;
+    if !bool::from(expected.as_slice().ct_eq(given.as_slice())) {
         return Err(AuthError::WrongSignature);
     }
     timestamp
@@ -254,6 +275,36 @@ impl std::fmt::Debug for AuthObserver {
     }
 }
 
+/// The log of tokens refused in `transitioning` mode: a client with a bad token calls as
+/// often as it likes, and one line per call would let it fill the disk, so a line is written
+/// at most every [`FAILURE_LOG_INTERVAL`], with the count of failures not logged before it.
+/// The line names the method and what was wrong, never the token.
+#[derive(Debug, Default)]
+struct FailureLog(Mutex<FailureLogState>);
+
+#[derive(Debug, Default)]
+struct FailureLogState {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl FailureLog {
+    /// Whether to log a failure now, and how many were suppressed since the last line.
+    fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match state.last {
+            Some(last) if now.duration_since(last) < FAILURE_LOG_INTERVAL => {
+                state.suppressed += 1;
+                None
+            }
+            _ => {
+                state.last = Some(now);
+                Some(std::mem::take(&mut state.suppressed))
+            }
+        }
+    }
+}
+
 /// How a server checks tokens. No secret means authentication is disabled.
 #[derive(Clone, Debug, Default)]
 pub struct AuthConfig {
@@ -262,6 +313,7 @@ pub struct AuthConfig {
     pub transitioning: bool,
     /// Shared by the clones of this configuration (one per connection and call).
     last_verified: Arc<LastVerified>,
+    failures: Arc<FailureLog>,
     observer: Option<AuthObserver>,
 }
 
@@ -271,6 +323,7 @@ impl AuthConfig {
             secret: (!token.is_empty()).then(|| Arc::from(token.as_bytes())),
             transitioning,
             last_verified: Arc::default(),
+            failures: Arc::default(),
             observer: None,
         }
     }
@@ -334,7 +387,14 @@ impl AuthConfig {
         match result {
             Ok(()) => Ok(()),
             Err(err) if self.transitioning => {
-                tracing::warn!(grpc.method = path, error = %err, "authentication would have failed");
+                if let Some(suppressed) = self.failures.admit(std::time::Instant::now()) {
+                    tracing::warn!(
+                        grpc.method = path,
+                        error = %err,
+                        suppressed,
+                        "authentication would have failed"
+                    );
+                }
                 Ok(())
             }
             Err(err) => Err(err.to_status()),
@@ -558,6 +618,53 @@ mod tests {
             ),
             Err(AuthError::Missing)
         );
+    }
+
+    #[test]
+    fn edge_cases_are_decided_as_gitaly_decides_them() {
+        let now = at(1_000_000);
+        let token = sign_v2(SECRET, now);
+        // The scheme in any case, the signature in upper case.
+        for value in [
+            format!("bearer {token}"),
+            format!("BEARER {token}"),
+            format!(
+                "Bearer {}",
+                token.replace(&token[3..67], &token[3..67].to_uppercase())
+            ),
+        ] {
+            assert_eq!(check_v2(SECRET, Some(&value), now), Ok(()), "{value}");
+        }
+        // Not hex, an odd length, a signature too short: wrong signature, not a panic.
+        for signature in ["zz", "abc", "ab"] {
+            let value = format!("Bearer v2.{signature}.1000000");
+            assert_eq!(
+                check_v2(SECRET, Some(&value), now),
+                Err(AuthError::WrongSignature)
+            );
+        }
+        // Another scheme, no space, and anything longer than a token: unauthenticated.
+        let huge = format!("Bearer {token}{}", "0".repeat(16 * 1024));
+        for value in ["Basic abc", "Bearer", "Bearertoken", huge.as_str()] {
+            assert_eq!(
+                check_v2(SECRET, Some(value), now),
+                Err(AuthError::Missing),
+                "{:.20}",
+                value
+            );
+        }
+    }
+
+    #[test]
+    fn refused_tokens_are_logged_at_a_bounded_rate() {
+        let log = FailureLog::default();
+        let start = std::time::Instant::now();
+        assert_eq!(log.admit(start), Some(0));
+        for i in 1..100 {
+            assert_eq!(log.admit(start + Duration::from_millis(i)), None);
+        }
+        assert_eq!(log.admit(start + FAILURE_LOG_INTERVAL), Some(99));
+        assert_eq!(log.admit(start + FAILURE_LOG_INTERVAL), None);
     }
 
     #[test]

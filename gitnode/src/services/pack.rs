@@ -40,6 +40,44 @@ pub struct PackOptions<'a> {
     pub transaction: Option<&'a Transaction>,
 }
 
+/// The `git_config_options` keys a client may set on the pack RPCs, lower-cased (git
+/// compares section and key names case-insensitively): what GitLab sends for partial clones
+/// and fetches by object id or ref, and receive's input limit. Any other key is refused:
+/// many run a command (`uploadpack.packObjectsHook`, `core.sshCommand`, `core.fsmonitor`,
+/// `core.hooksPath`, `protocol.*.allow` with ext::) or read files on the node, and the router
+/// forwards the field unchanged, so the node is the one place to stop them.
+pub const ALLOWED_CONFIG_KEYS: &[&str] = &[
+    "uploadpack.allowfilter",
+    "uploadpack.allowanysha1inwant",
+    "uploadpack.allowtipsha1inwant",
+    "uploadpack.allowreachablesha1inwant",
+    "uploadpack.allowrefinwant",
+    "uploadpack.allowsidebandall",
+    "receive.maxinputsize",
+];
+
+/// Checks one `key=value` entry of `git_config_options` against [`ALLOWED_CONFIG_KEYS`]. The
+/// value must be one line without NUL; the message names the key only.
+pub fn check_config_option(entry: &str) -> Result<(), Status> {
+    let Some((key, value)) = entry.split_once('=') else {
+        return Err(Status::invalid_argument(
+            "invalid git config option: want key=value",
+        ));
+    };
+    let key = key.to_ascii_lowercase();
+    if !ALLOWED_CONFIG_KEYS.contains(&key.as_str()) {
+        return Err(Status::invalid_argument(format!(
+            "git config option not allowed: {key:?}"
+        )));
+    }
+    if value.contains(['\0', '\n', '\r']) {
+        return Err(Status::invalid_argument(format!(
+            "invalid value for git config option {key:?}"
+        )));
+    }
+    Ok(())
+}
+
 impl Services {
     /// Builds the git command for a pack service on repository `path`.
     pub fn pack_command(
@@ -50,11 +88,7 @@ impl Services {
     ) -> Result<Command, Status> {
         let mut command = self.0.git.bare_command();
         for entry in options.config {
-            if entry.starts_with('-') || !entry.contains('=') {
-                return Err(Status::invalid_argument(format!(
-                    "invalid git config option {entry:?}"
-                )));
-            }
+            check_config_option(entry)?;
             command.arg("-c").arg(entry);
         }
         // After the caller's options, so that they cannot override the hooks path.
@@ -237,4 +271,36 @@ pub fn collect_stderr(child: &mut Child) -> tokio::task::JoinHandle<Vec<u8>> {
         }
         out
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_harmless_config_keys_pass() {
+        for good in [
+            "uploadpack.allowFilter=true",
+            "uploadpack.allowAnySHA1InWant=true",
+            "UPLOADPACK.ALLOWREFINWANT=1",
+            "receive.maxInputSize=1000000",
+            "uploadpack.allowfilter=",
+        ] {
+            assert!(check_config_option(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "uploadpack.packObjectsHook=touch /tmp/x",
+            "core.sshCommand=sh -c id",
+            "core.hooksPath=/tmp",
+            "protocol.ext.allow=always",
+            "-c",
+            "uploadpack.allowFilter",
+            "uploadpack.allowFilter=true\ncore.hooksPath=/tmp",
+            "uploadpack.allowFilter=a\0b",
+        ] {
+            let err = check_config_option(bad).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+            assert!(!err.message().contains("/tmp"), "{}", err.message());
+        }
+    }
 }

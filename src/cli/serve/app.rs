@@ -254,6 +254,12 @@ impl App {
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
         let service = crate::proxy::router_service(proxy, health_service);
+        if self.config.auth.token.is_empty() {
+            // Allowed (Praefect allows it), but rarely meant outside a test set-up.
+            tracing::warn!(
+                "authentication disabled: [auth] token is empty, any client that reaches a listener can call the router"
+            );
+        }
         let auth = AuthLayer::new(
             AuthConfig::new(&self.config.auth.token, self.config.auth.transitioning)
                 .observed_by(crate::metrics::server::auth_observer()),
