@@ -10,7 +10,6 @@ mod paths;
 mod sidechannels;
 
 /// The resident memory (kB) and open file descriptors of process `pid`, from /proc.
-#[allow(dead_code)] // until the first abuse test lands
 pub fn rss_and_fds(pid: u32) -> (u64, usize) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss_kb = status
