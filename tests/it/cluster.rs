@@ -556,7 +556,11 @@ async fn graceful_stop_lets_calls_finish_then_cuts_them() {
     .unwrap();
     drop(tx);
     let mut exit_code = None;
-    while let Some(message) = responses.message().await.unwrap() {
+    while let Some(message) = responses
+        .message()
+        .await
+        .unwrap_or_else(|e| panic!("the push in flight during the graceful stop failed: {e:?}"))
+    {
         if let Some(status) = message.exit_status {
             exit_code = Some(status.value);
         }
