@@ -150,7 +150,8 @@ fn check(body: &[u8]) -> String {
             (Expected::Empty, Err(FrameError::Body(_))) if ends_in_error => {}
             (Expected::Empty, Err(FrameError::Empty)) if !ends_in_error => {}
             (Expected::Compressed, Err(FrameError::Compressed)) => {}
-            (Expected::TooLarge, Err(FrameError::TooLarge { limit, .. })) if limit == MAX_FIRST_MESSAGE => {}
+            (Expected::TooLarge, Err(FrameError::TooLarge { limit, .. }))
+                if limit == MAX_FIRST_MESSAGE => {}
             (expected, Err(err)) => panic!("splitting {n}: expected {expected:?}, got {err:?}"),
             (expected, Ok(first)) => panic!(
                 "splitting {n}: expected {expected:?}, got a message of {} bytes",
