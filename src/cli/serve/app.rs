@@ -29,7 +29,7 @@ use crate::routing::registry::Registry;
 use crate::transactions::{RefTransactionService, Transactions};
 use crate::verification::{self, NodeCluster, Verifier};
 use crate::wire::auth::{AuthConfig, AuthLayer};
-use crate::wire::backchannel::{incoming, yamux_config, SessionRegistry};
+use crate::wire::backchannel::{incoming_limited, yamux_config, ServerLimits, SessionRegistry};
 
 /// How long startup waits for the database before giving up.
 const DATABASE_STARTUP_WAIT: Duration = Duration::from_secs(30);
@@ -244,13 +244,16 @@ impl App {
             u32::try_from(self.config.yamux.maximum_stream_window_size_bytes).unwrap_or(u32::MAX),
             usize::try_from(self.config.yamux.accept_backlog).unwrap_or(256),
         );
+        // One set of limits for every listener: the connection cap counts them all.
+        let limits = ServerLimits::new(self.config.connections.limit_settings());
         for listener in bind(&self.config).await? {
-            let server = tonic::transport::Server::builder().layer(auth.clone());
-            let stream = incoming(
+            let server = limits.server().layer(auth.clone());
+            let stream = incoming_limited(
                 listener,
                 self.sessions.clone(),
                 yamux,
                 Some(crate::metrics::server::accept_observer()),
+                limits.clone(),
             );
             self.tasks.spawn_server(server.serve_with_incoming_shutdown(
                 service.clone(),
