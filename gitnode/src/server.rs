@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use praefect_wire::auth::{AuthConfig, AuthLayer};
-use praefect_wire::backchannel::{incoming, yamux_config, Listener, SessionRegistry};
+use praefect_wire::backchannel::{
+    incoming_until, yamux_config, Listener, ServerLimits, SessionRegistry,
+};
 use praefect_wire::proto::commit_service_server::CommitServiceServer;
 use praefect_wire::proto::internal_gitaly_server::InternalGitalyServer;
 use praefect_wire::proto::ref_service_server::RefServiceServer;
@@ -104,8 +106,11 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
     let mut servers = Vec::new();
+    // The same limits as the router's defaults, shared by every listener.
+    let limits = ServerLimits::default();
     for listener in listeners {
-        let router = tonic::transport::Server::builder()
+        let router = limits
+            .server()
             .layer(auth.clone())
             .add_service(health_service.clone())
             .add_service(ServerServiceServer::new(services.clone()))
@@ -115,7 +120,15 @@ pub async fn serve(
             .add_service(SshServiceServer::new(services.clone()))
             .add_service(SmartHttpServiceServer::new(services.clone()))
             .add_service(InternalGitalyServer::new(services.clone()));
-        let stream = incoming(listener, node.sessions.clone(), yamux_config(0, 256), None);
+        // Dropped (accepting stops) when the server stops.
+        let stream = incoming_until(
+            listener,
+            node.sessions.clone(),
+            yamux_config(0, 256),
+            None,
+            limits.clone(),
+            std::future::pending(),
+        );
         let mut stop = stop_rx.clone();
         servers.push(tokio::spawn(router.serve_with_incoming_shutdown(
             stream,

@@ -57,6 +57,8 @@ pub struct Config {
     pub yamux: Yamux,
     /// praefect-rs: bounds on what one forwarded call may cost the router.
     pub proxy: ProxyLimits,
+    /// Not a Go Praefect key: the limits on what clients may hold on the router's listeners.
+    pub connections: Connections,
     pub virtual_storage: Vec<VirtualStorage>,
 }
 
@@ -87,6 +89,7 @@ impl Default for Config {
             repositories_cleanup: RepositoriesCleanup::default(),
             yamux: Yamux::default(),
             proxy: ProxyLimits::default(),
+            connections: Connections::default(),
             virtual_storage: Vec::new(),
         }
     }
@@ -436,6 +439,61 @@ impl Default for ProxyLimits {
             max_first_message_bytes: Self::DEFAULT_MAX_FIRST_MESSAGE_BYTES,
             first_message_timeout: GoDuration::from_secs(20),
             sidechannel_idle_timeout: GoDuration::from_secs(60),
+        }
+    }
+}
+
+/// `[connections]`: what one client may hold on the router's listeners (see
+/// `praefect_wire::backchannel::LimitSettings` for what each limit guards against). The
+/// defaults are generous for GitLab's traffic; Go Praefect has none of these (grpc-go's
+/// defaults: unlimited streams and connections, a 120 s handshake timeout).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Connections {
+    /// Client connections open at once over all listeners; beyond it new ones are closed.
+    pub max_connections: i64,
+    /// Calls open at once on one client connection (HTTP/2 MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: i64,
+    /// From accepting a connection to the end of the client's HTTP/2 preface and SETTINGS.
+    pub handshake_timeout: GoDuration,
+    /// HTTP/2 pings to every client connection; no answer within the timeout closes it.
+    pub keepalive_interval: GoDuration,
+    pub keepalive_timeout: GoDuration,
+    /// The request headers of one call, in bytes (HTTP/2 MAX_HEADER_LIST_SIZE).
+    pub max_header_list_size: i64,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        let limits = praefect_wire::backchannel::LimitSettings::default();
+        let duration = |d: std::time::Duration| {
+            GoDuration::from_millis(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        };
+        Connections {
+            max_connections: limits.max_connections as i64,
+            max_concurrent_streams: i64::from(limits.max_concurrent_streams),
+            handshake_timeout: duration(limits.handshake_timeout),
+            keepalive_interval: duration(limits.keepalive_interval),
+            keepalive_timeout: duration(limits.keepalive_timeout),
+            max_header_list_size: i64::from(limits.max_header_list_size),
+        }
+    }
+}
+
+impl Connections {
+    /// The limits for the listeners (validated first: out-of-range values are clamped).
+    pub fn limit_settings(&self) -> praefect_wire::backchannel::LimitSettings {
+        let defaults = praefect_wire::backchannel::LimitSettings::default();
+        praefect_wire::backchannel::LimitSettings {
+            max_connections: usize::try_from(self.max_connections.max(1)).unwrap_or(usize::MAX),
+            max_concurrent_streams: u32::try_from(self.max_concurrent_streams.max(1))
+                .unwrap_or(u32::MAX),
+            handshake_timeout: self.handshake_timeout.to_std(),
+            keepalive_interval: self.keepalive_interval.to_std(),
+            keepalive_timeout: self.keepalive_timeout.to_std(),
+            max_header_list_size: u32::try_from(self.max_header_list_size.max(1))
+                .unwrap_or(u32::MAX),
+            ..defaults
         }
     }
 }

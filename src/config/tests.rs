@@ -1025,3 +1025,28 @@ fn proxy_limits_default_set_and_validated() {
     ));
     assert_eq!(keys(&errors), ["proxy.max_first_message_bytes"]);
 }
+
+#[test]
+fn connection_limits_are_read_and_checked() {
+    let config = load_str(&format!(
+        "{MINIMAL}\n[connections]\nmax_connections = 50\nhandshake_timeout = \"3s\"\n"
+    ))
+    .unwrap();
+    let limits = config.connections.limit_settings();
+    assert_eq!(limits.max_connections, 50);
+    assert_eq!(limits.handshake_timeout, std::time::Duration::from_secs(3));
+    assert_eq!(limits.max_concurrent_streams, 1000, "the default");
+    let found = keys(&invalid(&format!(
+        "{MINIMAL}\n[connections]\nmax_connections = 0\nmax_concurrent_streams = -1\n\
+         handshake_timeout = \"0s\"\nkeepalive_interval = \"-1s\"\nmax_header_list_size = 10\n"
+    )));
+    for key in [
+        "connections.max_connections",
+        "connections.max_concurrent_streams",
+        "connections.handshake_timeout",
+        "connections.keepalive_interval",
+        "connections.max_header_list_size",
+    ] {
+        assert!(found.contains(&key.to_string()), "{key} not in {found:?}");
+    }
+}

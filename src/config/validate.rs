@@ -347,6 +347,52 @@ fn validate_workers(config: &Config, errors: &mut Errors) {
     if config.yamux.accept_backlog < 1 {
         errors.at(&["yamux", "accept_backlog"], "must be at least 1");
     }
+    validate_connections(&config.connections, errors);
+}
+
+fn validate_connections(limits: &crate::config::Connections, errors: &mut Errors) {
+    let at_least = |errors: &mut Errors, key: &str, value: i64, min: i64, max: i64| {
+        if value < min || value > max {
+            errors.at(
+                &["connections", key],
+                format!("must be between {min} and {max}, got {value}"),
+            );
+        }
+    };
+    at_least(
+        errors,
+        "max_connections",
+        limits.max_connections,
+        1,
+        1 << 30,
+    );
+    at_least(
+        errors,
+        "max_concurrent_streams",
+        limits.max_concurrent_streams,
+        1,
+        i64::from(u32::MAX),
+    );
+    // Below 1 KiB not even an ordinary call's headers fit; HTTP/2 caps the setting at 2^32-1.
+    at_least(
+        errors,
+        "max_header_list_size",
+        limits.max_header_list_size,
+        1024,
+        i64::from(u32::MAX),
+    );
+    for (key, value) in [
+        ("handshake_timeout", limits.handshake_timeout),
+        ("keepalive_interval", limits.keepalive_interval),
+        ("keepalive_timeout", limits.keepalive_timeout),
+    ] {
+        if !value.is_positive() {
+            errors.at(
+                &["connections", key],
+                format!("must be positive, got {value}"),
+            );
+        }
+    }
 }
 
 fn validate_proxy_limits(config: &Config, errors: &mut Errors) {

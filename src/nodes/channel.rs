@@ -551,11 +551,11 @@ mod tests {
     use crate::wire::backchannel::{yamux_config, ClientHandler};
 
     fn dns_channel(tls: bool) -> NodeChannel {
-        let settings = ConnectSettings {
-            yamux: yamux_config(0, 256),
-            handler: ClientHandler::default(),
-            timeout: Duration::from_secs(1),
-        };
+        let settings = ConnectSettings::new(
+            yamux_config(0, 256),
+            ClientHandler::default(),
+            Duration::from_secs(1),
+        );
         let resolution = Resolution::Dns {
             host: "gitaly.example".into(),
             port: 8075,

@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -31,9 +31,22 @@ pub(crate) type RequestBody = tonic::body::Body;
 /// without closing its socket is noticed within interval + timeout.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-/// Receive windows as hyper's client has them: enough for a pack stream to flow.
-const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// The receive window of one call: enough for a pack stream to flow (hyper's client default).
+/// It is also what one call whose client stopped reading can hold: the node's answer waits
+/// in the router up to this much, then the node stops sending on that stream only.
+pub(crate) const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// The connection's receive window: HTTP/2's largest. The h2 crate hands connection window
+/// back only as a stream's data is read, so unread data holds it; with a window only a few
+/// stream windows large (hyper's 5 MiB), three calls whose clients stopped reading froze the
+/// node's connection for every other call. grpc-go returns connection window as data
+/// arrives and so never stalls that way; here the window is made so large that only
+/// `CONNECTION_WINDOW / STREAM_WINDOW` (1023) unread streams could fill it, and a connection
+/// takes at most [`STREAMS_PER_CONNECTION`] calls before the subchannel opens another.
+pub(crate) const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// Calls one connection takes before the subchannel prefers a new connection: half of what
+/// would fill the connection window with unread data, so that even a node connection whose
+/// every call stalls keeps window for the others (see `Subchannel::ready`).
+pub(crate) const STREAMS_PER_CONNECTION: usize = (CONNECTION_WINDOW / STREAM_WINDOW / 2) as usize;
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 /// Headers HTTP/2 forbids (they are about one HTTP/1 connection); h2 refuses a request
@@ -51,6 +64,24 @@ const CONNECTION_HEADERS: [&str; 5] = [
 pub(crate) struct Http2Conn {
     send: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// Calls open on the connection (sent, answer not yet dropped): how loaded it is.
+    active: Arc<AtomicUsize>,
+}
+
+/// One open call's share of [`Http2Conn::active`], given back when dropped.
+struct ActiveCall(Arc<AtomicUsize>);
+
+impl ActiveCall {
+    fn new(active: &Arc<AtomicUsize>) -> Self {
+        active.fetch_add(1, Ordering::Relaxed);
+        ActiveCall(active.clone())
+    }
+}
+
+impl Drop for ActiveCall {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a call failed on an established connection.
@@ -152,7 +183,16 @@ impl Http2Conn {
         // An error here: the connection task ended and dropped the stream before any byte.
         heard.await.map_err(|_| StartError::Closed)?;
         let _ = keep_tx.send(());
-        Ok(Http2Conn { send, closed })
+        Ok(Http2Conn {
+            send,
+            closed,
+            active: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// How many calls are open on the connection now.
+    pub(crate) fn active_calls(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -181,6 +221,7 @@ impl Http2Conn {
         sent: Option<&prometheus::IntCounter>,
     ) -> Result<http::Response<ResponseBody>, SendError> {
         let mut send = self.send.clone();
+        let active = ActiveCall::new(&self.active);
         if let Err(error) = std::future::poll_fn(|cx| send.poll_ready(cx)).await {
             return Err(SendError::NotSent {
                 error,
@@ -219,6 +260,7 @@ impl Http2Conn {
         .map_err(SendError::Failed)?;
         let (parts, recv) = head.into_parts();
         let mut body = ResponseBody::new(recv);
+        body.active = Some(active);
         if let Some(mut pipe) = pipe {
             // The answer came while the request is still streaming: the rest goes on alone,
             // until the caller drops the answer (see `PipeBody::answer_dropped`).
@@ -371,6 +413,8 @@ pub struct ResponseBody {
     pipe_guard: Option<oneshot::Sender<()>>,
     /// The call's client metrics: its messages counted as they come, its end when it ends.
     call: Option<(CallTimer, MessageCounter)>,
+    /// The call's place in its connection's count of open calls, until the answer is dropped.
+    active: Option<ActiveCall>,
 }
 
 impl ResponseBody {
@@ -381,6 +425,7 @@ impl ResponseBody {
             done: false,
             pipe_guard: None,
             call: None,
+            active: None,
         }
     }
 
@@ -390,6 +435,7 @@ impl ResponseBody {
     }
 
     fn ended(&mut self, code: tonic::Code) {
+        self.active = None;
         if let Some((call, _)) = self.call.take() {
             call.done(code);
         }

@@ -69,11 +69,7 @@ pub fn node_channel(
     yamux: tokio_yamux::Config,
     handler: ClientHandler,
 ) -> Result<NodeChannel, AddressError> {
-    let settings = ConnectSettings {
-        yamux,
-        handler,
-        timeout: CONNECT_TIMEOUT,
-    };
+    let settings = ConnectSettings::new(yamux, handler, CONNECT_TIMEOUT);
     NodeChannel::new(address, resolution(address)?, token, settings)
 }
 

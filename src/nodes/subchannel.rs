@@ -1,4 +1,6 @@
-//! One HTTP/2 connection to one address of a node, over a backchannel session.
+//! The HTTP/2 connections to one address of a node, each over its own backchannel session:
+//! one, and a few more while every one of them carries [`STREAMS_PER_CONNECTION`] calls (see
+//! [`Subchannel::ready`]).
 //!
 //! Calls take a clone of the connection's handle ([`Http2Conn`]) and open their stream on it
 //! from their own task: no tower `Buffer` worker in between, which is where tonic's `Channel`
@@ -14,7 +16,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::time::Instant;
 use tokio_yamux::Config as YamuxConfig;
 
-use super::http2::Http2Conn;
+use super::http2::{Http2Conn, STREAMS_PER_CONNECTION};
 use crate::wire::backchannel::{self, ClientHandler, DialTarget};
 
 pub(crate) type Sender = Http2Conn;
@@ -23,6 +25,8 @@ pub(crate) type Sender = Http2Conn;
 /// Short, because a restarted node should be used again within about a health-check round.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// Connections to one address at most: the first and up to seven more for load.
+pub(crate) const MAX_CONNECTIONS: usize = 8;
 
 /// Why a connection attempt failed, as text: it is shared by every call that waited for the
 /// attempt, and replayed to the calls that come during the back-off.
@@ -35,6 +39,20 @@ pub(crate) struct ConnectSettings {
     pub yamux: YamuxConfig,
     pub handler: ClientHandler,
     pub timeout: Duration,
+    /// Calls on a connection before another one is opened ([`STREAMS_PER_CONNECTION`];
+    /// tests make it small).
+    pub streams_per_connection: usize,
+}
+
+impl ConnectSettings {
+    pub(crate) fn new(yamux: YamuxConfig, handler: ClientHandler, timeout: Duration) -> Self {
+        ConnectSettings {
+            yamux,
+            handler,
+            timeout,
+            streams_per_connection: STREAMS_PER_CONNECTION,
+        }
+    }
 }
 
 pub(crate) type Attempt = Shared<BoxFuture<'static, Result<Sender, ConnectFailure>>>;
@@ -58,6 +76,10 @@ struct State {
     last_failure: Option<ConnectFailure>,
     /// No new attempt before this, after a failure.
     retry_at: Option<Instant>,
+    /// Connections opened because the others were loaded; used alongside `conn`'s.
+    extra: Vec<Sender>,
+    /// An extra connection is being made.
+    extra_connecting: bool,
 }
 
 pub(crate) struct Subchannel {
@@ -83,6 +105,8 @@ impl Subchannel {
                 failures: 0,
                 last_failure: None,
                 retry_at: None,
+                extra: Vec::new(),
+                extra_connecting: false,
             }),
         }
     }
@@ -95,18 +119,65 @@ impl Subchannel {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The connection's sender if it is up; a closed connection is forgotten here, so the
-    /// next [`Subchannel::connect`] makes a new one.
-    pub(crate) fn ready(&self) -> Option<Sender> {
+    /// The least loaded connection's sender if one is up; closed connections are forgotten
+    /// here, so the next [`Subchannel::connect`] makes a new one.
+    ///
+    /// When even the least loaded one carries `streams_per_connection` calls, another
+    /// connection is opened in the background (up to [`MAX_CONNECTIONS`]) and this call goes
+    /// on the least loaded one meanwhile. Separate connections have separate flow-control
+    /// windows, so however many calls on one connection have clients that stopped reading,
+    /// the calls on the others flow; and no connection gets more calls than its window can
+    /// hold unread (see `http2::CONNECTION_WINDOW`) while another could be opened.
+    pub(crate) fn ready(self: &Arc<Self>) -> Option<Sender> {
         let mut state = self.lock();
-        match &state.conn {
-            Conn::Ready(sender) if !sender.is_closed() => Some(sender.clone()),
-            Conn::Ready(_) => {
-                state.conn = Conn::Idle;
-                None
-            }
-            _ => None,
+        state.extra.retain(|sender| !sender.is_closed());
+        if matches!(&state.conn, Conn::Ready(sender) if sender.is_closed()) {
+            state.conn = match state.extra.pop() {
+                Some(sender) => Conn::Ready(sender),
+                None => Conn::Idle,
+            };
         }
+        let Conn::Ready(first) = &state.conn else {
+            return None;
+        };
+        let best = std::iter::once(first)
+            .chain(state.extra.iter())
+            .min_by_key(|sender| sender.active_calls())
+            .cloned()?;
+        let connections = 1 + state.extra.len();
+        if best.active_calls() >= self.settings.streams_per_connection
+            && !state.extra_connecting
+            && connections < MAX_CONNECTIONS
+        {
+            state.extra_connecting = true;
+            self.spawn_extra();
+        }
+        Some(best)
+    }
+
+    /// Opens one more connection in the background; a failure is only logged (the ones
+    /// there still serve, and the next loaded call tries again).
+    fn spawn_extra(self: &Arc<Self>) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let timeout = this.settings.timeout;
+            let result =
+                tokio::time::timeout(timeout, establish(&this.target, &this.settings)).await;
+            let mut state = this.lock();
+            state.extra_connecting = false;
+            match result {
+                Ok(Ok(sender)) => {
+                    tracing::debug!(target = %this.target, connections = state.extra.len() + 2, "opened another connection to a loaded node");
+                    state.extra.push(sender);
+                }
+                Ok(Err(failure)) => {
+                    tracing::debug!(error = %failure, "another connection to a loaded node failed");
+                }
+                Err(_) => {
+                    tracing::debug!(target = %this.target, "another connection to a loaded node timed out");
+                }
+            }
+        });
     }
 
     /// Whether a call could use this subchannel now without connecting.
@@ -141,6 +212,9 @@ impl Subchannel {
     }
 
     fn start(self: &Arc<Self>) -> Start {
+        if let Some(sender) = self.ready() {
+            return Start::Ready(sender);
+        }
         let mut state = self.lock();
         match &state.conn {
             Conn::Ready(sender) if !sender.is_closed() => return Start::Ready(sender.clone()),
@@ -241,11 +315,11 @@ mod tests {
 
     #[tokio::test]
     async fn failed_attempts_are_shared_and_then_back_off() {
-        let settings = Arc::new(ConnectSettings {
-            yamux: backchannel::yamux_config(0, 256),
-            handler: ClientHandler::default(),
-            timeout: Duration::from_secs(5),
-        });
+        let settings = Arc::new(ConnectSettings::new(
+            backchannel::yamux_config(0, 256),
+            ClientHandler::default(),
+            Duration::from_secs(5),
+        ));
         let sub = Arc::new(Subchannel::new(refused_target(), settings));
         let first = sub.connect().unwrap();
         let second = sub.connect().unwrap();

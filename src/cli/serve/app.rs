@@ -29,7 +29,7 @@ use crate::routing::registry::Registry;
 use crate::transactions::{RefTransactionService, Transactions};
 use crate::verification::{self, NodeCluster, Verifier};
 use crate::wire::auth::{AuthConfig, AuthLayer};
-use crate::wire::backchannel::{incoming_until, yamux_config, SessionRegistry};
+use crate::wire::backchannel::{incoming_until, yamux_config, ServerLimits, SessionRegistry};
 
 /// How long startup waits for the database before giving up.
 const DATABASE_STARTUP_WAIT: Duration = Duration::from_secs(30);
@@ -268,10 +268,12 @@ impl App {
             u32::try_from(self.config.yamux.maximum_stream_window_size_bytes).unwrap_or(u32::MAX),
             usize::try_from(self.config.yamux.accept_backlog).unwrap_or(256),
         );
+        // One set of limits for every listener: the connection cap counts them all.
+        let limits = ServerLimits::new(self.config.connections.limit_settings());
         let mut passables = Vec::new();
         for (listener, passable) in bind(&self.config, inherited).await? {
             passables.push(passable);
-            let server = tonic::transport::Server::builder().layer(auth.clone());
+            let server = limits.server().layer(auth.clone());
             // The stop ends the stream once the connections accepted before it are handed
             // over, and the stream's end stops the server gracefully (the signal given to
             // tonic only makes it graceful): a connection accepted just before the stop is
@@ -281,6 +283,7 @@ impl App {
                 self.sessions.clone(),
                 yamux,
                 Some(crate::metrics::server::accept_observer()),
+                limits.clone(),
                 self.tasks.stop_token().cancelled_owned(),
             );
             self.tasks.spawn_server(server.serve_with_incoming_shutdown(

@@ -347,11 +347,11 @@ async fn a_node_that_never_sends_its_settings_fails_the_connection_attempt() {
         std::future::pending::<()>().await;
     })
     .await;
-    let settings = Arc::new(ConnectSettings {
-        yamux: yamux_config(0, 256),
-        handler: ClientHandler::default(),
-        timeout: Duration::from_millis(500),
-    });
+    let settings = Arc::new(ConnectSettings::new(
+        yamux_config(0, 256),
+        ClientHandler::default(),
+        Duration::from_millis(500),
+    ));
     let target = DialTarget::Resolved {
         addr,
         tls_server_name: None,
@@ -377,11 +377,11 @@ async fn a_socket_that_never_answers_fails_the_connection_attempt() {
         let _held = listener.accept().await;
         std::future::pending::<()>().await;
     });
-    let settings = Arc::new(ConnectSettings {
-        yamux: yamux_config(0, 256),
-        handler: ClientHandler::default(),
-        timeout: Duration::from_millis(500),
-    });
+    let settings = Arc::new(ConnectSettings::new(
+        yamux_config(0, 256),
+        ClientHandler::default(),
+        Duration::from_millis(500),
+    ));
     let target = DialTarget::Resolved {
         addr,
         tls_server_name: None,
@@ -391,4 +391,74 @@ async fn a_socket_that_never_answers_fails_the_connection_attempt() {
         .await
         .expect("the connection attempt hung");
     assert!(result.is_err(), "a silent socket counts as connected");
+}
+
+/// A node that serves every connection (each its own backchannel session), answering each
+/// call with a head and then nothing; how many connections it got.
+async fn holding_node() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut conns = incoming(
+        Listener::Tcp(listener),
+        SessionRegistry::default(),
+        yamux_config(0, 256),
+        None,
+    );
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(conn)) = conns.next().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve_each(conn, |_, _request, mut respond| {
+                Box::pin(async move {
+                    let _stream = respond.send_response(grpc_head(), false).unwrap();
+                    std::future::pending::<()>().await;
+                })
+            }));
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn a_loaded_connection_gets_a_sibling_and_calls_go_to_the_least_loaded() {
+    let (addr, connections) = holding_node().await;
+    let mut settings = ConnectSettings::new(yamux_config(0, 256), ClientHandler::default(), BOUND);
+    settings.streams_per_connection = 2;
+    let target = DialTarget::Resolved {
+        addr,
+        tls_server_name: None,
+    };
+    let sub = Arc::new(Subchannel::new(target, Arc::new(settings)));
+    let first = tokio::time::timeout(BOUND, sub.connect().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let conn = sub.ready().unwrap();
+        open.push(conn.send(request(RequestBody::empty())).await.unwrap());
+    }
+    assert_eq!(first.active_calls(), 2);
+    // The next pick finds the connection full: it still serves (no waiting), and another
+    // connection is opened behind it.
+    assert_eq!(sub.ready().unwrap().active_calls(), 2);
+    let deadline = tokio::time::Instant::now() + BOUND;
+    let second = loop {
+        let conn = sub.ready().unwrap();
+        if conn.active_calls() == 0 {
+            break conn;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no second connection"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+    open.push(second.send(request(RequestBody::empty())).await.unwrap());
+    assert_eq!(second.active_calls(), 1);
+    // The answers dropped, the calls no longer count.
+    open.clear();
+    assert_eq!(first.active_calls() + second.active_calls(), 0);
 }

@@ -12,7 +12,7 @@
 //!
 //! One file per concern: `io` (boxed connections, sniffing a magic), `yamux` (settings),
 //! `sessions` (the server's registry of sessions, [`PeerInfo`]), `listener` and `server`
-//! (accepting), `coalesce` (the server session's batched writes), `measured` (read and write sizes for
+//! (accepting), `limits` (what one client may hold), `coalesce` (the server session's batched writes), `measured` (read and write sizes for
 //! metrics), `connect` (a client's raw
 //! connection), `client` (the client's session), `dial` (tonic channels over it) and `callback` (a
 //! server's channels back to its callers).
@@ -25,6 +25,7 @@ mod coalesce;
 mod connect;
 mod dial;
 pub(crate) mod io;
+mod limits;
 mod listener;
 mod measured;
 mod server;
@@ -37,6 +38,7 @@ pub use coalesce::{finish_writes, next_stream, Coalesced, CoalescedWriter};
 pub use connect::{connect_raw, connect_target, DialTarget};
 pub use dial::{dial, dial_lazy, error_chain};
 pub use io::{sniff, BoxIo, Io, Prefixed, BACKCHANNEL_MAGIC};
+pub use limits::{LimitSettings, ServerLimits, MAX_SESSION_STREAMS};
 pub use listener::Listener;
 pub use measured::{observe_sizes, Direction, Measured};
 pub use server::{incoming, incoming_until, AcceptObserver, Incoming, ServerConn};

@@ -1,6 +1,7 @@
 //! The server's side: every accepted connection is sniffed for the backchannel magic and
 //! becomes either one plain gRPC connection or a yamux session whose streams are each one.
-//! Both come out of [`incoming`] as [`ServerConn`]s for tonic's server.
+//! Both come out of [`incoming`] as [`ServerConn`]s for tonic's server, within the
+//! [`ServerLimits`] given.
 
 use std::future::Future;
 use std::io;
@@ -17,6 +18,7 @@ use tonic::transport::server::Connected;
 
 use super::coalesce::{finish_writes, next_stream, Coalesced};
 use super::io::{sniff, BoxIo, BACKCHANNEL_MAGIC, SNIFF_TIMEOUT};
+use super::limits::{HandshakeDeadline, ServerLimits, MAX_SESSION_STREAMS};
 use super::listener::{Accepted, Listener};
 use super::measured::Measured;
 use super::sessions::{PeerInfo, SessionRegistry};
@@ -25,6 +27,15 @@ use super::sessions::{PeerInfo, SessionRegistry};
 pub struct ServerConn {
     io: BoxIo,
     info: PeerInfo,
+    /// What ends with the connection: its place under the connection cap (a plain
+    /// connection), or what tells its backchannel session that its gRPC stream is done.
+    _held: Held,
+}
+
+enum Held {
+    Permit(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
+    /// Dropped with the connection, which ends the session (see `serve_session`).
+    SessionStream(#[allow(dead_code)] tokio::sync::oneshot::Sender<()>),
 }
 
 impl Connected for ServerConn {
@@ -74,34 +85,41 @@ impl AsyncWrite for ServerConn {
 /// metrics live with the server).
 pub type AcceptObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
 
-/// Accepts connections on `listener` and yields one [`ServerConn`] per plain connection and
-/// per yamux stream of each backchannel session, ready for
-/// `tonic::transport::Server::serve_with_incoming`. `on_accept` hears of every connection.
-///
-/// Accepting stops, and the listener is closed, as soon as the stream is dropped (the server
-/// stopped): another process may share the listening socket (a SIGHUP hand-over's
-/// successor), and a connection accepted here after the stop would be closed unserved
-/// instead of reaching it.
+/// [`incoming_until`] with the default [`ServerLimits`] and no stop (tests and tools):
+/// accepting stops when the stream is dropped.
 pub fn incoming(
     listener: Listener,
     registry: SessionRegistry,
     yamux: YamuxConfig,
     on_accept: Option<AcceptObserver>,
 ) -> Incoming {
-    incoming_until(listener, registry, yamux, on_accept, std::future::pending())
+    incoming_until(
+        listener,
+        registry,
+        yamux,
+        on_accept,
+        ServerLimits::default(),
+        std::future::pending(),
+    )
 }
 
-/// Like [`incoming`], for a stop that loses no connection: once `stop` completes, accepting
-/// stops (the listener is closed, so that another process sharing the socket gets the next
-/// connections) and the stream ends as soon as the connections accepted before are yielded,
-/// each after its handshake (given up to [`SNIFF_TIMEOUT`]). A server that stops gracefully
-/// when its stream ends (tonic's, with a shutdown signal) thus serves every connection it
-/// accepted, where stopping on a signal would close those still in their handshake.
+/// Accepts connections on `listener` and yields one [`ServerConn`] per plain connection and
+/// per backchannel session (its one gRPC stream), ready for
+/// `tonic::transport::Server::serve_with_incoming`. `on_accept` hears of every connection.
+/// Beyond `limits`' connection cap, new connections are closed at once; each connection and
+/// stream must finish its handshake within the handshake timeout.
+///
+/// A stop loses no connection: once `stop` completes, accepting stops (the listener is
+/// closed, so that another process sharing the socket, a SIGHUP hand-over's successor, gets
+/// the next connections) and the stream ends as soon as the connections accepted before are
+/// yielded, each after its handshake. A server that stops gracefully when its stream ends
+/// (tonic's, with a shutdown signal) thus serves every connection it accepted.
 pub fn incoming_until(
     listener: Listener,
     registry: SessionRegistry,
     yamux: YamuxConfig,
     on_accept: Option<AcceptObserver>,
+    limits: ServerLimits,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Incoming {
     let (tx, rx) = mpsc::channel(64);
@@ -124,18 +142,20 @@ pub fn incoming_until(
                     continue;
                 }
             };
-            if tx.is_closed() {
-                return;
-            }
             if let Some(observe) = &on_accept {
                 observe(listener.scheme());
             }
+            let Some(permit) = limits.admit(&remote_addr) else {
+                drop(accepted);
+                continue;
+            };
             tokio::spawn(handle_connection(
                 accepted,
                 remote_addr,
                 tx.clone(),
                 registry.clone(),
                 yamux,
+                (permit, limits.settings().handshake_timeout),
                 handshaking.clone(),
             ));
         }
@@ -180,13 +200,15 @@ async fn handle_connection(
     tx: mpsc::Sender<io::Result<ServerConn>>,
     registry: SessionRegistry,
     yamux: YamuxConfig,
+    (permit, handshake_timeout): (tokio::sync::OwnedSemaphorePermit, Duration),
     handshaking: mpsc::Sender<()>,
 ) {
+    let deadline = tokio::time::Instant::now() + handshake_timeout;
     let handshake = async {
         let io = accepted.into_io().await?;
         sniff(io, BACKCHANNEL_MAGIC).await
     };
-    let sniffed = tokio::time::timeout(SNIFF_TIMEOUT, handshake).await;
+    let sniffed = tokio::time::timeout_at(deadline, handshake).await;
     let (is_backchannel, io) = match sniffed {
         Ok(Ok(result)) => result,
         Ok(Err(err)) => {
@@ -200,15 +222,42 @@ async fn handle_connection(
     };
     if !is_backchannel {
         let conn = ServerConn {
-            io: Box::new(io),
+            io: Box::new(HandshakeDeadline::new(io, deadline)),
             info: PeerInfo {
                 remote_addr: remote_addr.into(),
                 backchannel_id: None,
             },
+            _held: Held::Permit(permit),
         };
         let _ = tx.send(Ok(conn)).await;
         return;
     }
+    serve_session(
+        Box::new(io),
+        remote_addr,
+        tx,
+        registry,
+        yamux,
+        handshake_timeout,
+        handshaking,
+    )
+    .await;
+    drop(permit);
+}
+
+/// Runs a backchannel session: its first stream (opened within the handshake timeout) is
+/// the client's gRPC connection; further streams are refused (Gitaly accepts one); the
+/// session ends with that connection, so a client that vanished, whose connection the
+/// HTTP/2 keepalive closes, leaves no session behind.
+async fn serve_session(
+    io: BoxIo,
+    remote_addr: String,
+    tx: mpsc::Sender<io::Result<ServerConn>>,
+    registry: SessionRegistry,
+    yamux: YamuxConfig,
+    handshake_timeout: Duration,
+    handshaking: mpsc::Sender<()>,
+) {
     let mut handshaking = Some(handshaking);
     let (io, writer) = Coalesced::new(Measured::new(io));
     let mut session = Session::new_server(io, yamux);
@@ -219,31 +268,59 @@ async fn handle_connection(
         backchannel_id = id,
         "backchannel session started"
     );
-    while let Some(stream) = next_stream(&mut session, &writer).await {
+    let first_stream_by = tokio::time::sleep(handshake_timeout);
+    tokio::pin!(first_stream_by);
+    let mut opened = 0usize;
+    // Ready (with an error) once every stream handed out is closed.
+    let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
+    let mut done_tx = Some(done_tx);
+    loop {
+        let stream = tokio::select! {
+            stream = next_stream(&mut session, &writer) => stream,
+            _ = &mut done, if done_tx.is_none() => {
+                tracing::debug!(backchannel_id = id, "backchannel connection closed; ending the session");
+                break;
+            }
+            () = &mut first_stream_by, if opened == 0 => {
+                tracing::debug!(backchannel_id = id, "backchannel session opened no stream in time; closed");
+                break;
+            }
+        };
         match stream {
-            Ok(stream) => {
+            Some(Ok(stream)) => {
+                if opened >= MAX_SESSION_STREAMS {
+                    tracing::debug!(
+                        backchannel_id = id,
+                        "backchannel client opened one stream too many; refused"
+                    );
+                    drop(stream);
+                    continue;
+                }
+                opened += 1;
+                let held = match done_tx.take() {
+                    Some(tx) => tx,
+                    None => continue,
+                };
+                let deadline = tokio::time::Instant::now() + handshake_timeout;
                 let conn = ServerConn {
-                    io: Box::new(stream),
+                    io: Box::new(HandshakeDeadline::new(stream, deadline)),
                     info: PeerInfo {
                         remote_addr: remote_addr.clone(),
                         backchannel_id: Some(id),
                     },
+                    _held: Held::SessionStream(held),
                 };
-                if tx.send(Ok(conn)).await.is_err() {
-                    // The server stopped: the new stream is refused, but the session goes on,
-                    // for the streams it already carries (a call finishing, a sidechannel).
-                    tracing::debug!(
-                        backchannel_id = id,
-                        "stream opened after the server stopped; closed"
-                    );
-                }
+                // Refused when the server has stopped: the connection is dropped with its
+                // `held`, which ends the session below.
+                let _ = tx.send(Ok(conn)).await;
                 // The first stream (the client's HTTP/2) ends the connection's handshake.
                 drop(handshaking.take());
             }
-            Err(err) => {
+            Some(Err(err)) => {
                 tracing::debug!(backchannel_id = id, error = ?err, "backchannel session ended");
                 break;
             }
+            None => break,
         }
     }
     registry.remove(id);
@@ -298,6 +375,7 @@ mod tests {
             SessionRegistry::default(),
             super::super::yamux_config(0, 256),
             Some(observer),
+            ServerLimits::default(),
             async {
                 let _ = stopped.await;
             },
