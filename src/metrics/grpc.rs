@@ -162,14 +162,21 @@ pub struct MethodMetrics {
 
 /// Handles of the methods the registry knows, by side and path. Only known methods are kept,
 /// so a client calling made-up paths cannot grow it.
-type Cache = RwLock<HashMap<(Side, Box<str>), Arc<MethodMetrics>>>;
-static CACHE: LazyLock<Cache> = LazyLock::new(Cache::default);
+/// One map per side, keyed by path alone, so that a lookup borrows the path instead of
+/// allocating a key on every call.
+type Cache = RwLock<HashMap<Box<str>, Arc<MethodMetrics>>>;
+static SERVER_CACHE: LazyLock<Cache> = LazyLock::new(Cache::default);
+static CLIENT_CACHE: LazyLock<Cache> = LazyLock::new(Cache::default);
 
 impl MethodMetrics {
     /// The handles for calls to `path` on `side`.
     pub fn for_path(side: Side, path: &str) -> Arc<MethodMetrics> {
-        let cache = CACHE.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(found) = cache.get(&(side, Box::from(path))) {
+        let cache_of_side: &Cache = match side {
+            Side::Server => &SERVER_CACHE,
+            Side::Client => &CLIENT_CACHE,
+        };
+        let cache = cache_of_side.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = cache.get(path) {
             return found.clone();
         }
         drop(cache);
@@ -178,9 +185,9 @@ impl MethodMetrics {
             .lookup(path)
             .is_some()
         {
-            let mut cache = CACHE.write().unwrap_or_else(|p| p.into_inner());
+            let mut cache = cache_of_side.write().unwrap_or_else(|p| p.into_inner());
             cache
-                .entry((side, Box::from(path)))
+                .entry(Box::from(path))
                 .or_insert_with(|| metrics.clone());
         }
         metrics
