@@ -14,6 +14,11 @@
 //! only), for proxies that know nothing of the handshake, such as nginx's `grpc_pass`. Either
 //! way all calls share one connection. 200 warm-up calls precede the timed SECONDS, which may
 //! be 0 (warm-up only).
+//!
+//! `gitaly-bench --h2load-request TOKEN STORAGE RELATIVE_PATH FILE` writes the call's request
+//! (one gRPC message frame) to FILE and prints an `authorization` header signed now, for
+//! `h2load -d FILE -H ...`: a load generator written in C that costs the machine less per
+//! call than this one (`scripts/bench`). The header stays valid for 30 s.
 
 use std::time::{Duration, Instant};
 
@@ -80,9 +85,39 @@ async fn dial_plain(address: &str, timeout: Duration) -> anyhow::Result<Channel>
     Ok(channel)
 }
 
+/// Writes FindDefaultBranchName's request as one gRPC frame (uncompressed flag, length,
+/// message) and prints the authorization header.
+fn write_h2load_request(args: &[String]) -> anyhow::Result<()> {
+    use prost::Message;
+    let [token, storage, relative_path, file] = args else {
+        anyhow::bail!("usage: gitaly-bench --h2load-request TOKEN STORAGE RELATIVE_PATH FILE");
+    };
+    let message = FindDefaultBranchNameRequest {
+        repository: Some(Repository {
+            storage_name: storage.clone(),
+            relative_path: relative_path.clone(),
+            ..Default::default()
+        }),
+        head_only: false,
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+    frame.extend_from_slice(&message);
+    std::fs::write(file, frame)?;
+    println!(
+        "authorization: {}",
+        praefect_wire::auth::bearer(token.as_bytes())
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--h2load-request") {
+        return write_h2load_request(&args[1..]);
+    }
     let mut plain = false;
     let mut write_revisions = None;
     loop {
