@@ -148,7 +148,7 @@ pub async fn open(
 ) -> Result<BoxIo, SidechannelError> {
     let session = peer.backchannel_id.ok_or(SidechannelError::NoBackchannel)?;
     let handshake = async {
-        let mut stream = sessions.open_stream(session).await?;
+        let mut stream = sessions.open_held_stream(session).await?;
         stream.write_all(SIDECHANNEL_MAGIC).await?;
         stream.write_all(&id.to_be_bytes()).await?;
         stream.flush().await?;

@@ -5,6 +5,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -44,6 +45,9 @@ struct CoalescedState<T> {
     written: usize,
     /// A write failure, reported by every later write.
     failed: Option<io::ErrorKind>,
+    /// The last bulk write went to the connection directly and was not taken (Pending): the
+    /// session still holds those bytes, so the connection is not drained.
+    blocked: bool,
 }
 
 impl<T: AsyncWrite + Unpin> CoalescedState<T> {
@@ -79,6 +83,7 @@ impl<T> Coalesced<T> {
             buf: Vec::new(),
             written: 0,
             failed: None,
+            blocked: false,
         }));
         (
             Coalesced {
@@ -126,12 +131,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
         let large = data.len() >= COALESCE_DIRECT;
         if !state.buf.is_empty() && (large || state.buf.len() + data.len() > COALESCE_LIMIT) {
             // Room first (or, for bulk data, order): what waits goes out now.
-            ready!(state.poll_drain(cx))?;
+            if let Poll::Ready(drained) = state.poll_drain(cx) {
+                drained?;
+            } else {
+                state.blocked = true;
+                return Poll::Pending;
+            }
         }
         if large {
             // Bulk data: no copy, and the connection's own backpressure.
-            return Pin::new(&mut state.io).poll_write(cx, data);
+            let written = Pin::new(&mut state.io).poll_write(cx, data);
+            state.blocked = written.is_pending();
+            return written;
         }
+        state.blocked = false;
         state.buf.extend_from_slice(data);
         Poll::Ready(Ok(data.len()))
     }
@@ -166,6 +179,68 @@ where
             Poll::Ready(Err(err)) => Poll::Ready(Some(Err(err))),
             _ => next,
         }
+    })
+    .await
+}
+
+/// Drives `session` until what its streams wrote so far is on the connection, and returns;
+/// new streams opened meanwhile are refused. A stream handle hands its frames, its close
+/// included, to the session through a channel that the session reads a few at a time when
+/// polled; the task that ends a session must first let it read that channel empty, or the
+/// end of the last answer is lost (the peer sees its stream cut). The session is idle once
+/// a poll of it neither returns something nor wakes its own task (as it does when it stopped
+/// with events left), and nothing waits here or in the session for the connection.
+pub async fn drain_session<T>(
+    session: &mut Session<Coalesced<T>>,
+    writer: &CoalescedWriter<T>,
+) -> io::Result<()>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    /// A poll's waker that notes whether the session woke itself.
+    struct Noting {
+        woken: AtomicBool,
+        task: std::task::Waker,
+    }
+    impl futures::task::ArcWake for Noting {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.woken.store(true, Ordering::Release);
+            arc_self.task.wake_by_ref();
+        }
+    }
+    futures::future::poll_fn(|cx| {
+        // Bounded, so that a peer that keeps sending cannot hold this loop: the task is
+        // woken again and continues at its next poll.
+        for _ in 0..64 {
+            let noting = Arc::new(Noting {
+                woken: AtomicBool::new(false),
+                task: cx.waker().clone(),
+            });
+            let waker = futures::task::waker(noting.clone());
+            let ended = match session.poll_next_unpin(&mut Context::from_waker(&waker)) {
+                Poll::Ready(Some(Ok(stream))) => {
+                    drop(stream);
+                    continue;
+                }
+                Poll::Ready(Some(Err(err))) => return Poll::Ready(Err(err)),
+                Poll::Ready(None) => true,
+                Poll::Pending => false,
+            };
+            ready!(writer.poll_drain(cx))?;
+            if ended {
+                return Poll::Ready(Ok(()));
+            }
+            if noting.woken.load(Ordering::Acquire) {
+                continue;
+            }
+            if lock_state(&writer.shared).blocked {
+                // Woken by the connection when it takes more.
+                return Poll::Pending;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     })
     .await
 }

@@ -42,7 +42,7 @@ pub use limits::{LimitSettings, ServerLimits, MAX_SESSION_STREAMS};
 pub use listener::Listener;
 pub use measured::{observe_sizes, Direction, Measured};
 pub use server::{incoming, incoming_until, AcceptObserver, Incoming, ServerConn};
-pub use sessions::{PeerInfo, SessionRegistry};
+pub use sessions::{HeldStream, PeerInfo, SessionRegistry};
 pub use yamux::yamux_config;
 
 /// What the server writes first on a sidechannel stream (defined with the sidechannel).

@@ -16,7 +16,7 @@ use tokio_stream::Stream;
 use tokio_yamux::{Config as YamuxConfig, Session};
 use tonic::transport::server::Connected;
 
-use super::coalesce::{finish_writes, next_stream, Coalesced};
+use super::coalesce::{drain_session, finish_writes, next_stream, Coalesced};
 use super::io::{sniff, BoxIo, BACKCHANNEL_MAGIC, SNIFF_TIMEOUT};
 use super::limits::{HandshakeDeadline, ServerLimits, MAX_SESSION_STREAMS};
 use super::listener::{Accepted, Listener};
@@ -27,9 +27,26 @@ use super::sessions::{PeerInfo, SessionRegistry};
 pub struct ServerConn {
     io: BoxIo,
     info: PeerInfo,
+    /// How a shutdown of a backchannel stream waits until its session wrote the stream's
+    /// last frames out (nothing to wait for on a plain socket).
+    closing: Closing,
     /// What ends with the connection: its place under the connection cap (a plain
     /// connection), or what tells its backchannel session that its gRPC stream is done.
     _held: Held,
+}
+
+/// A request to a session: write out what its stream wrote, then answer.
+type DrainRequest = oneshot::Sender<()>;
+
+/// Where a [`ServerConn`]'s shutdown is. The server shuts a connection down after its last
+/// answer and ends it right after: the stream's last frames then still wait for the session's
+/// task (see [`drain_session`]), which would otherwise end the session without them, or be
+/// cut by the process exiting after a graceful stop.
+enum Closing {
+    /// Not shut down yet; the session to ask, if any.
+    Open(Option<mpsc::UnboundedSender<DrainRequest>>),
+    Draining(oneshot::Receiver<()>),
+    Closed,
 }
 
 enum Held {
@@ -67,7 +84,26 @@ impl AsyncWrite for ServerConn {
         Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        loop {
+            match &mut self.closing {
+                Closing::Open(session) => {
+                    let session = session.take();
+                    std::task::ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
+                    let (ack, drained) = oneshot::channel();
+                    self.closing = match session {
+                        Some(session) if session.send(ack).is_ok() => Closing::Draining(drained),
+                        // A plain socket, or a session that has ended.
+                        _ => Closing::Closed,
+                    };
+                }
+                Closing::Draining(drained) => {
+                    // An error means the session ended: nothing more will be written.
+                    let _ = std::task::ready!(Pin::new(drained).poll(cx));
+                    self.closing = Closing::Closed;
+                }
+                Closing::Closed => return Poll::Ready(Ok(())),
+            }
+        }
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
@@ -227,6 +263,7 @@ async fn handle_connection(
                 remote_addr: remote_addr.into(),
                 backchannel_id: None,
             },
+            closing: Closing::Open(None),
             _held: Held::Permit(permit),
         };
         let _ = tx.send(Ok(conn)).await;
@@ -247,8 +284,10 @@ async fn handle_connection(
 
 /// Runs a backchannel session: its first stream (opened within the handshake timeout) is
 /// the client's gRPC connection; further streams are refused (Gitaly accepts one); the
-/// session ends with that connection, so a client that vanished, whose connection the
-/// HTTP/2 keepalive closes, leaves no session behind.
+/// session ends with that connection and the sidechannels still open then
+/// ([`SessionRegistry::open_held_stream`]), so a client that vanished, whose connection the
+/// HTTP/2 keepalive closes, leaves no session behind. Before it ends, what its streams wrote
+/// is written out.
 async fn serve_session(
     io: BoxIo,
     remote_addr: String,
@@ -261,7 +300,7 @@ async fn serve_session(
     let mut handshaking = Some(handshaking);
     let (io, writer) = Coalesced::new(Measured::new(io));
     let mut session = Session::new_server(io, yamux);
-    let id = registry.insert(session.control());
+    let (id, mut held_streams) = registry.insert(session.control());
     let remote_addr: Arc<str> = remote_addr.into();
     tracing::debug!(
         remote_addr = %remote_addr,
@@ -274,10 +313,24 @@ async fn serve_session(
     // Ready (with an error) once every stream handed out is closed.
     let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
     let mut done_tx = Some(done_tx);
+    let (drain_tx, mut drain_requests) = mpsc::unbounded_channel::<DrainRequest>();
+    let mut connection_closed = false;
     loop {
         let stream = tokio::select! {
             stream = next_stream(&mut session, &writer) => stream,
-            _ = &mut done, if done_tx.is_none() => {
+            Some(ack) = drain_requests.recv() => {
+                drain_within(&mut session, &writer, id).await;
+                let _ = ack.send(());
+                continue;
+            }
+            _ = &mut done, if done_tx.is_none() && !connection_closed => {
+                connection_closed = true;
+                continue;
+            }
+            // Once the sidechannels still writing the end of an answer are done too.
+            () = none_open(&mut held_streams), if connection_closed => {
+                // A connection dropped without a shutdown may have left frames too.
+                drain_within(&mut session, &writer, id).await;
                 tracing::debug!(backchannel_id = id, "backchannel connection closed; ending the session");
                 break;
             }
@@ -308,6 +361,7 @@ async fn serve_session(
                         remote_addr: remote_addr.clone(),
                         backchannel_id: Some(id),
                     },
+                    closing: Closing::Open(Some(drain_tx.clone())),
                     _held: Held::SessionStream(held),
                 };
                 // Refused when the server has stopped: the connection is dropped with its
@@ -325,6 +379,37 @@ async fn serve_session(
     }
     registry.remove(id);
     finish_writes(&writer).await;
+}
+
+/// Completes once no held stream is open (or the registry's count is gone).
+async fn none_open(held_streams: &mut tokio::sync::watch::Receiver<usize>) {
+    let _ = held_streams.wait_for(|open| *open == 0).await;
+}
+
+/// How long a session may take to write out its stream's last frames: as long as a peer
+/// that reads may need, and bounded for one that does not (the graceful stop bounds the
+/// wait for the whole server anyway).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn drain_within<T>(
+    session: &mut Session<Coalesced<T>>,
+    writer: &super::coalesce::CoalescedWriter<T>,
+    id: u64,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(DRAIN_TIMEOUT, drain_session(session, writer)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            tracing::debug!(backchannel_id = id, error = %err, "backchannel session failed while writing its last frames")
+        }
+        Err(_) => {
+            tracing::debug!(
+                backchannel_id = id,
+                "backchannel peer did not take the last frames in time"
+            )
+        }
+    }
 }
 
 #[cfg(test)]
@@ -353,6 +438,139 @@ mod tests {
             tokio::net::TcpStream::connect(address).await.is_err(),
             "the listener still accepts after the stream was dropped"
         );
+    }
+
+    const ANSWER: usize = 4 << 20;
+
+    fn answer() -> Vec<u8> {
+        (0..ANSWER).map(|i| (i % 253) as u8).collect()
+    }
+
+    /// Writes `data` in small writes (many frames: more events than one poll of the session
+    /// takes), reading beside: a yamux stream takes the peer's window updates in when it is
+    /// read, as an HTTP/2 server always does.
+    async fn write_reading<S>(io: S, data: &[u8]) -> S
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut reader, mut writer) = tokio::io::split(io);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let reading = tokio::spawn(async move {
+            let mut stopped = std::pin::pin!(stopped);
+            let mut buf = [0u8; 64];
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return reader,
+                    read = reader.read(&mut buf) => {
+                        if read.unwrap_or(0) == 0 {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                }
+            }
+        });
+        for chunk in data.chunks(1000) {
+            writer.write_all(chunk).await.unwrap();
+        }
+        stop.send(()).unwrap();
+        reading.await.unwrap().unsplit(writer)
+    }
+
+    /// A client session on a new connection to `address`, its gRPC stream opened and its
+    /// first bytes sent; streams the server opens come out of the receiver.
+    async fn client_session(
+        address: std::net::SocketAddr,
+    ) -> (
+        tokio_yamux::StreamHandle,
+        mpsc::Receiver<tokio_yamux::StreamHandle>,
+    ) {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        tcp.write_all(BACKCHANNEL_MAGIC).await.unwrap();
+        let mut session = Session::new_client(tcp, super::super::yamux_config(0, 256));
+        let mut control = session.control();
+        let (opened_tx, opened) = mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(Ok(stream)) = session.next().await {
+                let _ = opened_tx.send(stream).await;
+            }
+        });
+        let mut stream = control.open_stream().await.unwrap();
+        stream.write_all(b"ping").await.unwrap();
+        (stream, opened)
+    }
+
+    async fn read_answer(mut stream: tokio_yamux::StreamHandle) {
+        use tokio::io::AsyncReadExt;
+        let mut received = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut received))
+            .await
+            .expect("the answer stalled")
+            .expect("the stream was cut before the end of the answer");
+        assert_eq!(received.len(), ANSWER, "the answer was cut");
+        assert!(received == answer());
+    }
+
+    async fn serve_one(registry: SessionRegistry) -> (std::net::SocketAddr, Incoming) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let incoming = incoming(
+            Listener::Tcp(listener),
+            registry,
+            super::super::yamux_config(0, 256),
+            None,
+        );
+        (address, incoming)
+    }
+
+    /// The last answer on a backchannel stream reaches the client in full when the server
+    /// shuts the connection down and drops it at once, as a server does after its last call:
+    /// the session writes out what the stream wrote before it ends.
+    #[tokio::test]
+    async fn a_stream_shut_down_and_dropped_at_once_delivers_everything() {
+        use futures::StreamExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (address, mut incoming) = serve_one(SessionRegistry::default()).await;
+        let server = tokio::spawn(async move {
+            let mut conn = incoming.next().await.unwrap().unwrap();
+            let mut first = [0u8; 4];
+            conn.read_exact(&mut first).await.unwrap();
+            let mut conn = write_reading(conn, &answer()).await;
+            conn.shutdown().await.unwrap();
+            drop(conn);
+            incoming
+        });
+        let (stream, _opened) = client_session(address).await;
+        read_answer(stream).await;
+        drop(server.await.unwrap());
+    }
+
+    /// A sidechannel (a held stream the server opened) still writing when the client's gRPC
+    /// connection ends keeps the session up until it is done.
+    #[tokio::test]
+    async fn a_held_stream_outlives_the_grpc_connection() {
+        use futures::StreamExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let registry = SessionRegistry::default();
+        let (address, mut incoming) = serve_one(registry.clone()).await;
+        let server = tokio::spawn(async move {
+            let mut conn = incoming.next().await.unwrap().unwrap();
+            let mut first = [0u8; 4];
+            conn.read_exact(&mut first).await.unwrap();
+            let session = conn.connect_info().backchannel_id.unwrap();
+            let held = registry.open_held_stream(session).await.unwrap();
+            conn.shutdown().await.unwrap();
+            drop(conn);
+            let mut held = write_reading(held, &answer()).await;
+            held.shutdown().await.unwrap();
+            drop(held);
+            incoming
+        });
+        let (_grpc, mut opened) = client_session(address).await;
+        read_answer(opened.recv().await.unwrap()).await;
+        drop(server.await.unwrap());
     }
 
     /// A connection accepted before the stop but still in its handshake is yielded once it
