@@ -49,7 +49,9 @@ impl<S: tracing::Subscriber> Layer<S> for Collect {
     fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
         let mut message = Message(None);
         event.record(&mut message);
-        if let Some(text) = message.0.filter(|m| m.contains("plan:")) {
+        // The writer tracker's probe runs on any connection; it is not the call's.
+        let call = |m: &String| m.contains("plan:") && !m.contains("pg_is_in_recovery()");
+        if let Some(text) = message.0.filter(call) {
             self.0 .0.lock().unwrap().push(text);
         }
     }
