@@ -22,6 +22,7 @@ mod queue;
 mod queue_bench;
 mod replication;
 mod router;
+mod scale_bench;
 mod sighup;
 mod toolkit_check;
 mod toolkit_dataloss;
