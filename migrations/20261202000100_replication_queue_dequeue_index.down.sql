@@ -1,0 +1,1 @@
+DROP INDEX replication_queue_dequeue_idx;
