@@ -7,3 +7,8 @@ CREATE INDEX replication_queue_dequeue_idx
         (job ->> 'virtual_storage'), (job ->> 'target_node_storage'), created_at, id
     )
     WHERE state IN ('ready', 'failed');
+
+-- Dequeue and acknowledgement ask whether a lock has job locks; the primary key
+-- (job_id, lock_id) cannot answer that by lock id, so each question read the whole index,
+-- dead entries of every job since the last vacuum included.
+CREATE INDEX replication_queue_job_lock_lock_id_idx ON replication_queue_job_lock (lock_id);

@@ -167,20 +167,6 @@ fn to_queued(row: JobRow) -> Option<QueuedJob> {
     })
 }
 
-/// The byte range of lock ids that start with `prefix` (which ends in `|`): compared with
-/// the pattern operators `~>=~`/`~<~`, which the `text_pattern_ops` index serves whatever
-/// the database's collation, and which need no escaping of `%` or `_` in storage names.
-fn lock_id_range(prefix: &str) -> (String, String) {
-    let mut upper = prefix.to_string();
-    // '|' + 1 = '}': every id with the prefix sorts below it, byte-wise.
-    if upper.pop() == Some('|') {
-        upper.push('}');
-    } else {
-        upper = format!("{prefix}\u{10ffff}");
-    }
-    (prefix.to_string(), upper)
-}
-
 /// Inserts a job unless a `ready` job for the same replica and change is queued already (the
 /// source does not matter: whichever runs brings the target up to date). Returns the new
 /// job's id, None for such a duplicate.
@@ -218,14 +204,17 @@ pub(super) async fn enqueue_in(
 }
 
 /// The dequeue statement: $1 and $2 are the virtual storage and the target, $3 the batch
-/// size, $4 and $5 bound the target's lock ids. Public so that the queue benchmark can show
-/// its plan.
+/// size. Public so that the queue benchmark can show its plan.
 ///
 /// It walks the target's `ready` and `failed` jobs oldest first along the partial index
 /// `replication_queue_dequeue_idx` and stops as soon as it has `$3` jobs it can take, so its
 /// cost follows the batch, not the backlog. A job can be taken when its lock row is free (not
 /// acquired, no job lock) and no older `ready`/`failed` job of the same replica and change is
-/// queued (only the oldest per replica and change runs). Only the rows of the jobs taken and
+/// queued (only the oldest per replica and change runs). The target is matched on the job's
+/// `virtual_storage` and `target_node_storage`, from which its lock id
+/// `<virtual_storage>|<target>|<relative_path>` is made: a filter on the lock id's prefix as
+/// well would say the same, and only make the planner misjudge how many jobs the target has.
+/// Only the rows of the jobs taken and
 /// of their locks are locked, `SKIP LOCKED`: a lock or job that another router is taking at
 /// this moment is passed over. Locking the lock row (not only the job) is what keeps two
 /// routers from starting two jobs for one replica: the second one either skips the row or,
@@ -236,7 +225,6 @@ pub const DEQUEUE_SQL: &str = "WITH candidate AS (
                          WHERE queue.state IN ('ready', 'failed')
                            AND queue.job ->> 'virtual_storage' = $1
                            AND queue.job ->> 'target_node_storage' = $2
-                           AND queue.lock_id ~>=~ $4 AND queue.lock_id ~<~ $5
                            AND NOT lock.acquired
                            AND NOT EXISTS (SELECT 1 FROM replication_queue_job_lock AS job_lock
                                            WHERE job_lock.lock_id = queue.lock_id)
@@ -347,7 +335,6 @@ impl Datastore {
         target: &str,
         count: i64,
     ) -> Result<Vec<QueuedJob>, DatastoreError> {
-        let (lower, upper) = lock_id_range(&format!("{virtual_storage}|{target}|"));
         let rows: Vec<JobRow> = self
             .run("dequeue", |conn| {
                 Box::pin(async move {
@@ -355,8 +342,6 @@ impl Datastore {
                         .bind(virtual_storage)
                         .bind(target)
                         .bind(count)
-                        .bind(&lower)
-                        .bind(&upper)
                         .fetch_all(&mut *conn)
                         .await
                 })
@@ -494,23 +479,6 @@ async fn release_locks(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lock_id_ranges_cover_exactly_the_prefix() {
-        let (lower, upper) = lock_id_range("vs|gitaly_1|");
-        assert_eq!(
-            (lower.as_str(), upper.as_str()),
-            ("vs|gitaly_1|", "vs|gitaly_1}")
-        );
-        let inside = "vs|gitaly_1|group/project.git";
-        assert!(inside >= lower.as_str() && inside < upper.as_str());
-        for outside in ["vs|gitaly_10|x", "vs|gitaly_1", "vs|gitalyX1|x"] {
-            assert!(
-                !(outside >= lower.as_str() && outside < upper.as_str()),
-                "{outside}"
-            );
-        }
-    }
 
     #[test]
     fn job_json_uses_praefect_keys() {

@@ -122,8 +122,6 @@ fn dequeue_statement<'q>(
         .bind(VIRTUAL_STORAGE)
         .bind(target.to_string())
         .bind(batch)
-        .bind(format!("{VIRTUAL_STORAGE}|{target}|"))
-        .bind(format!("{VIRTUAL_STORAGE}|{target}}}"))
 }
 
 /// Runs the dequeue statement for `target` in a transaction that is rolled back (the queue is
