@@ -167,20 +167,6 @@ fn to_queued(row: JobRow) -> Option<QueuedJob> {
     })
 }
 
-/// The byte range of lock ids that start with `prefix` (which ends in `|`): compared with
-/// the pattern operators `~>=~`/`~<~`, which the `text_pattern_ops` index serves whatever
-/// the database's collation, and which need no escaping of `%` or `_` in storage names.
-fn lock_id_range(prefix: &str) -> (String, String) {
-    let mut upper = prefix.to_string();
-    // '|' + 1 = '}': every id with the prefix sorts below it, byte-wise.
-    if upper.pop() == Some('|') {
-        upper.push('}');
-    } else {
-        upper = format!("{prefix}\u{10ffff}");
-    }
-    (prefix.to_string(), upper)
-}
-
 /// Inserts a job unless a `ready` job for the same replica and change is queued already (the
 /// source does not matter: whichever runs brings the target up to date). Returns the new
 /// job's id, None for such a duplicate.
@@ -217,27 +203,40 @@ pub(super) async fn enqueue_in(
     .await
 }
 
-/// The dequeue statement: $1 and $3 bound the target's lock ids, $2 is the batch size.
-/// Public so that the queue benchmark can show its plan.
-pub const DEQUEUE_SQL: &str = "WITH free_lock AS (
-                         SELECT lock.id FROM replication_queue_lock AS lock
-                         WHERE lock.id ~>=~ $1 AND lock.id ~<~ $3 AND NOT lock.acquired
-                           AND NOT EXISTS (SELECT 1 FROM replication_queue_job_lock AS job_lock
-                                           WHERE job_lock.lock_id = lock.id)
-                         FOR UPDATE SKIP LOCKED
-                     ),
-                     candidate AS (
+/// The dequeue statement: $1 and $2 are the virtual storage and the target, $3 the batch
+/// size. Public so that the queue benchmark can show its plan.
+///
+/// It walks the target's `ready` and `failed` jobs oldest first along the partial index
+/// `replication_queue_dequeue_idx` and stops as soon as it has `$3` jobs it can take, so its
+/// cost follows the batch, not the backlog. A job can be taken when its lock row is free (not
+/// acquired, no job lock) and no older `ready`/`failed` job of the same replica and change is
+/// queued (only the oldest per replica and change runs). The target is matched on the job's
+/// `virtual_storage` and `target_node_storage`, from which its lock id
+/// `<virtual_storage>|<target>|<relative_path>` is made: a filter on the lock id's prefix as
+/// well would say the same, and only make the planner misjudge how many jobs the target has.
+/// Only the rows of the jobs taken and
+/// of their locks are locked, `SKIP LOCKED`: a lock or job that another router is taking at
+/// this moment is passed over. Locking the lock row (not only the job) is what keeps two
+/// routers from starting two jobs for one replica: the second one either skips the row or,
+/// when the first committed meanwhile, re-reads it as acquired and drops the job.
+pub const DEQUEUE_SQL: &str = "WITH candidate AS (
                          SELECT queue.id FROM replication_queue AS queue
-                         WHERE queue.id IN (
-                             SELECT DISTINCT FIRST_VALUE(oldest.id) OVER (
-                                 PARTITION BY oldest.lock_id, oldest.job ->> 'change'
-                                 ORDER BY oldest.created_at, oldest.id)
-                             FROM replication_queue AS oldest
-                             JOIN free_lock ON free_lock.id = oldest.lock_id
-                             WHERE oldest.state IN ('ready', 'failed'))
+                         JOIN replication_queue_lock AS lock ON lock.id = queue.lock_id
+                         WHERE queue.state IN ('ready', 'failed')
+                           AND queue.job ->> 'virtual_storage' = $1
+                           AND queue.job ->> 'target_node_storage' = $2
+                           AND NOT lock.acquired
+                           AND NOT EXISTS (SELECT 1 FROM replication_queue_job_lock AS job_lock
+                                           WHERE job_lock.lock_id = queue.lock_id)
+                           AND NOT EXISTS (SELECT 1 FROM replication_queue AS older
+                                           WHERE older.lock_id = queue.lock_id
+                                             AND older.state IN ('ready', 'failed')
+                                             AND older.job ->> 'change' = queue.job ->> 'change'
+                                             AND (older.created_at, older.id)
+                                                 < (queue.created_at, queue.id))
                          ORDER BY queue.created_at, queue.id
-                         LIMIT $2
-                         FOR UPDATE SKIP LOCKED
+                         LIMIT $3
+                         FOR UPDATE OF queue, lock SKIP LOCKED
                      ),
                      taken AS (
                          UPDATE replication_queue AS queue
@@ -260,17 +259,58 @@ pub const DEQUEUE_SQL: &str = "WITH free_lock AS (
                      )
                      SELECT * FROM taken ORDER BY created_at, id";
 
-/// Deletes the `ready` jobs that the completed jobs $1 made redundant (same replica, change
-/// and source, queued before the completed job started). Public for the queue benchmark.
-pub const REDUNDANT_DELETE_SQL: &str = "DELETE FROM replication_queue AS redundant
-                         USING replication_queue AS done
-                         WHERE done.id = ANY($1)
+/// The acknowledgement, one statement: $1 the job ids, $2 the outcome's label. Public for
+/// the queue benchmark.
+///
+/// Of the jobs $1 only those `in_progress` count (`acked`, row-locked). Their job locks go.
+/// `completed` deletes them and the `ready` jobs they made redundant (same replica, change
+/// and source, queued before the completed job started); `dead` deletes them; any other
+/// outcome sets their state. A lock is released when no job lock is left on it but those
+/// deleted here: all the common table expressions see the same snapshot, so the job locks
+/// this statement deletes are discounted by hand. A lock's job locks all belong to one batch
+/// of one worker (the lock is acquired while any exists), which acknowledges its outcomes one
+/// after the other, so no other acknowledgement deletes them meanwhile.
+pub const ACKNOWLEDGE_SQL: &str = "WITH acked AS (
+                         SELECT id, lock_id, updated_at, job FROM replication_queue
+                         WHERE id = ANY($1) AND state = 'in_progress'
+                         ORDER BY id
+                         FOR UPDATE
+                     ),
+                     dropped_job_lock AS (
+                         DELETE FROM replication_queue_job_lock AS job_lock
+                         USING acked WHERE job_lock.job_id = acked.id
+                     ),
+                     redundant AS (
+                         DELETE FROM replication_queue AS redundant
+                         USING acked AS done
+                         WHERE $2::text = 'completed'
                            AND redundant.state = 'ready'
                            AND redundant.lock_id = done.lock_id
                            AND redundant.job ->> 'change' = done.job ->> 'change'
                            AND COALESCE(redundant.job ->> 'source_node_storage', '')
                                = COALESCE(done.job ->> 'source_node_storage', '')
-                           AND redundant.created_at < done.updated_at";
+                           AND redundant.created_at < done.updated_at
+                     ),
+                     deleted AS (
+                         DELETE FROM replication_queue AS queue
+                         USING acked
+                         WHERE $2::text IN ('completed', 'dead') AND queue.id = acked.id
+                     ),
+                     updated AS (
+                         UPDATE replication_queue AS queue
+                         SET state = $2::text::replication_job_state,
+                             updated_at = now() AT TIME ZONE 'UTC'
+                         FROM acked
+                         WHERE $2::text NOT IN ('completed', 'dead') AND queue.id = acked.id
+                     ),
+                     released AS (
+                         UPDATE replication_queue_lock AS lock SET acquired = false
+                         WHERE lock.id IN (SELECT lock_id FROM acked)
+                           AND NOT EXISTS (SELECT 1 FROM replication_queue_job_lock AS job_lock
+                                           WHERE job_lock.lock_id = lock.id
+                                             AND job_lock.job_id NOT IN (SELECT id FROM acked))
+                     )
+                     SELECT id FROM acked ORDER BY id";
 
 impl Datastore {
     /// Queues one job; None if an equivalent `ready` job was queued already.
@@ -295,14 +335,13 @@ impl Datastore {
         target: &str,
         count: i64,
     ) -> Result<Vec<QueuedJob>, DatastoreError> {
-        let (lower, upper) = lock_id_range(&format!("{virtual_storage}|{target}|"));
         let rows: Vec<JobRow> = self
             .run("dequeue", |conn| {
                 Box::pin(async move {
                     sql::query_as(DEQUEUE_SQL)
-                        .bind(&lower)
+                        .bind(virtual_storage)
+                        .bind(target)
                         .bind(count)
-                        .bind(&upper)
                         .fetch_all(&mut *conn)
                         .await
                 })
@@ -323,54 +362,15 @@ impl Datastore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        self.run("acknowledge", |conn| Box::pin(async move {
-            let acked: Vec<(i64, String)> = sql::query_as(
-                "SELECT id, lock_id FROM replication_queue
-                 WHERE id = ANY($1) AND state = 'in_progress'
-                 ORDER BY id FOR UPDATE",
-            )
-            .bind(ids)
-            .fetch_all(&mut *conn)
-            .await?;
-            let acked_ids: Vec<i64> = acked.iter().map(|(id, _)| *id).collect();
-            let lock_ids: Vec<String> = acked.iter().map(|(_, lock)| lock.clone()).collect();
-            sql::query("DELETE FROM replication_queue_job_lock WHERE job_id = ANY($1)")
-                .bind(&acked_ids)
-                .execute(&mut *conn)
-                .await?;
-            match state {
-                JobState::Completed => {
-                    sql::query(REDUNDANT_DELETE_SQL)
-                        .bind(&acked_ids)
-                        .execute(&mut *conn)
-                        .await?;
-                    sql::query("DELETE FROM replication_queue WHERE id = ANY($1)")
-                        .bind(&acked_ids)
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                JobState::Dead => {
-                    sql::query("DELETE FROM replication_queue WHERE id = ANY($1)")
-                        .bind(&acked_ids)
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                other => {
-                    sql::query(
-                        "UPDATE replication_queue
-                         SET state = $2::replication_job_state, updated_at = now() AT TIME ZONE 'UTC'
-                         WHERE id = ANY($1)",
-                    )
-                    .bind(&acked_ids)
-                    .bind(other.as_str())
-                    .execute(&mut *conn)
-                    .await?;
-                }
-            }
-            release_locks(&mut *conn, &lock_ids).await?;
-
-            Ok(acked_ids)
-        }))
+        self.run("acknowledge", |conn| {
+            Box::pin(async move {
+                sql::query_scalar(ACKNOWLEDGE_SQL)
+                    .bind(ids)
+                    .bind(state.as_str())
+                    .fetch_all(&mut *conn)
+                    .await
+            })
+        })
         .await
     }
 
@@ -479,23 +479,6 @@ async fn release_locks(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lock_id_ranges_cover_exactly_the_prefix() {
-        let (lower, upper) = lock_id_range("vs|gitaly_1|");
-        assert_eq!(
-            (lower.as_str(), upper.as_str()),
-            ("vs|gitaly_1|", "vs|gitaly_1}")
-        );
-        let inside = "vs|gitaly_1|group/project.git";
-        assert!(inside >= lower.as_str() && inside < upper.as_str());
-        for outside in ["vs|gitaly_10|x", "vs|gitaly_1", "vs|gitalyX1|x"] {
-            assert!(
-                !(outside >= lower.as_str() && outside < upper.as_str()),
-                "{outside}"
-            );
-        }
-    }
 
     #[test]
     fn job_json_uses_praefect_keys() {

@@ -1,19 +1,21 @@
 //! A benchmark of the replication queue alone (spec §5), on the real PostgreSQL of the test
-//! harness: enqueue rate, the latency of one dequeue with a large backlog, and the rate at
-//! which several workers drain that backlog through dequeue + acknowledge. It prints figures
-//! and asserts only correctness (the queue ends empty, every lock released, no job taken
-//! twice). Run it by hand, in release:
+//! harness: enqueue rate, the latency of one dequeue with a large backlog, whether that
+//! latency follows the batch or the backlog, and the rate at which several workers drain the
+//! backlog through dequeue + acknowledge. It prints figures and asserts only correctness (the
+//! queue ends empty, every lock released, no job taken twice). Run it by hand, in release:
 //!
 //! ```sh
 //! cargo test --release --test it -- --ignored --nocapture queue_bench::
 //! ```
 //!
 //! `QUEUE_BENCH_REPOS` (default 1000) and `QUEUE_BENCH_TARGETS` (default 100) set the shape:
-//! one `update` job per (repository, target). `QUEUE_BENCH_EXPLAIN=1` prints the plans of the
-//! dequeue and of the acknowledgement's redundant-job delete even when the dequeue is fast.
+//! one `update` job per (repository, target). `QUEUE_BENCH_BATCH` (default 10, the
+//! replicator's default `batch_size`) is the batch of the single dequeues and of the drain.
+//! The plans of one dequeue and of one acknowledgement are printed (`EXPLAIN (ANALYZE,
+//! BUFFERS)`, rolled back).
 //! To try a schema change without a migration, `QUEUE_BENCH_SQL` is run against the fresh
 //! database before anything is queued (e.g. `CREATE INDEX ON replication_queue (lock_id)`).
-//! Once the backlog is queued the benchmark runs `ANALYZE` (what autovacuum does to a backlog
+//! Once a backlog is queued the benchmark runs `ANALYZE` (what autovacuum does to a backlog
 //! that stays for a minute), so that the plans are those of a steady state rather than a
 //! matter of whether autovacuum got there first; `QUEUE_BENCH_ANALYZE=0` skips it (the plans
 //! of a sudden burst, with the statistics of a small queue).
@@ -28,15 +30,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sqlx::Row;
+
 use common::pg::TestDb;
-use praefect::datastore::{ChangeType, Datastore, JobState, PoolSettings, ReplicationJob};
+use praefect::datastore::{
+    ChangeType, Datastore, JobState, PoolSettings, ReplicationJob, ACKNOWLEDGE_SQL, DEQUEUE_SQL,
+};
 
 const VIRTUAL_STORAGE: &str = "default";
-/// The replicator's default `batch_size`.
-const BATCH: i64 = 10;
 const ENQUEUE_TASKS: usize = 16;
 const DRAIN_WORKERS: usize = 4;
 const DEQUEUE_SAMPLES: usize = 20;
+/// The batches of the batch-versus-backlog table, measured at a tenth of the backlog and at
+/// all of it.
+const EVIDENCE_BATCHES: [i64; 2] = [10, 100];
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -105,52 +112,142 @@ fn print_plan(title: &str, plan: &[String]) {
     println!();
 }
 
-/// Prints the plans of one dequeue for `target` and of the redundant-job delete that
-/// acknowledging its batch runs. Both statements run (EXPLAIN ANALYZE) in a transaction that
-/// is rolled back, so the queue is left as it was.
-async fn explain_dequeue_and_acknowledge(db: &TestDb, target: &str) {
-    let mut raw = db.raw().await;
-    sqlx::query("BEGIN").execute(&mut raw).await.unwrap();
-    let lower = format!("{VIRTUAL_STORAGE}|{target}|");
-    let upper = format!("{VIRTUAL_STORAGE}|{target}}}");
-    let pattern = format!("{lower}%");
-    let plan: Vec<String> = sqlx::query_scalar(&format!(
-        "EXPLAIN (ANALYZE, BUFFERS) {}",
-        praefect::datastore::DEQUEUE_SQL
-    ))
-    .bind(&lower)
-    .bind(BATCH)
-    .bind(&upper)
-    .fetch_all(&mut raw)
-    .await
-    .unwrap();
+/// The dequeue statement for `target`, bound as the datastore binds it.
+fn dequeue_statement<'q>(
+    sql: &'q str,
+    target: &str,
+    batch: i64,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sql)
+        .bind(VIRTUAL_STORAGE)
+        .bind(target.to_string())
+        .bind(batch)
+}
+
+/// Runs the dequeue statement for `target` in a transaction that is rolled back (the queue is
+/// left as it was) and returns its latency and the number of jobs it took.
+async fn dequeue_rolled_back(
+    raw: &mut sqlx::PgConnection,
+    target: &str,
+    batch: i64,
+) -> (Duration, usize) {
+    sqlx::query("BEGIN").execute(&mut *raw).await.unwrap();
+    let started = Instant::now();
+    let rows = dequeue_statement(DEQUEUE_SQL, target, batch)
+        .fetch_all(&mut *raw)
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    sqlx::query("ROLLBACK").execute(&mut *raw).await.unwrap();
+    (elapsed, rows.len())
+}
+
+/// Prints the plans of one dequeue of `batch` for `target` and of acknowledging the jobs it
+/// took `completed`, both under `EXPLAIN (ANALYZE, BUFFERS)` in a transaction that is rolled
+/// back.
+async fn explain_dequeue_and_acknowledge(raw: &mut sqlx::PgConnection, target: &str, batch: i64) {
+    sqlx::query("BEGIN").execute(&mut *raw).await.unwrap();
+    let explain = format!("EXPLAIN (ANALYZE, BUFFERS) {DEQUEUE_SQL}");
+    let plan: Vec<String> = dequeue_statement(&explain, target, batch)
+        .fetch_all(&mut *raw)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
     print_plan(
-        &format!("EXPLAIN (ANALYZE, BUFFERS) of one dequeue for {target}"),
+        &format!("EXPLAIN (ANALYZE, BUFFERS) of one dequeue of {batch} for {target}"),
         &plan,
     );
     let taken: Vec<i64> = sqlx::query_scalar(
-        "SELECT id FROM replication_queue WHERE state = 'in_progress' AND lock_id LIKE $1",
+        "SELECT job_id FROM replication_queue_job_lock WHERE lock_id LIKE $1 ORDER BY job_id",
     )
-    .bind(&pattern)
-    .fetch_all(&mut raw)
+    .bind(format!("{VIRTUAL_STORAGE}|{target}|%"))
+    .fetch_all(&mut *raw)
     .await
     .unwrap();
-    let plan: Vec<String> = sqlx::query_scalar(&format!(
-        "EXPLAIN (ANALYZE, BUFFERS) {}",
-        praefect::datastore::REDUNDANT_DELETE_SQL
-    ))
-    .bind(&taken)
-    .fetch_all(&mut raw)
-    .await
-    .unwrap();
+    let plan: Vec<String> =
+        sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {ACKNOWLEDGE_SQL}"))
+            .bind(&taken)
+            .bind(JobState::Completed.as_str())
+            .fetch_all(&mut *raw)
+            .await
+            .unwrap();
     print_plan(
         &format!(
-            "EXPLAIN (ANALYZE, BUFFERS) of acknowledge's redundant-job delete for those {} jobs",
+            "EXPLAIN (ANALYZE, BUFFERS) of acknowledging those {} jobs completed",
             taken.len()
         ),
         &plan,
     );
-    sqlx::query("ROLLBACK").execute(&mut raw).await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut *raw).await.unwrap();
+}
+
+/// The batch-versus-backlog evidence at the current backlog: for each of
+/// [`EVIDENCE_BATCHES`], the dequeue statement alone (rolled back) for [`DEQUEUE_SAMPLES`]
+/// targets, each of which has `per_target` jobs queued.
+async fn dequeue_by_batch(
+    raw: &mut sqlx::PgConnection,
+    targets: usize,
+    per_target: usize,
+) -> Vec<Stats> {
+    let mut by_batch = Vec::new();
+    for batch in EVIDENCE_BATCHES {
+        let mut samples = Vec::new();
+        for sample in 0..DEQUEUE_SAMPLES {
+            let target = target_name(targets - 1 - sample);
+            let (elapsed, taken) = dequeue_rolled_back(raw, &target, batch).await;
+            assert_eq!(taken, per_target.min(batch as usize), "{target}");
+            samples.push(elapsed);
+        }
+        by_batch.push(stats(&samples));
+    }
+    by_batch
+}
+
+/// Queues jobs `from..to` (repository-major: the order mutators and the reconciler produce)
+/// from [`ENQUEUE_TASKS`] tasks at once; returns each call's latency and the wall time.
+async fn enqueue_range(
+    store: &Datastore,
+    from: usize,
+    to: usize,
+    targets: usize,
+) -> (Vec<Duration>, Duration) {
+    let next = Arc::new(AtomicUsize::new(from));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..ENQUEUE_TASKS {
+        let (store, next) = (store.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= to {
+                    return latencies;
+                }
+                let job = bench_job(i / targets, i % targets, targets);
+                let call = Instant::now();
+                let id = store.enqueue(&job, "bench").await.expect("enqueue");
+                latencies.push(call.elapsed());
+                assert!(id.is_some(), "job {i} reported as a duplicate");
+            }
+        }));
+    }
+    let mut latencies = Vec::with_capacity(to - from);
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    (latencies, started.elapsed())
+}
+
+/// `ANALYZE`s the queue unless `QUEUE_BENCH_ANALYZE=0`.
+async fn analyze(raw: &mut sqlx::PgConnection) {
+    if std::env::var("QUEUE_BENCH_ANALYZE").as_deref() != Ok("0") {
+        sqlx::query("ANALYZE replication_queue, replication_queue_lock")
+            .execute(raw)
+            .await
+            .unwrap();
+    }
 }
 
 async fn count(raw: &mut sqlx::PgConnection, sql: &str) -> i64 {
@@ -168,11 +265,12 @@ fn load_average() -> String {
 async fn replication_queue_throughput_and_dequeue_latency() {
     let repos = env_usize("QUEUE_BENCH_REPOS", 1000);
     let targets = env_usize("QUEUE_BENCH_TARGETS", 100);
+    let batch = env_usize("QUEUE_BENCH_BATCH", 10) as i64;
     let total = repos * targets;
     assert!(targets > DEQUEUE_SAMPLES, "need more targets than samples");
     println!(
         "replication queue benchmark: {total} update jobs = {repos} repositories x {targets} \
-         targets, virtual storage {VIRTUAL_STORAGE:?}; load average at start {}",
+         targets, virtual storage {VIRTUAL_STORAGE:?}, batch {batch}; load average at start {}",
         load_average()
     );
 
@@ -200,34 +298,23 @@ async fn replication_queue_throughput_and_dequeue_latency() {
             .expect("QUEUE_BENCH_SQL");
         summary.push(("QUEUE_BENCH_SQL".into(), sql));
     }
+    if std::env::var("QUEUE_BENCH_ANALYZE").as_deref() == Ok("0") {
+        summary.push((
+            "QUEUE_BENCH_ANALYZE=0".into(),
+            "no ANALYZE after the enqueue".into(),
+        ));
+    }
 
-    // 1. Enqueue, repository by repository (the order mutators and the reconciler produce),
-    // from 16 tasks at once.
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..ENQUEUE_TASKS {
-        let (store, next) = (store.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
-                    return latencies;
-                }
-                let job = bench_job(i / targets, i % targets, targets);
-                let call = Instant::now();
-                let id = store.enqueue(&job, "bench").await.expect("enqueue");
-                latencies.push(call.elapsed());
-                assert!(id.is_some(), "job {i} reported as a duplicate");
-            }
-        }));
-    }
-    let mut enqueue_latencies = Vec::with_capacity(total);
-    for task in tasks {
-        enqueue_latencies.extend(task.await.unwrap());
-    }
-    let enqueue_time = started.elapsed();
+    // 1. Enqueue a tenth of the backlog, measure the dequeue statement by batch, enqueue the
+    // rest and measure again: a dequeue that follows the batch costs the same at both.
+    let small_repos = (repos / 10).max(1);
+    let small = small_repos * targets;
+    let (mut enqueue_latencies, mut enqueue_time) = enqueue_range(&store, 0, small, targets).await;
+    analyze(&mut raw).await;
+    let small_backlog = dequeue_by_batch(&mut raw, targets, small_repos).await;
+    let (rest, rest_time) = enqueue_range(&store, small, total, targets).await;
+    enqueue_latencies.extend(rest);
+    enqueue_time += rest_time;
     let enqueue_rate = total as f64 / enqueue_time.as_secs_f64();
     println!(
         "enqueue: {total} jobs in {:.1} s = {enqueue_rate:.0} jobs/s ({ENQUEUE_TASKS} tasks)",
@@ -250,17 +337,7 @@ async fn replication_queue_throughput_and_dequeue_latency() {
             stats(&enqueue_latencies).median
         ),
     ));
-    if std::env::var("QUEUE_BENCH_ANALYZE").as_deref() == Ok("0") {
-        summary.push((
-            "QUEUE_BENCH_ANALYZE=0".into(),
-            "no ANALYZE after the enqueue".into(),
-        ));
-    } else {
-        sqlx::query("ANALYZE replication_queue, replication_queue_lock")
-            .execute(&mut raw)
-            .await
-            .unwrap();
-    }
+    analyze(&mut raw).await;
     let analyzed: Option<chrono::NaiveDateTime> = sqlx::query_scalar(
         "SELECT GREATEST(last_analyze, last_autoanalyze)::timestamp FROM pg_stat_user_tables
          WHERE relname = 'replication_queue'",
@@ -274,7 +351,28 @@ async fn replication_queue_throughput_and_dequeue_latency() {
             "last analyzed {t} UTC"
         ))
     );
-
+    let full_backlog = dequeue_by_batch(&mut raw, targets, repos).await;
+    println!(
+        "\ndequeue statement alone (rolled back), {DEQUEUE_SAMPLES} targets each, median / p95 ms:"
+    );
+    println!(
+        "  {:>9}  {:>17}  {:>17}",
+        "backlog", "batch 10", "batch 100"
+    );
+    for (backlog, by_batch) in [(small, &small_backlog), (total, &full_backlog)] {
+        let cells: Vec<String> = by_batch
+            .iter()
+            .map(|s| format!("{:.2} / {:.2}", s.median, s.p95))
+            .collect();
+        println!("  {backlog:>9}  {:>17}  {:>17}", cells[0], cells[1]);
+        summary.push((
+            format!("dequeue statement, {backlog} queued, batch 10 | 100"),
+            format!(
+                "median {:.2} | {:.2} ms",
+                by_batch[0].median, by_batch[1].median
+            ),
+        ));
+    }
     // 2. Single dequeues with the whole backlog in place, one per target, each batch then
     // acknowledged completed.
     let mut dequeue_latencies = Vec::new();
@@ -283,11 +381,11 @@ async fn replication_queue_throughput_and_dequeue_latency() {
     for target in 0..DEQUEUE_SAMPLES {
         let call = Instant::now();
         let jobs = store
-            .dequeue(VIRTUAL_STORAGE, &target_name(target), BATCH)
+            .dequeue(VIRTUAL_STORAGE, &target_name(target), batch)
             .await
             .expect("dequeue");
         dequeue_latencies.push(call.elapsed());
-        assert_eq!(jobs.len(), BATCH as usize, "a full batch for every target");
+        assert_eq!(jobs.len(), batch as usize, "a full batch for every target");
         let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
         let call = Instant::now();
         let acked = store
@@ -300,13 +398,13 @@ async fn replication_queue_throughput_and_dequeue_latency() {
     }
     let dequeue_stats = stats(&dequeue_latencies);
     println!(
-        "single dequeue({VIRTUAL_STORAGE:?}, target, {BATCH}) with {total} jobs queued, \
+        "single dequeue({VIRTUAL_STORAGE:?}, target, {batch}) with {total} jobs queued, \
          one per target:"
     );
     println!("{}", stats_line("  dequeue", &dequeue_latencies));
     println!("{}", stats_line("  acknowledge completed", &ack_latencies));
     summary.push((
-        format!("one dequeue of {BATCH}, {total} queued"),
+        format!("one dequeue of {batch}, {total} queued"),
         format!(
             "median {:.2} ms, p95 {:.2} ms, max {:.2} ms",
             dequeue_stats.median, dequeue_stats.p95, dequeue_stats.max
@@ -314,15 +412,13 @@ async fn replication_queue_throughput_and_dequeue_latency() {
     ));
     let ack_stats = stats(&ack_latencies);
     summary.push((
-        format!("one acknowledge of {BATCH}, {total} queued"),
+        format!("one acknowledge of {batch}, {total} queued"),
         format!(
             "median {:.2} ms, p95 {:.2} ms, max {:.2} ms",
             ack_stats.median, ack_stats.p95, ack_stats.max
         ),
     ));
-    if dequeue_stats.median > 20.0 || std::env::var_os("QUEUE_BENCH_EXPLAIN").is_some() {
-        explain_dequeue_and_acknowledge(&db, &target_name(DEQUEUE_SAMPLES)).await;
-    }
+    explain_dequeue_and_acknowledge(&mut raw, &target_name(DEQUEUE_SAMPLES), batch).await;
 
     // 3. Drain: workers that each own a share of the targets dequeue and acknowledge, round
     // robin over their targets, until a whole round finds nothing.
@@ -359,7 +455,7 @@ async fn replication_queue_throughput_and_dequeue_latency() {
                 for target in &owned {
                     let call = Instant::now();
                     let jobs = store
-                        .dequeue(VIRTUAL_STORAGE, target, BATCH)
+                        .dequeue(VIRTUAL_STORAGE, target, batch)
                         .await
                         .expect("dequeue");
                     dequeues.push(call.elapsed());
@@ -367,16 +463,16 @@ async fn replication_queue_throughput_and_dequeue_latency() {
                         continue;
                     }
                     found = true;
-                    let batch: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+                    let taken: Vec<i64> = jobs.iter().map(|j| j.id).collect();
                     let call = Instant::now();
                     let acked = store
-                        .acknowledge(JobState::Completed, &batch)
+                        .acknowledge(JobState::Completed, &taken)
                         .await
                         .expect("acknowledge");
                     acks.push(call.elapsed());
-                    assert_eq!(acked.len(), batch.len());
-                    remaining.fetch_sub(batch.len(), Ordering::Relaxed);
-                    ids.extend(batch);
+                    assert_eq!(acked.len(), taken.len());
+                    remaining.fetch_sub(taken.len(), Ordering::Relaxed);
+                    ids.extend(taken);
                 }
                 if !found {
                     return (dequeues, acks, ids);
@@ -400,7 +496,7 @@ async fn replication_queue_throughput_and_dequeue_latency() {
     let job_rate = drained_ids.len() as f64 / secs;
     println!(
         "drain: {} jobs in {secs:.1} s by {DRAIN_WORKERS} workers ({} targets each, batch \
-         {BATCH}): {} dequeue calls = {dequeue_rate:.0} dequeues/s, {} acknowledge calls, \
+         {batch}): {} dequeue calls = {dequeue_rate:.0} dequeues/s, {} acknowledge calls, \
          {job_rate:.0} jobs acknowledged/s",
         drained_ids.len(),
         targets / DRAIN_WORKERS,

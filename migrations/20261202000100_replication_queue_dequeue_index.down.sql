@@ -1,0 +1,2 @@
+DROP INDEX replication_queue_dequeue_idx;
+DROP INDEX replication_queue_job_lock_lock_id_idx;
