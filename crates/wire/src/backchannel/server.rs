@@ -84,13 +84,15 @@ impl AsyncWrite for ServerConn {
         Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
         loop {
-            match &mut self.closing {
+            match &mut this.closing {
                 Closing::Open(session) => {
-                    let session = session.take();
-                    std::task::ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
+                    // The session is asked only once the stream's close is queued; a shutdown
+                    // that is not done yet keeps it for the next poll.
+                    std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
                     let (ack, drained) = oneshot::channel();
-                    self.closing = match session {
+                    this.closing = match session.take() {
                         Some(session) if session.send(ack).is_ok() => Closing::Draining(drained),
                         // A plain socket, or a session that has ended.
                         _ => Closing::Closed,
@@ -99,7 +101,7 @@ impl AsyncWrite for ServerConn {
                 Closing::Draining(drained) => {
                     // An error means the session ended: nothing more will be written.
                     let _ = std::task::ready!(Pin::new(drained).poll(cx));
-                    self.closing = Closing::Closed;
+                    this.closing = Closing::Closed;
                 }
                 Closing::Closed => return Poll::Ready(Ok(())),
             }
