@@ -25,7 +25,7 @@ use super::address::{AddressError, Resolution};
 use super::balancer::AddressSet;
 use super::http2::{RequestBody, ResponseBody, SendError};
 use super::resolve::{self, ResolveError};
-use super::subchannel::{ConnectSettings, Sender, Subchannel};
+use super::subchannel::{ConnectSettings, Lane, Sender, Subchannel};
 use crate::metrics::grpc::{MethodMetrics, Side};
 use crate::wire::auth::TokenCache;
 use crate::wire::backchannel::DialTarget;
@@ -169,9 +169,10 @@ impl NodeChannel {
         &self.shared.address
     }
 
-    /// Connects now (resolving first if needed), within `timeout`.
+    /// Connects now (resolving first if needed), within `timeout`: a connection with a
+    /// backchannel session, which is what writes need (and what proves the node speaks it).
     pub async fn connect(&self, timeout: Duration) -> Result<(), NodeError> {
-        match tokio::time::timeout(timeout, self.shared.wait_ready()).await {
+        match tokio::time::timeout(timeout, self.shared.wait_ready(Lane::Backchannel)).await {
             Ok(result) => result.map(drop),
             Err(_) => Err(NodeError::unavailable(
                 &self.shared.address,
@@ -181,11 +182,14 @@ impl NodeChannel {
     }
 
     /// The socket addresses (or the configured address) the channel has connections for,
-    /// and whether each is connected now.
+    /// and whether each is connected now (in either lane).
     pub fn endpoints(&self) -> Vec<(String, bool)> {
         let set = self.shared.read_set();
         set.values()
-            .map(|sub| (sub.target().to_string(), sub.is_ready()))
+            .map(|sub| {
+                let ready = sub.is_ready(Lane::Backchannel) || sub.is_ready(Lane::Plain);
+                (sub.target().to_string(), ready)
+            })
             .collect()
     }
 
@@ -209,18 +213,18 @@ impl ChannelShared {
     /// A connected sender, in turn, without waiting. Unconnected addresses passed over on the
     /// way get a connection attempt in the background (within their back-off), so an address
     /// that comes back is used again even while others carry the calls.
-    fn pick_ready(&self) -> Option<Sender> {
+    fn pick_ready(&self, lane: Lane) -> Option<Sender> {
         self.read_set().pick(|sub| {
-            let sender = sub.ready();
+            let sender = sub.ready(lane);
             if sender.is_none() {
-                sub.kick();
+                sub.kick(lane);
             }
             sender
         })
     }
 
-    /// A connected sender, connecting (and resolving) as needed.
-    async fn wait_ready(self: &Arc<Self>) -> Result<Sender, NodeError> {
+    /// A connected sender in `lane`, connecting (and resolving) as needed.
+    async fn wait_ready(self: &Arc<Self>, lane: Lane) -> Result<Sender, NodeError> {
         if self.dns.is_some() {
             self.start_refresher();
             if self.read_set().is_empty() {
@@ -229,7 +233,7 @@ impl ChannelShared {
                     .map_err(|e| NodeError::unavailable(&self.address, e))?;
             }
         }
-        if let Some(sender) = self.pick_ready() {
+        if let Some(sender) = self.pick_ready(lane) {
             return Ok(sender);
         }
         let subs: Vec<Arc<Subchannel>> = self.read_set().values().cloned().collect();
@@ -238,7 +242,7 @@ impl ChannelShared {
         let mut attempts = FuturesUnordered::new();
         let mut failures: Vec<String> = Vec::new();
         for sub in &subs {
-            match sub.connect() {
+            match sub.connect(lane) {
                 Ok(attempt) => attempts.push(attempt),
                 Err(backing_off) => failures.push(backing_off.0),
             }
@@ -460,9 +464,10 @@ impl ChannelShared {
             error,
             request: Some(Box::new(request)),
         };
-        let conn = match self.pick_ready() {
+        let lane = Lane::for_headers(request.headers());
+        let conn = match self.pick_ready(lane) {
             Some(conn) => conn,
-            None => match self.wait_ready().await {
+            None => match self.wait_ready(lane).await {
                 Ok(conn) => conn,
                 Err(error) => return Err(unsent(error, request)),
             },
@@ -481,7 +486,7 @@ impl ChannelShared {
             }) => {
                 tracing::debug!(node = %self.address, error = %error, "connection refused a new stream; retrying");
                 conn.retire();
-                let conn = match self.wait_ready().await {
+                let conn = match self.wait_ready(lane).await {
                     Ok(conn) => conn,
                     Err(error) => return Err(unsent(error, *request)),
                 };

@@ -21,7 +21,8 @@ use crate::metrics::grpc::{CallTimer, MessageCounter};
 use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
-use tokio_yamux::{Control, StreamHandle};
+use crate::wire::backchannel::Io;
+use tokio_yamux::Control;
 
 /// The request body every node call has: the proxy's forwarded frames and tonic's encoded
 /// messages are both `tonic::body::Body`.
@@ -126,9 +127,9 @@ impl Http2Conn {
     /// would count as connected and get calls that wait for keepalive to notice (40 s). With
     /// it, such a node fails the connection attempt within the caller's connect timeout, as
     /// gRPC's own clients do. A caller that gives up waiting ends the connection.
-    pub(crate) async fn start(
-        stream: StreamHandle,
-        mut control: Control,
+    pub(crate) async fn start<T: Io>(
+        stream: T,
+        mut control: Option<Control>,
         label: String,
     ) -> Result<Http2Conn, StartError> {
         let (heard_tx, heard) = oneshot::channel();
@@ -146,7 +147,9 @@ impl Http2Conn {
         let (send, mut connection) = match handshake {
             Ok(pair) => pair,
             Err(err) => {
-                control.close().await;
+                if let Some(control) = control.as_mut() {
+                    control.close().await;
+                }
                 return Err(err.into());
             }
         };
@@ -178,7 +181,9 @@ impl Http2Conn {
             }
             closed_flag.store(true, Ordering::Release);
             drop(connection);
-            control.close().await;
+            if let Some(control) = control.as_mut() {
+                control.close().await;
+            }
         });
         // An error here: the connection task ended and dropped the stream before any byte.
         heard.await.map_err(|_| StartError::Closed)?;
@@ -514,12 +519,12 @@ impl std::fmt::Debug for ResponseBody {
 }
 
 /// The connection to a node, reporting its first successful read: the node's first bytes.
-struct FirstRead {
-    io: StreamHandle,
+struct FirstRead<T> {
+    io: T,
     heard: Option<oneshot::Sender<()>>,
 }
 
-impl AsyncRead for FirstRead {
+impl<T: Io> AsyncRead for FirstRead<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -536,7 +541,7 @@ impl AsyncRead for FirstRead {
     }
 }
 
-impl AsyncWrite for FirstRead {
+impl<T: Io> AsyncWrite for FirstRead<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,5 +1,8 @@
-//! The HTTP/2 connections to one address of a node, each over its own backchannel session:
-//! one, and a few more while every one of them carries [`STREAMS_PER_CONNECTION`] calls (see
+//! The HTTP/2 connections to one address of a node, in two lanes ([`Lane`]): calls the node
+//! may answer back on (reference-transaction votes, sidechannels) go over connections that
+//! each carry a backchannel session; every other call goes over plain HTTP/2 connections,
+//! which spare each frame the session's task hop and framing. Per lane: one connection, and
+//! a few more while every one of them carries [`STREAMS_PER_CONNECTION`] calls (see
 //! [`Subchannel::ready`]).
 //!
 //! Calls take a clone of the connection's handle ([`Http2Conn`]) and open their stream on it
@@ -55,6 +58,38 @@ impl ConnectSettings {
     }
 }
 
+/// Which connections a call needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// Connections with a backchannel session, over which the node can call the router
+    /// (votes) and open sidechannels to it.
+    Backchannel,
+    /// Plain HTTP/2: for calls that neither vote nor use a sidechannel.
+    Plain,
+}
+
+impl Lane {
+    /// The lane a call with these headers needs: the backchannel one when it carries a
+    /// reference transaction or a sidechannel (the node answers back over the session it
+    /// came on), the plain one otherwise.
+    pub(crate) fn for_headers(headers: &http::HeaderMap) -> Lane {
+        if headers.contains_key(crate::wire::transaction::METADATA_KEY)
+            || headers.contains_key(crate::wire::sidechannel::METADATA_KEY)
+        {
+            Lane::Backchannel
+        } else {
+            Lane::Plain
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Lane::Backchannel => 0,
+            Lane::Plain => 1,
+        }
+    }
+}
+
 pub(crate) type Attempt = Shared<BoxFuture<'static, Result<Sender, ConnectFailure>>>;
 
 enum Start {
@@ -85,7 +120,8 @@ struct State {
 pub(crate) struct Subchannel {
     target: DialTarget,
     settings: Arc<ConnectSettings>,
-    state: Mutex<State>,
+    /// One state per [`Lane`], by [`Lane::index`].
+    lanes: [Mutex<State>; 2],
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -97,17 +133,20 @@ fn backoff(failures: u32) -> Duration {
 
 impl Subchannel {
     pub(crate) fn new(target: DialTarget, settings: Arc<ConnectSettings>) -> Self {
-        Subchannel {
-            target,
-            settings,
-            state: Mutex::new(State {
+        let state = || {
+            Mutex::new(State {
                 conn: Conn::Idle,
                 failures: 0,
                 last_failure: None,
                 retry_at: None,
                 extra: Vec::new(),
                 extra_connecting: false,
-            }),
+            })
+        };
+        Subchannel {
+            target,
+            settings,
+            lanes: [state(), state()],
         }
     }
 
@@ -115,8 +154,10 @@ impl Subchannel {
         &self.target
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self, lane: Lane) -> MutexGuard<'_, State> {
+        self.lanes[lane.index()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// The least loaded connection's sender if one is up; closed connections are forgotten
@@ -128,8 +169,8 @@ impl Subchannel {
     /// windows, so however many calls on one connection have clients that stopped reading,
     /// the calls on the others flow; and no connection gets more calls than its window can
     /// hold unread (see `http2::CONNECTION_WINDOW`) while another could be opened.
-    pub(crate) fn ready(self: &Arc<Self>) -> Option<Sender> {
-        let mut state = self.lock();
+    pub(crate) fn ready(self: &Arc<Self>, lane: Lane) -> Option<Sender> {
+        let mut state = self.lock(lane);
         state.extra.retain(|sender| !sender.is_closed());
         if matches!(&state.conn, Conn::Ready(sender) if sender.is_closed()) {
             state.conn = match state.extra.pop() {
@@ -150,20 +191,20 @@ impl Subchannel {
             && connections < MAX_CONNECTIONS
         {
             state.extra_connecting = true;
-            self.spawn_extra();
+            self.spawn_extra(lane);
         }
         Some(best)
     }
 
     /// Opens one more connection in the background; a failure is only logged (the ones
     /// there still serve, and the next loaded call tries again).
-    fn spawn_extra(self: &Arc<Self>) {
+    fn spawn_extra(self: &Arc<Self>, lane: Lane) {
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let timeout = this.settings.timeout;
             let result =
-                tokio::time::timeout(timeout, establish(&this.target, &this.settings)).await;
-            let mut state = this.lock();
+                tokio::time::timeout(timeout, establish(&this.target, &this.settings, lane)).await;
+            let mut state = this.lock(lane);
             state.extra_connecting = false;
             match result {
                 Ok(Ok(sender)) => {
@@ -180,19 +221,19 @@ impl Subchannel {
         });
     }
 
-    /// Whether a call could use this subchannel now without connecting.
-    pub(crate) fn is_ready(&self) -> bool {
-        matches!(&self.lock().conn, Conn::Ready(sender) if !sender.is_closed())
+    /// Whether a call in `lane` could use this subchannel now without connecting.
+    pub(crate) fn is_ready(&self, lane: Lane) -> bool {
+        matches!(&self.lock(lane).conn, Conn::Ready(sender) if !sender.is_closed())
     }
 
     /// A future for a usable sender: the live connection, the attempt in progress, or a new
     /// attempt. During the back-off after a failure, the failure itself, at once.
-    pub(crate) fn connect(self: &Arc<Self>) -> Result<Attempt, ConnectFailure> {
-        match self.start() {
+    pub(crate) fn connect(self: &Arc<Self>, lane: Lane) -> Result<Attempt, ConnectFailure> {
+        match self.start(lane) {
             Start::Ready(sender) => Ok(futures::future::ready(Ok(sender)).boxed().shared()),
             Start::Attempt(attempt) => Ok(attempt),
             Start::BackingOff(retry_at) => {
-                let state = self.lock();
+                let state = self.lock(lane);
                 let failure = state.last_failure.as_ref().map_or("", |f| f.0.as_str());
                 Err(ConnectFailure(format!(
                     "{failure} (next attempt in {} ms)",
@@ -207,15 +248,15 @@ impl Subchannel {
 
     /// Starts a connection attempt in the background if there is no connection, none under
     /// way and no back-off: how an address that is not in use gets back into the rotation.
-    pub(crate) fn kick(self: &Arc<Self>) {
-        let _ = self.start();
+    pub(crate) fn kick(self: &Arc<Self>, lane: Lane) {
+        let _ = self.start(lane);
     }
 
-    fn start(self: &Arc<Self>) -> Start {
-        if let Some(sender) = self.ready() {
+    fn start(self: &Arc<Self>, lane: Lane) -> Start {
+        if let Some(sender) = self.ready(lane) {
             return Start::Ready(sender);
         }
-        let mut state = self.lock();
+        let mut state = self.lock(lane);
         match &state.conn {
             Conn::Ready(sender) if !sender.is_closed() => return Start::Ready(sender.clone()),
             Conn::Connecting(attempt) => return Start::Attempt(attempt.clone()),
@@ -231,7 +272,7 @@ impl Subchannel {
         let this = Arc::clone(self);
         let task = tokio::spawn(async move {
             let timeout = this.settings.timeout;
-            let attempt = establish(&this.target, &this.settings);
+            let attempt = establish(&this.target, &this.settings, lane);
             let result = match tokio::time::timeout(timeout, attempt).await {
                 Ok(result) => result,
                 Err(_) => Err(ConnectFailure(format!(
@@ -239,7 +280,7 @@ impl Subchannel {
                     this.target
                 ))),
             };
-            this.finish(&result);
+            this.finish(lane, &result);
             result
         });
         let attempt = task
@@ -252,8 +293,8 @@ impl Subchannel {
         Start::Attempt(attempt)
     }
 
-    fn finish(&self, result: &Result<Sender, ConnectFailure>) {
-        let mut state = self.lock();
+    fn finish(&self, lane: Lane, result: &Result<Sender, ConnectFailure>) {
+        let mut state = self.lock(lane);
         match result {
             Ok(sender) => {
                 state.conn = Conn::Ready(sender.clone());
@@ -271,20 +312,27 @@ impl Subchannel {
     }
 }
 
-/// Connects, starts the backchannel session and the HTTP/2 connection on its first stream.
+/// Connects and starts HTTP/2: on the socket for the plain lane, on the first stream of a
+/// backchannel session for the other.
 async fn establish(
     target: &DialTarget,
     settings: &ConnectSettings,
+    lane: Lane,
 ) -> Result<Sender, ConnectFailure> {
     let failed =
         |what: &str, err: &dyn std::fmt::Display| ConnectFailure(format!("{target}: {what}{err}"));
     let io = backchannel::connect_target(target)
         .await
         .map_err(|e| failed("", &e))?;
+    if lane == Lane::Plain {
+        return Http2Conn::start(io, None, target.to_string())
+            .await
+            .map_err(|e| failed("HTTP/2 handshake: ", &e));
+    }
     let session = backchannel::start_client_session(io, settings.yamux, settings.handler.clone())
         .await
         .map_err(|e| failed("backchannel: ", &e))?;
-    Http2Conn::start(session.stream, session.control, target.to_string())
+    Http2Conn::start(session.stream, Some(session.control), target.to_string())
         .await
         .map_err(|e| failed("HTTP/2 handshake: ", &e))
 }
@@ -321,17 +369,21 @@ mod tests {
             Duration::from_secs(5),
         ));
         let sub = Arc::new(Subchannel::new(refused_target(), settings));
-        let first = sub.connect().unwrap();
-        let second = sub.connect().unwrap();
+        let first = sub.connect(Lane::Plain).unwrap();
+        let second = sub.connect(Lane::Plain).unwrap();
         let (a, b) = futures::join!(first, second);
         assert!(a.is_err() && b.is_err());
         // Within the back-off, no new attempt: the failure comes back at once.
-        let Err(during) = sub.connect() else {
+        let Err(during) = sub.connect(Lane::Plain) else {
             panic!("a new attempt during the back-off");
         };
         assert!(during.0.contains("next attempt"), "{during}");
+        assert!(
+            sub.connect(Lane::Backchannel).is_ok(),
+            "the other lane has its own back-off"
+        );
         tokio::time::sleep(backoff(1) + Duration::from_millis(20)).await;
-        assert!(sub.connect().is_ok(), "a new attempt after the back-off");
-        assert!(!sub.is_ready());
+        assert!(sub.connect(Lane::Plain).is_ok(), "a new attempt after the back-off");
+        assert!(!sub.is_ready(Lane::Plain));
     }
 }

@@ -56,7 +56,7 @@ async fn connect(addr: SocketAddr) -> Http2Conn {
     .unwrap();
     tokio::time::timeout(
         BOUND,
-        Http2Conn::start(session.stream, session.control, addr.to_string()),
+        Http2Conn::start(session.stream, Some(session.control), addr.to_string()),
     )
     .await
     .expect("HTTP/2 start hung")
