@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -133,9 +133,11 @@ impl Http2Conn {
         label: String,
     ) -> Result<Http2Conn, StartError> {
         let (heard_tx, heard) = oneshot::channel();
+        let received = Arc::new(AtomicU64::new(0));
         let stream = FirstRead {
             io: stream,
             heard: Some(heard_tx),
+            received: received.clone(),
         };
         let handshake = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
@@ -174,7 +176,7 @@ impl Http2Conn {
                         tracing::debug!(target = %label, error = %err, "node connection ended");
                     }
                 }
-                failure = keepalive(pings) => {
+                failure = keepalive(pings, received) => {
                     tracing::warn!(target = %label, error = %failure, "node connection dropped");
                 }
                 () = abandoned => {}
@@ -279,16 +281,55 @@ impl Http2Conn {
 }
 
 /// Sends a ping every interval and waits for its pong; returns why it failed.
-async fn keepalive(pings: Option<h2::PingPong>) -> String {
+async fn keepalive(pings: Option<h2::PingPong>, received: Arc<AtomicU64>) -> String {
     let Some(mut pings) = pings else {
         return std::future::pending().await;
     };
+    watch_pongs(&mut pings, &received, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT).await
+}
+
+/// What the keepalive loop pings: the connection's [`h2::PingPong`] (a trait so that the
+/// loop can be tested with pongs that never come).
+pub(crate) trait Pinger {
+    /// Sends a ping; ready with its pong or why there will be none.
+    fn ping(&mut self) -> impl Future<Output = Result<(), String>> + Send + '_;
+}
+
+impl Pinger for h2::PingPong {
+    fn ping(&mut self) -> impl Future<Output = Result<(), String>> + Send + '_ {
+        let pong = h2::PingPong::ping(self, h2::Ping::opaque());
+        async move { pong.await.map(drop).map_err(|err| err.to_string()) }
+    }
+}
+
+/// The keepalive loop: every `interval` a ping (`ping()`), whose pong must come within
+/// `timeout`, unless the connection read something meanwhile (`received` moved). A node
+/// that is sending is there, and its pong can be late for a reason that is not its absence:
+/// the ping waits behind the call data the router is writing (over a backchannel session,
+/// behind the yamux stream's flow control), or a loaded node answers it late. Without this,
+/// a busy machine had a 130 MB push's connection, and the push, cut after 20 s. A node that
+/// vanished sends nothing: one that was idle is given up within `interval + timeout`, one
+/// that was sending within two timeouts of its last byte.
+pub(crate) async fn watch_pongs(
+    pinger: &mut impl Pinger,
+    received: &AtomicU64,
+    interval: Duration,
+    timeout: Duration,
+) -> String {
     loop {
-        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
-        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(err)) => return format!("keepalive ping: {err}"),
-            Err(_) => return format!("no keepalive pong within {KEEPALIVE_TIMEOUT:?}"),
+        tokio::time::sleep(interval).await;
+        let pong = pinger.ping();
+        tokio::pin!(pong);
+        loop {
+            let seen = received.load(Ordering::Relaxed);
+            match tokio::time::timeout(timeout, &mut pong).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(err)) => return format!("keepalive ping: {err}"),
+                Err(_) if received.load(Ordering::Relaxed) != seen => {
+                    tracing::debug!("keepalive pong late, but the node is sending; waiting on");
+                }
+                Err(_) => return format!("no keepalive pong within {timeout:?}"),
+            }
         }
     }
 }
@@ -522,6 +563,8 @@ impl std::fmt::Debug for ResponseBody {
 struct FirstRead<T> {
     io: T,
     heard: Option<oneshot::Sender<()>>,
+    /// Reads that returned data, for the keepalive ([`watch_pongs`]).
+    received: Arc<AtomicU64>,
 }
 
 impl<T: Io> AsyncRead for FirstRead<T> {
@@ -533,6 +576,7 @@ impl<T: Io> AsyncRead for FirstRead<T> {
         let before = buf.filled().len();
         let result = ready!(Pin::new(&mut self.io).poll_read(cx, buf));
         if result.is_ok() && buf.filled().len() > before {
+            self.received.fetch_add(1, Ordering::Relaxed);
             if let Some(heard) = self.heard.take() {
                 let _ = heard.send(());
             }

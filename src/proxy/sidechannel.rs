@@ -56,6 +56,11 @@ pub fn spawn_bridge(
 
 /// How long the client side may stay open after the node finished its answer.
 const LINGER: Duration = Duration::from_secs(30);
+/// The buffer of a sidechannel's node-to-client copy: what one read of the node's stream may
+/// take and one write to the client's stream hands on. `tokio::io::copy`'s 8 KiB made a
+/// 130 MB pack sixteen thousand read/write pairs (each a yamux frame and a wake-up of the
+/// client's session); this is the per-clone memory it costs, and all of it.
+const BRIDGE_BUFFER: usize = 128 * 1024;
 
 async fn bridge(client: BoxIo, node: BoxIo, idle_timeout: Duration) {
     let activity = Activity::new();
@@ -114,7 +119,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let _ = tokio::io::copy(&mut node, &mut client).await;
+    let mut node = tokio::io::BufReader::with_capacity(BRIDGE_BUFFER, &mut node);
+    let _ = tokio::io::copy_buf(&mut node, &mut client).await;
     let _ = client.shutdown().await;
 }
 

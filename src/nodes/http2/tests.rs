@@ -538,3 +538,46 @@ async fn calls_that_vote_or_use_a_sidechannel_go_over_a_backchannel_session_othe
         "voting and sidechannel calls share one backchannel session"
     );
 }
+
+/// Pongs that never come.
+struct Silent;
+
+impl super::Pinger for Silent {
+    fn ping(&mut self) -> impl Future<Output = Result<(), String>> + Send + '_ {
+        std::future::pending()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_pong_is_forgiven_while_the_node_sends_and_not_after() {
+    let interval = Duration::from_secs(20);
+    let timeout = Duration::from_secs(20);
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // The node sends something every second for the first 100 s, then falls silent.
+    let sending = received.clone();
+    tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            sending.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let started = tokio::time::Instant::now();
+    let failure = super::watch_pongs(&mut Silent, &received, interval, timeout).await;
+    let lasted = started.elapsed();
+    assert!(failure.contains("no keepalive pong"), "{failure}");
+    assert!(
+        lasted >= Duration::from_secs(100),
+        "given up after {lasted:?} while the node was sending"
+    );
+    // The window in which the silence began still saw data: given up one window later.
+    assert!(
+        lasted <= Duration::from_secs(100) + 2 * timeout,
+        "not given up within two timeouts of the silence: {lasted:?}"
+    );
+
+    // A silent node from the start: given up after one interval and one timeout.
+    let started = tokio::time::Instant::now();
+    let idle = std::sync::atomic::AtomicU64::new(0);
+    super::watch_pongs(&mut Silent, &idle, interval, timeout).await;
+    assert_eq!(started.elapsed(), interval + timeout);
+}
