@@ -2,6 +2,16 @@
 //! replicas that are behind or missing, and `delete_replica` jobs for unassigned replicas
 //! that are safe to drop. A transaction-scoped advisory lock lets one router schedule at a
 //! time; the others' statements do nothing.
+//!
+//! The statement is set-based, and at a million repositories that is the difference between
+//! half a minute and never finishing: every check is a join over whole tables (a few passes,
+//! each linear), never a subquery run per row against a common table expression (which
+//! PostgreSQL materializes without indexes, so each row scanned it whole: quadratic). The
+//! replicas that are behind (`outdated`) and the unassigned replicas that could go
+//! (`unassigned_replica`) are computed first, on their own (`OFFSET 0` keeps the planner from
+//! folding them into the joins after them, which it did, joining three million candidates
+//! before dropping the 95% that are up to date); the checks against active jobs run on those
+//! few only, as hash anti-joins. `scale_bench` measures it (README, "A million repositories").
 
 use super::{sql, Datastore, DatastoreError};
 
@@ -49,56 +59,83 @@ impl Datastore {
                      configured AS (
                          SELECT * FROM unnest($3::text[], $4::text[]) AS c(virtual_storage, storage)
                      ),
-                     active_job AS (
-                         SELECT job FROM replication_queue
-                         WHERE state NOT IN ('completed', 'cancelled', 'dead')
-                     ),
-                     assignment AS (
+                     configured_assignment AS (
                          SELECT assigned.repository_id, assigned.storage
                          FROM repository_assignments AS assigned
                          JOIN repositories AS repo USING (repository_id)
                          JOIN configured ON configured.virtual_storage = repo.virtual_storage
                                         AND configured.storage = assigned.storage
                      ),
-                     update_job AS (
-                         SELECT DISTINCT ON (repo.repository_id, target.storage)
-                                'update' AS change, repo.repository_id, repo.virtual_storage,
-                                repo.relative_path,
+                     assigned_repository AS (
+                         SELECT assigned.repository_id,
+                                MIN(COALESCE(assigned_replica.generation, -1)) AS min_generation
+                         FROM configured_assignment AS assigned
+                         LEFT JOIN storage_repositories AS assigned_replica
+                                ON assigned_replica.repository_id = assigned.repository_id
+                               AND assigned_replica.storage = assigned.storage
+                         GROUP BY assigned.repository_id
+                     ),
+                     outdated AS (
+                         SELECT repo.repository_id, repo.virtual_storage, repo.relative_path,
                                 COALESCE(repo.replica_path, repo.relative_path) AS replica_path,
-                                source.storage AS source_node_storage,
-                                target.storage AS target_node_storage
+                                repo.generation, target.storage AS target_storage
                          FROM repositories AS repo
                          JOIN healthy AS target ON target.virtual_storage = repo.virtual_storage
                          LEFT JOIN storage_repositories AS target_replica
                                 ON target_replica.repository_id = repo.repository_id
                                AND target_replica.storage = target.storage
+                         WHERE target_replica.generation IS NULL
+                            OR target_replica.generation <> repo.generation
+                         OFFSET 0
+                     ),
+                     update_job AS (
+                         SELECT DISTINCT ON (outdated.repository_id, outdated.target_storage)
+                                'update' AS change, outdated.repository_id, outdated.virtual_storage,
+                                outdated.relative_path, outdated.replica_path,
+                                source.storage AS source_node_storage,
+                                outdated.target_storage AS target_node_storage
+                         FROM outdated
                          JOIN storage_repositories AS source
-                                ON source.repository_id = repo.repository_id
-                               AND source.generation = repo.generation
-                               AND source.storage <> target.storage
+                                ON source.repository_id = outdated.repository_id
+                               AND source.generation = outdated.generation
+                               AND source.storage <> outdated.target_storage
                          JOIN healthy AS source_healthy
-                                ON source_healthy.virtual_storage = repo.virtual_storage
+                                ON source_healthy.virtual_storage = outdated.virtual_storage
                                AND source_healthy.storage = source.storage
-                         WHERE (target_replica.generation IS NULL
-                                OR target_replica.generation <> repo.generation)
-                           AND (EXISTS (SELECT 1 FROM assignment
-                                        WHERE assignment.repository_id = repo.repository_id
-                                          AND assignment.storage = target.storage)
-                                OR NOT EXISTS (SELECT 1 FROM assignment
-                                               WHERE assignment.repository_id = repo.repository_id))
+                         LEFT JOIN assigned_repository
+                                ON assigned_repository.repository_id = outdated.repository_id
+                         LEFT JOIN configured_assignment AS target_assigned
+                                ON target_assigned.repository_id = outdated.repository_id
+                               AND target_assigned.storage = outdated.target_storage
+                         WHERE (target_assigned.repository_id IS NOT NULL
+                                OR assigned_repository.repository_id IS NULL)
                            AND NOT EXISTS (
-                               SELECT 1 FROM active_job
-                               WHERE job ->> 'change' = 'update'
-                                 AND job ->> 'virtual_storage' = repo.virtual_storage
-                                 AND job ->> 'relative_path' = repo.relative_path
-                                 AND job ->> 'target_node_storage' = target.storage)
+                               SELECT 1 FROM replication_queue AS active
+                               WHERE active.state NOT IN ('completed', 'cancelled', 'dead')
+                                 AND active.job ->> 'change' = 'update'
+                                 AND active.job ->> 'virtual_storage' = outdated.virtual_storage
+                                 AND active.job ->> 'relative_path' = outdated.relative_path
+                                 AND active.job ->> 'target_node_storage' = outdated.target_storage)
                            AND NOT EXISTS (
-                               SELECT 1 FROM active_job
-                               WHERE job ->> 'change' = 'delete_replica'
-                                 AND job ->> 'virtual_storage' = repo.virtual_storage
-                                 AND job ->> 'relative_path' = repo.relative_path
-                                 AND job ->> 'target_node_storage' = source.storage)
-                         ORDER BY repo.repository_id, target.storage, random()
+                               SELECT 1 FROM replication_queue AS active
+                               WHERE active.state NOT IN ('completed', 'cancelled', 'dead')
+                                 AND active.job ->> 'change' = 'delete_replica'
+                                 AND active.job ->> 'virtual_storage' = outdated.virtual_storage
+                                 AND active.job ->> 'relative_path' = outdated.relative_path
+                                 AND active.job ->> 'target_node_storage' = source.storage)
+                         ORDER BY outdated.repository_id, outdated.target_storage, random()
+                     ),
+                     unassigned_replica AS (
+                         SELECT replica.repository_id, replica.storage
+                         FROM assigned_repository
+                         JOIN storage_repositories AS replica
+                                ON replica.repository_id = assigned_repository.repository_id
+                               AND replica.generation <= assigned_repository.min_generation
+                         LEFT JOIN configured_assignment AS replica_assigned
+                                ON replica_assigned.repository_id = replica.repository_id
+                               AND replica_assigned.storage = replica.storage
+                         WHERE replica_assigned.repository_id IS NULL
+                         OFFSET 0
                      ),
                      delete_job AS (
                          SELECT DISTINCT ON (repo.repository_id)
@@ -107,34 +144,28 @@ impl Datastore {
                                 COALESCE(repo.replica_path, repo.relative_path) AS replica_path,
                                 '' AS source_node_storage,
                                 replica.storage AS target_node_storage
-                         FROM repositories AS repo
-                         JOIN storage_repositories AS replica
-                                ON replica.repository_id = repo.repository_id
+                         FROM unassigned_replica AS replica
+                         JOIN repositories AS repo ON repo.repository_id = replica.repository_id
                          JOIN healthy ON healthy.virtual_storage = repo.virtual_storage
                                      AND healthy.storage = replica.storage
-                         WHERE EXISTS (SELECT 1 FROM assignment
-                                       WHERE assignment.repository_id = repo.repository_id)
-                           AND NOT EXISTS (SELECT 1 FROM assignment
-                                           WHERE assignment.repository_id = repo.repository_id
-                                             AND assignment.storage = replica.storage)
-                           AND replica.generation <= (
-                               SELECT MIN(COALESCE(assigned_replica.generation, -1))
-                               FROM assignment
-                               LEFT JOIN storage_repositories AS assigned_replica
-                                      ON assigned_replica.repository_id = assignment.repository_id
-                                     AND assigned_replica.storage = assignment.storage
-                               WHERE assignment.repository_id = repo.repository_id)
+                         WHERE NOT EXISTS (
+                               SELECT 1 FROM replication_queue AS active
+                               WHERE active.state NOT IN ('completed', 'cancelled', 'dead')
+                                 AND active.job ->> 'virtual_storage' = repo.virtual_storage
+                                 AND active.job ->> 'relative_path' = repo.relative_path
+                                 AND active.job ->> 'source_node_storage' = replica.storage)
                            AND NOT EXISTS (
-                               SELECT 1 FROM active_job
-                               WHERE job ->> 'virtual_storage' = repo.virtual_storage
-                                 AND job ->> 'relative_path' = repo.relative_path
-                                 AND (job ->> 'source_node_storage' = replica.storage
-                                      OR job ->> 'target_node_storage' = replica.storage))
+                               SELECT 1 FROM replication_queue AS active
+                               WHERE active.state NOT IN ('completed', 'cancelled', 'dead')
+                                 AND active.job ->> 'virtual_storage' = repo.virtual_storage
+                                 AND active.job ->> 'relative_path' = repo.relative_path
+                                 AND active.job ->> 'target_node_storage' = replica.storage)
                            AND NOT EXISTS (
-                               SELECT 1 FROM active_job
-                               WHERE job ->> 'change' = 'delete_replica'
-                                 AND job ->> 'virtual_storage' = repo.virtual_storage
-                                 AND job ->> 'relative_path' = repo.relative_path)
+                               SELECT 1 FROM replication_queue AS active
+                               WHERE active.state NOT IN ('completed', 'cancelled', 'dead')
+                                 AND active.job ->> 'change' = 'delete_replica'
+                                 AND active.job ->> 'virtual_storage' = repo.virtual_storage
+                                 AND active.job ->> 'relative_path' = repo.relative_path)
                          ORDER BY repo.repository_id, random()
                      ),
                      new_job AS (

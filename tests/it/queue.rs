@@ -544,3 +544,126 @@ async fn reconciliation_repairs_outdated_replicas_and_drops_unassigned_ones() {
         3
     );
 }
+
+/// Inserts a repository at `generation` with the given replicas (storage, generation) and
+/// explicit assignments, straight into the tables.
+async fn seed_repository(
+    raw: &mut sqlx::PgConnection,
+    path: &str,
+    generation: i64,
+    replicas: &[(&str, i64)],
+    assigned: &[&str],
+) {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO repositories (virtual_storage, relative_path, generation, replica_path)
+         VALUES ('vs', $1, $2, $1) RETURNING repository_id",
+    )
+    .bind(path)
+    .bind(generation)
+    .fetch_one(&mut *raw)
+    .await
+    .unwrap();
+    for (storage, replica_generation) in replicas {
+        sqlx::query(
+            "INSERT INTO storage_repositories
+                 (repository_id, virtual_storage, relative_path, storage, generation)
+             VALUES ($1, 'vs', $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(path)
+        .bind(storage)
+        .bind(replica_generation)
+        .execute(&mut *raw)
+        .await
+        .unwrap();
+    }
+    for storage in assigned {
+        sqlx::query(
+            "INSERT INTO repository_assignments (repository_id, virtual_storage, relative_path, storage)
+             VALUES ($1, 'vs', $2, $3)",
+        )
+        .bind(id)
+        .bind(path)
+        .bind(storage)
+        .execute(&mut *raw)
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn reconciliation_keeps_replicas_assigned_ones_still_need_and_ignores_unconfigured_assignments(
+) {
+    let db = TestDb::new().await;
+    let store = db.datastore().await;
+    let mut raw = db.raw().await;
+    healthy(&store, &["g1", "g2", "g3"]).await;
+    let all = pairs(&["g1", "g2", "g3"]);
+    // behind.git: assigned g1 and g2, g2 behind; g3 (unassigned) is at the repository's
+    // generation, newer than g2: it stays, and g2 is brought up to date (from g1 or g3).
+    seed_repository(
+        &mut raw,
+        "behind.git",
+        5,
+        &[("g1", 5), ("g2", 3), ("g3", 5)],
+        &["g1", "g2"],
+    )
+    .await;
+    // gone.git: assigned g1 and a storage no longer configured; that assignment does not
+    // count, so g1 alone is assigned: g2 and g3 are unassigned and one of them goes (one
+    // deletion per repository at a time), and nothing is queued for the unconfigured one.
+    seed_repository(
+        &mut raw,
+        "gone.git",
+        2,
+        &[("g1", 2), ("g2", 2), ("g3", 2)],
+        &["g1", "old"],
+    )
+    .await;
+    // unassigned.git: no assignments, so every storage is assigned: g3 is missing and gets an
+    // update, nothing is deleted.
+    seed_repository(&mut raw, "unassigned.git", 1, &[("g1", 1), ("g2", 1)], &[]).await;
+
+    let jobs = store
+        .schedule_reconciliation(&all, &all)
+        .await
+        .unwrap()
+        .expect("the lock is free");
+    let mut summary: Vec<(String, String, String)> = jobs
+        .iter()
+        .map(|j| {
+            (
+                j.relative_path.clone(),
+                j.change.clone(),
+                j.target_node_storage.clone(),
+            )
+        })
+        .collect();
+    summary.sort();
+    let deleted_from_gone = summary
+        .iter()
+        .find(|(p, c, _)| p == "gone.git" && c == "delete_replica")
+        .map(|(_, _, t)| t.clone())
+        .expect("a deletion for gone.git");
+    assert!(
+        deleted_from_gone == "g2" || deleted_from_gone == "g3",
+        "{deleted_from_gone}"
+    );
+    let row = |p: &str, c: &str, t: &str| (p.to_string(), c.to_string(), t.to_string());
+    assert_eq!(
+        summary,
+        [
+            row("behind.git", "update", "g2"),
+            row("gone.git", "delete_replica", &deleted_from_gone),
+            row("unassigned.git", "update", "g3"),
+        ]
+    );
+    let behind = jobs
+        .iter()
+        .find(|j| j.relative_path == "behind.git")
+        .unwrap();
+    assert!(
+        ["g1", "g3"].contains(&behind.source_node_storage.as_str()),
+        "{behind:?}"
+    );
+}
