@@ -60,7 +60,7 @@ pub enum RepositoryLookup {
 /// (storages), so that assignments to storages no longer configured are ignored, as routing
 /// ignores them.
 macro_rules! replica_states {
-    ($repo_filter:literal) => {
+    ($repo_filter:literal, $valid_repository:literal) => {
         concat!(
             "WITH configured AS (
                  SELECT * FROM unnest($2::text[], $3::text[]) AS c(virtual_storage, storage)
@@ -113,7 +113,9 @@ macro_rules! replica_states {
                         ON healthy.virtual_storage = repo.virtual_storage
                        AND healthy.storage = candidate.storage
                  LEFT JOIN valid_primaries AS valid
-                        ON valid.repository_id = candidate.repository_id
+                        ON valid.repository_id = ",
+            $valid_repository,
+            "
                        AND valid.storage = candidate.storage
              ) "
         )
@@ -204,7 +206,7 @@ impl Datastore {
             .run("degraded_repositories", |conn| {
                 Box::pin(async move {
                     sql::query_as(concat!(
-                        replica_states!("virtual_storage = $1"),
+                        replica_states!("virtual_storage = $1", "candidate.repository_id"),
                         replica_columns!(),
                         "FROM (
                              SELECT replica.*,
@@ -236,47 +238,54 @@ impl Datastore {
         configured: &[(String, String)],
     ) -> Result<Option<RepositoryState>, DatastoreError> {
         let (configured_vs, configured_storage) = unzip(configured);
-        let rows: Vec<ReplicaRow> = match lookup {
-            RepositoryLookup::Id(id) => {
-                let id = *id;
-                self.run("repository_state_by_id", |conn| {
-                    Box::pin(async move {
-                        sql::query_as(concat!(
-                            replica_states!("repository_id = $1"),
-                            replica_columns!(),
-                            "FROM replica ORDER BY storage"
-                        ))
-                        .bind(id)
-                        .bind(&configured_vs)
-                        .bind(&configured_storage)
-                        .fetch_all(&mut *conn)
-                        .await
-                    })
-                })
-                .await?
-            }
+        let (op, id, path) = match lookup {
+            RepositoryLookup::Id(id) => ("repository_state_by_id", Some(*id), None),
             RepositoryLookup::Path {
                 virtual_storage,
                 relative_path,
-            } => {
-                self.run("repository_state_by_path", |conn| {
-                    Box::pin(async move {
-                        sql::query_as(concat!(
-                            replica_states!("virtual_storage = $1 AND relative_path = $4"),
-                            replica_columns!(),
-                            "FROM replica ORDER BY storage"
-                        ))
-                        .bind(virtual_storage)
-                        .bind(&configured_vs)
-                        .bind(&configured_storage)
-                        .bind(relative_path)
-                        .fetch_all(&mut *conn)
-                        .await
-                    })
-                })
-                .await?
-            }
+            } => (
+                "repository_state_by_path",
+                None,
+                Some((virtual_storage, relative_path)),
+            ),
         };
+        let rows: Vec<ReplicaRow> = self
+            .run(op, |conn| {
+                Box::pin(async move {
+                    let id = match (id, path) {
+                        (Some(id), _) => id,
+                        (None, Some((virtual_storage, relative_path))) => {
+                            let found: Option<i64> = sql::query_scalar(
+                                "SELECT repository_id FROM repositories
+                                 WHERE virtual_storage = $1 AND relative_path = $2",
+                            )
+                            .bind(virtual_storage)
+                            .bind(relative_path)
+                            .fetch_optional(&mut *conn)
+                            .await?;
+                            match found {
+                                Some(id) => id,
+                                None => return Ok(Vec::new()),
+                            }
+                        }
+                        (None, None) => return Ok(Vec::new()),
+                    };
+                    // The repository by `$1` in the view's join too: a join column is not
+                    // pushed into `valid_primaries` (a window over every replica), `$1` is,
+                    // which at a million repositories is 10 s against a millisecond.
+                    sql::query_as(concat!(
+                        replica_states!("repository_id = $1", "$1"),
+                        replica_columns!(),
+                        "FROM replica ORDER BY storage"
+                    ))
+                    .bind(id)
+                    .bind(&configured_vs)
+                    .bind(&configured_storage)
+                    .fetch_all(&mut *conn)
+                    .await
+                })
+            })
+            .await?;
         Ok(group(rows).into_iter().next())
     }
 
