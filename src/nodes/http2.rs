@@ -18,10 +18,10 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 
 use crate::metrics::grpc::{CallTimer, MessageCounter};
+use crate::wire::backchannel::Io;
 use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
-use crate::wire::backchannel::Io;
 use tokio_yamux::Control;
 
 /// The request body every node call has: the proxy's forwarded frames and tonic's encoded

@@ -383,7 +383,10 @@ mod tests {
             "the other lane has its own back-off"
         );
         tokio::time::sleep(backoff(1) + Duration::from_millis(20)).await;
-        assert!(sub.connect(Lane::Plain).is_ok(), "a new attempt after the back-off");
+        assert!(
+            sub.connect(Lane::Plain).is_ok(),
+            "a new attempt after the back-off"
+        );
         assert!(!sub.is_ready(Lane::Plain));
     }
 }

@@ -1,0 +1,54 @@
+//! A value kept for a while: many page views within its lifetime cost one collection.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// One cached value and when it was made. Refreshing holds the lock, so viewers arriving
+/// during a collection wait for it instead of starting their own.
+pub struct Cached<T> {
+    slot: tokio::sync::Mutex<Option<(Instant, T)>>,
+}
+
+impl<T: Clone> Default for Cached<T> {
+    fn default() -> Self {
+        Cached {
+            slot: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl<T: Clone> Cached<T> {
+    /// The value and its age: the kept one if younger than `ttl`, else a fresh one from
+    /// `refresh`.
+    pub async fn get<F, Fut>(&self, ttl: Duration, refresh: F) -> (T, Duration)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let mut slot = self.slot.lock().await;
+        if let Some((at, value)) = slot.as_ref() {
+            if at.elapsed() < ttl {
+                return (value.clone(), at.elapsed());
+            }
+        }
+        let value = refresh().await;
+        *slot = Some((Instant::now(), value.clone()));
+        (value, Duration::ZERO)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn refreshes_only_when_expired() {
+        let cached = Cached::<u32>::default();
+        let (first, age) = cached.get(Duration::from_secs(60), || async { 1 }).await;
+        assert_eq!((first, age), (1, Duration::ZERO));
+        let (kept, _) = cached.get(Duration::from_secs(60), || async { 2 }).await;
+        assert_eq!(kept, 1);
+        let (fresh, _) = cached.get(Duration::ZERO, || async { 3 }).await;
+        assert_eq!(fresh, 3);
+    }
+}
