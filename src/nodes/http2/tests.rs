@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 
 use super::*;
-use crate::nodes::subchannel::{ConnectSettings, Subchannel};
+use crate::nodes::subchannel::{ConnectSettings, Lane, Subchannel};
 use crate::wire::backchannel::{
     self, incoming, yamux_config, ClientHandler, DialTarget, Listener, ServerConn, SessionRegistry,
 };
@@ -357,7 +357,7 @@ async fn a_node_that_never_sends_its_settings_fails_the_connection_attempt() {
         tls_server_name: None,
     };
     let sub = Arc::new(Subchannel::new(target, settings));
-    let attempt = sub.connect().unwrap();
+    let attempt = sub.connect(Lane::Backchannel).unwrap();
     let result = tokio::time::timeout(BOUND, attempt)
         .await
         .expect("the connection attempt hung");
@@ -365,7 +365,7 @@ async fn a_node_that_never_sends_its_settings_fails_the_connection_attempt() {
         panic!("a node that never sent its SETTINGS counts as connected");
     };
     assert!(failure.0.contains("no connection within"), "{failure}");
-    assert!(!sub.is_ready());
+    assert!(!sub.is_ready(Lane::Backchannel));
 }
 
 #[tokio::test]
@@ -387,7 +387,7 @@ async fn a_socket_that_never_answers_fails_the_connection_attempt() {
         tls_server_name: None,
     };
     let sub = Arc::new(Subchannel::new(target, settings));
-    let result = tokio::time::timeout(BOUND, sub.connect().unwrap())
+    let result = tokio::time::timeout(BOUND, sub.connect(Lane::Backchannel).unwrap())
         .await
         .expect("the connection attempt hung");
     assert!(result.is_err(), "a silent socket counts as connected");
@@ -430,22 +430,22 @@ async fn a_loaded_connection_gets_a_sibling_and_calls_go_to_the_least_loaded() {
         tls_server_name: None,
     };
     let sub = Arc::new(Subchannel::new(target, Arc::new(settings)));
-    let first = tokio::time::timeout(BOUND, sub.connect().unwrap())
+    let first = tokio::time::timeout(BOUND, sub.connect(Lane::Backchannel).unwrap())
         .await
         .unwrap()
         .unwrap();
     let mut open = Vec::new();
     for _ in 0..2 {
-        let conn = sub.ready().unwrap();
+        let conn = sub.ready(Lane::Backchannel).unwrap();
         open.push(conn.send(request(RequestBody::empty())).await.unwrap());
     }
     assert_eq!(first.active_calls(), 2);
     // The next pick finds the connection full: it still serves (no waiting), and another
     // connection is opened behind it.
-    assert_eq!(sub.ready().unwrap().active_calls(), 2);
+    assert_eq!(sub.ready(Lane::Backchannel).unwrap().active_calls(), 2);
     let deadline = tokio::time::Instant::now() + BOUND;
     let second = loop {
-        let conn = sub.ready().unwrap();
+        let conn = sub.ready(Lane::Backchannel).unwrap();
         if conn.active_calls() == 0 {
             break conn;
         }
@@ -461,4 +461,80 @@ async fn a_loaded_connection_gets_a_sibling_and_calls_go_to_the_least_loaded() {
     // The answers dropped, the calls no longer count.
     open.clear();
     assert_eq!(first.active_calls() + second.active_calls(), 0);
+}
+
+/// A node that serves plain and backchannel connections alike, answering every call with an
+/// OK status at once; what kind each connection it got was (`true`: a backchannel session).
+async fn both_kinds_node() -> (SocketAddr, Arc<std::sync::Mutex<Vec<bool>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut conns = incoming(
+        Listener::Tcp(listener),
+        SessionRegistry::default(),
+        yamux_config(0, 256),
+        None,
+    );
+    let kinds = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = kinds.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(conn)) = conns.next().await {
+            let info = tonic::transport::server::Connected::connect_info(&conn);
+            seen.lock().unwrap().push(info.backchannel_id.is_some());
+            tokio::spawn(serve_each(conn, |_, _request, mut respond| {
+                Box::pin(async move {
+                    let head = http::Response::builder()
+                        .status(200)
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "0")
+                        .body(())
+                        .unwrap();
+                    let _ = respond.send_response(head, true);
+                })
+            }));
+        }
+    });
+    (addr, kinds)
+}
+
+#[tokio::test]
+async fn calls_that_vote_or_use_a_sidechannel_go_over_a_backchannel_session_others_plain() {
+    let (addr, kinds) = both_kinds_node().await;
+    let settings = ConnectSettings::new(yamux_config(0, 256), ClientHandler::default(), BOUND);
+    let channel = crate::nodes::NodeChannel::new(
+        &addr.to_string(),
+        crate::nodes::address::Resolution::Fixed(format!("tcp://{addr}")),
+        "",
+        settings,
+    )
+    .unwrap();
+    let call = |header: Option<&'static str>| {
+        let channel = channel.clone();
+        async move {
+            let mut request = request(RequestBody::empty());
+            if let Some(name) = header {
+                request
+                    .headers_mut()
+                    .insert(name, http::HeaderValue::from_static("1"));
+            }
+            let response = tokio::time::timeout(BOUND, channel.send_or_return(request))
+                .await
+                .expect("call hung");
+            assert!(response.is_ok(), "call failed");
+        }
+    };
+    call(None).await;
+    call(None).await;
+    assert_eq!(
+        *kinds.lock().unwrap(),
+        [false],
+        "plain calls share one plain connection"
+    );
+    call(Some(crate::wire::transaction::METADATA_KEY)).await;
+    call(Some(crate::wire::sidechannel::METADATA_KEY)).await;
+    call(None).await;
+    assert_eq!(
+        *kinds.lock().unwrap(),
+        [false, true],
+        "voting and sidechannel calls share one backchannel session"
+    );
 }
