@@ -62,6 +62,7 @@ h3{font-size:1em;margin:.8em 0 .3em}
 .summary.problem{background:#ffebe9;color:var(--bad);border:1px solid #ffcecb}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:12px}
 .card{border:1px solid var(--line);border-radius:6px;padding:8px 12px;background:#fff;min-width:0}
+.card.full{grid-column:1/-1}
 .scroll{overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-size:.95em}
 th,td{text-align:left;padding:4px 8px;border-bottom:1px solid var(--line);vertical-align:top;white-space:nowrap}
@@ -108,6 +109,21 @@ pub fn page(title: &str, body: &str, refresh_seconds: Option<u32>) -> String {
     )
 }
 
+/// `text` escaped, with `backquoted` parts as code: the problems' advice names commands.
+pub fn with_code(text: &str) -> String {
+    escape(text)
+        .split('`')
+        .enumerate()
+        .map(|(i, part)| {
+            if i % 2 == 1 {
+                format!("<code>{part}</code>")
+            } else {
+                part.to_string()
+            }
+        })
+        .collect()
+}
+
 /// A yes/no cell with a class for its colour and a data attribute to test against.
 pub fn verdict(good: bool, yes: &str, no: &str) -> String {
     if good {
@@ -126,6 +142,14 @@ mod tests {
         assert_eq!(
             escape("<a href=\"x\">'&'</a>"),
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+    }
+
+    #[test]
+    fn backquotes_become_code() {
+        assert_eq!(
+            with_code("run `praefect <x>` now"),
+            "run <code>praefect &lt;x&gt;</code> now"
         );
     }
 

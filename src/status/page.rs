@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::html::{bytes, duration, escape, page, verdict};
+use super::html::{bytes, duration, escape, page, verdict, with_code};
 use super::model::{NodeStatus, Severity, Status, VirtualStorageStatus};
 
 /// Seconds between reloads of the page in a browser.
@@ -57,7 +57,7 @@ fn problems(body: &mut String, status: &Status) {
              <strong>{what}</strong><span class=\"action\">What to do: {action}</span></li>",
             kind = problem.kind,
             what = escape(&problem.what),
-            action = escape(&problem.action),
+            action = with_code(&problem.action),
         );
     }
     body.push_str("</ul></section>");
@@ -80,7 +80,7 @@ fn virtual_storage(body: &mut String, vs: &VirtualStorageStatus) {
 fn nodes(body: &mut String, vs: &VirtualStorageStatus) {
     let _ = write!(
         body,
-        "<div class=\"card\"><h3>Nodes</h3><p class=\"muted\">Quorum: healthy for at least \
+        "<div class=\"card full\"><h3>Nodes</h3><p class=\"muted\">Quorum: healthy for at least \
          {} of the {} active router{}.</p><div class=\"scroll\"><table class=\"nodes\"><tr>\
          <th>storage</th><th>this router</th><th>quorum</th><th>other routers</th><th>disk</th></tr>",
         vs.quorum_needed,

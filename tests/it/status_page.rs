@@ -7,7 +7,8 @@
 //! Chromium (Debian `chromium`) runs as a process: `--dump-dom` for the DOM after load,
 //! `--screenshot` for a picture. Without it the tests are skipped, unless
 //! `PRAEFECT_REQUIRE_HA_TESTS` is set (CI, `.ci/run`), where they fail. Set
-//! `STATUS_PAGE_SCREENSHOT=FILE` to keep the screenshot (README: docs/status-page.png).
+//! `STATUS_PAGE_SCREENSHOT=FILE.png` to keep the screenshots (FILE.png, FILE.phone.png; README:
+//! docs/status-page.png).
 // Tests read the database directly (not through PgBouncer), so the datastore's rule about
 // unnamed statements (clippy.toml) does not apply here.
 #![allow(clippy::disallowed_methods)]
@@ -177,9 +178,13 @@ async fn the_page_shows_a_stopped_node_and_the_queue_building_for_it() {
         seed_repository(&db, &[&nodes[0], &nodes[1], &nodes[2]], path).await;
     }
     let dir = tempfile::tempdir().unwrap();
-    let router = {
+    let other_dir = tempfile::tempdir().unwrap();
+    let (router, other) = {
         let refs: Vec<&GitNode> = nodes.iter().collect();
-        start_router(&db, dir.path(), &refs, "").await
+        (
+            start_router(&db, dir.path(), &refs, "").await,
+            start_router(&db, other_dir.path(), &refs, "").await,
+        )
     };
     // Repositories created through the router, one with markup in its path.
     let odd = "group/<b>odd</b> & \"quoted\".git";
@@ -236,6 +241,18 @@ async fn the_page_shows_a_stopped_node_and_the_queue_building_for_it() {
     );
     assert_eq!(attribute(stopped, "data-healthy-here"), Some("false"));
     assert_eq!(attribute(stopped, "data-quorum-healthy"), Some("false"));
+    // The other router's view is shown too.
+    let other_name: String = sqlx::query_scalar(
+        "SELECT praefect_name FROM node_status WHERE praefect_name LIKE $1 LIMIT 1",
+    )
+    .bind(format!("%{}", other.address.trim_start_matches("tcp://")))
+    .fetch_one(&mut db.raw().await)
+    .await
+    .unwrap();
+    assert!(
+        dom.contains(&format!("data-router=\"{other_name}\"")),
+        "{other_name}: {dom}"
+    );
     for storage in ["gitaly-1", "gitaly-2"] {
         let node = element(
             &dom,
@@ -264,9 +281,12 @@ async fn the_page_shows_a_stopped_node_and_the_queue_building_for_it() {
     let shots = tempfile::tempdir().unwrap();
     let wide = shots.path().join("wide.png");
     screenshot(&chromium, &url, &wide, 1400, 1800).await;
-    screenshot(&chromium, &url, &shots.path().join("phone.png"), 390, 1400).await;
+    let phone = shots.path().join("phone.png");
+    screenshot(&chromium, &url, &phone, 390, 1600).await;
     if let Some(keep) = std::env::var_os("STATUS_PAGE_SCREENSHOT") {
-        std::fs::copy(&wide, keep).unwrap();
+        let keep = PathBuf::from(keep);
+        std::fs::copy(&wide, &keep).unwrap();
+        std::fs::copy(&phone, keep.with_extension("phone.png")).unwrap();
     }
 
     // The JSON twin agrees with the database.
@@ -285,13 +305,24 @@ async fn the_page_shows_a_stopped_node_and_the_queue_building_for_it() {
     assert_eq!(node["healthy_here"], false);
     assert_eq!(node["quorum_healthy"], false);
     let seen_by = node["seen_by"].as_array().unwrap();
-    assert_eq!(seen_by.len(), 1, "one active router: {node}");
-    assert_eq!(seen_by[0]["healthy"], false);
-    let recorded: String = sqlx::query_scalar("SELECT praefect_name FROM node_status LIMIT 1")
-        .fetch_one(&mut db.raw().await)
-        .await
-        .unwrap();
-    assert_eq!(seen_by[0]["praefect_name"], recorded.as_str());
+    let mut names: Vec<&str> = seen_by
+        .iter()
+        .map(|v| v["praefect_name"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    let recorded: Vec<String> = sqlx::query_scalar(
+        "SELECT praefect_name FROM node_status WHERE node_name = 'gitaly-3' ORDER BY 1",
+    )
+    .fetch_all(&mut db.raw().await)
+    .await
+    .unwrap();
+    assert_eq!(names, recorded, "both routers' views: {node}");
+    assert!(seen_by.iter().all(|v| v["healthy"] == false), "{node}");
+    assert_eq!(
+        seen_by.iter().filter(|v| v["this_router"] == true).count(),
+        1
+    );
+    assert_eq!(vs["active_routers"], 2);
     let healthy_node = vs["nodes"]
         .as_array()
         .unwrap()
