@@ -58,7 +58,8 @@ pub use repositories::{ConsistentStorages, NewRepository, RecordedReplicas, Vali
 pub use routing::{Primary, UpdateJob};
 pub use status::{
     ClusterHealth, NodeObservation, QueueGroup, RepositoryCounts, RepositoryJob,
-    REPOSITORY_COUNTS_SQL, REPOSITORY_JOBS_LIMIT,
+    COUNTS_SETTINGS_SQL, NODE_OBSERVATIONS_SQL, QUEUE_GROUPS_SQL, REPOSITORY_COUNTS_SQL,
+    REPOSITORY_JOBS_LIMIT, REPOSITORY_JOBS_SQL,
 };
 pub use verification::{
     ReleasedLease, RemovedReplica, ReplicaSelector, VerificationJob, VerificationOutcome,

@@ -106,18 +106,9 @@ impl Datastore {
         self.run_with_timeout("status_cluster_health", backstop(timeout), move |conn| {
             Box::pin(async move {
                 bound(conn, timeout).await?;
-                let observations = sql::query_as(
-                    "SELECT praefect_name, shard_name AS virtual_storage, node_name AS storage,
-                            COALESCE(last_seen_active_at >= now() - interval '10 seconds', false)
-                                AS healthy,
-                            EXTRACT(EPOCH FROM now() - last_seen_active_at)::float8
-                                AS seen_seconds_ago
-                     FROM node_status
-                     WHERE last_contact_attempt_at >= now() - interval '60 seconds'
-                     ORDER BY shard_name, node_name, praefect_name",
-                )
-                .fetch_all(&mut *conn)
-                .await?;
+                let observations = sql::query_as(NODE_OBSERVATIONS_SQL)
+                    .fetch_all(&mut *conn)
+                    .await?;
                 let quorum_healthy = sql::query_as(
                     "SELECT virtual_storage, storage FROM healthy_storages ORDER BY 1, 2",
                 )
@@ -139,16 +130,7 @@ impl Datastore {
         self.run_with_timeout("status_queue", backstop(timeout), move |conn| {
             Box::pin(async move {
                 bound(conn, timeout).await?;
-                sql::query_as(
-                    "SELECT COALESCE(job ->> 'virtual_storage', '') AS virtual_storage,
-                            COALESCE(job ->> 'target_node_storage', '') AS target_node,
-                            state::text AS state, count(*) AS count,
-                            EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC') - min(created_at))::float8
-                                AS oldest_seconds
-                     FROM replication_queue GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
-                )
-                .fetch_all(&mut *conn)
-                .await
+                sql::query_as(QUEUE_GROUPS_SQL).fetch_all(&mut *conn).await
             })
         })
         .await
@@ -178,6 +160,10 @@ impl Datastore {
         self.run_with_timeout("status_repository_counts", backstop(timeout), move |conn| {
             Box::pin(async move {
                 bound(conn, timeout).await?;
+                // JIT compilation costs more than it saves on this one-pass aggregate (about
+                // 0.2 s of a 100,000-repository count), and its per-repository aggregate and
+                // hash joins would spill to disk with the default work_mem.
+                sql::query(COUNTS_SETTINGS_SQL).execute(&mut *conn).await?;
                 sql::query_as(REPOSITORY_COUNTS_SQL)
                     .bind(&virtual_storages)
                     .bind(&storages)
@@ -200,71 +186,92 @@ impl Datastore {
         self.run_with_timeout("status_repository_jobs", backstop(timeout), move |conn| {
             Box::pin(async move {
                 bound(conn, timeout).await?;
-                sql::query_as(
-                    "SELECT id, state::text AS state, job ->> 'change' AS change,
-                            job ->> 'source_node_storage' AS source,
-                            job ->> 'target_node_storage' AS target,
-                            attempt AS attempts_left,
-                            EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC') - created_at)::float8
-                                AS age_seconds
-                     FROM replication_queue
-                     WHERE job ->> 'virtual_storage' = $1 AND job ->> 'relative_path' = $2
-                       AND state NOT IN ('completed', 'cancelled', 'dead')
-                     ORDER BY id LIMIT $3",
-                )
-                .bind(virtual_storage)
-                .bind(relative_path)
-                .bind(REPOSITORY_JOBS_LIMIT)
-                .fetch_all(&mut *conn)
-                .await
+                sql::query_as(REPOSITORY_JOBS_SQL)
+                    .bind(virtual_storage)
+                    .bind(relative_path)
+                    .bind(REPOSITORY_JOBS_LIMIT)
+                    .fetch_all(&mut *conn)
+                    .await
             })
         })
         .await
     }
 }
 
+/// Every active router's latest observation of every node (see
+/// [`Datastore::cluster_health`]).
+pub const NODE_OBSERVATIONS_SQL: &str = "
+SELECT praefect_name, shard_name AS virtual_storage, node_name AS storage,
+       COALESCE(last_seen_active_at >= now() - interval '10 seconds', false) AS healthy,
+       EXTRACT(EPOCH FROM now() - last_seen_active_at)::float8 AS seen_seconds_ago
+FROM node_status
+WHERE last_contact_attempt_at >= now() - interval '60 seconds'
+ORDER BY shard_name, node_name, praefect_name";
+
+/// See [`Datastore::queue_groups`].
+pub const QUEUE_GROUPS_SQL: &str = "
+SELECT COALESCE(job ->> 'virtual_storage', '') AS virtual_storage,
+       COALESCE(job ->> 'target_node_storage', '') AS target_node,
+       state::text AS state, count(*) AS count,
+       EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC') - min(created_at))::float8 AS oldest_seconds
+FROM replication_queue GROUP BY 1, 2, 3 ORDER BY 1, 2, 3";
+
+/// See [`Datastore::repository_jobs`]. `$1`: virtual storage, `$2`: relative path, `$3`:
+/// the limit.
+pub const REPOSITORY_JOBS_SQL: &str = "
+SELECT id, state::text AS state, job ->> 'change' AS change,
+       job ->> 'source_node_storage' AS source, job ->> 'target_node_storage' AS target,
+       attempt AS attempts_left,
+       EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC') - created_at)::float8 AS age_seconds
+FROM replication_queue
+WHERE job ->> 'virtual_storage' = $1 AND job ->> 'relative_path' = $2
+  AND state NOT IN ('completed', 'cancelled', 'dead')
+ORDER BY id LIMIT $3";
+
+/// The settings of the repository counts' transaction.
+pub const COUNTS_SETTINGS_SQL: &str =
+    "SELECT set_config('jit', 'off', true), set_config('work_mem', '64MB', true)";
+
 /// See [`Datastore::repository_counts`]. `$1`, `$2`: configured (virtual storage, storage)
 /// as parallel arrays; `$3`: the verification interval in seconds.
 pub const REPOSITORY_COUNTS_SQL: &str = "
-WITH configured AS (
+WITH configured AS MATERIALIZED (
     SELECT * FROM unnest($1::text[], $2::text[]) AS c (virtual_storage, storage)
 ),
 storages AS (
     SELECT virtual_storage, count(*) AS storages FROM configured GROUP BY virtual_storage
 ),
-pending_delete AS (
-    SELECT job ->> 'repository_id' AS repository_id, job ->> 'target_node_storage' AS storage
+healthy AS MATERIALIZED (
+    SELECT virtual_storage::text, storage::text FROM healthy_storages
+),
+pending_delete AS MATERIALIZED (
+    SELECT COALESCE(job ->> 'repository_id', '') AS repository_id,
+           COALESCE(job ->> 'target_node_storage', '') AS storage
     FROM replication_queue
     WHERE state NOT IN ('completed', 'cancelled', 'dead')
       AND job ->> 'change' = 'delete_replica'
 ),
 replica AS (
-    SELECT replica.repository_id,
-           COALESCE(replica.generation = repo.generation, false)
-               AND healthy.storage IS NOT NULL AND pending.storage IS NULL AS candidate,
-           COALESCE(replica.generation = repo.generation, false)
-               AND configured.storage IS NOT NULL AS current,
-           assigned.storage IS NOT NULL AS assigned,
-           replica.verified_at
+    SELECT replica.repository_id, replica.verified_at,
+           COALESCE(replica.generation = repo.generation, false) AS current,
+           (replica.virtual_storage, replica.storage)
+               IN (SELECT virtual_storage, storage FROM healthy) AS healthy,
+           (replica.virtual_storage, replica.storage)
+               IN (SELECT virtual_storage, storage FROM configured) AS configured,
+           (replica.repository_id::text, replica.storage)
+               IN (SELECT repository_id, storage FROM pending_delete) AS pending,
+           assigned.storage IS NOT NULL AS assigned
     FROM storage_repositories AS replica
     JOIN repositories AS repo ON repo.repository_id = replica.repository_id
-    LEFT JOIN healthy_storages AS healthy
-           ON healthy.virtual_storage = repo.virtual_storage AND healthy.storage = replica.storage
-    LEFT JOIN configured
-           ON configured.virtual_storage = repo.virtual_storage
-          AND configured.storage = replica.storage
     LEFT JOIN repository_assignments AS assigned
            ON assigned.repository_id = replica.repository_id AND assigned.storage = replica.storage
-    LEFT JOIN pending_delete AS pending
-           ON pending.repository_id = replica.repository_id::text
-          AND pending.storage = replica.storage
 ),
 per_repository AS (
     SELECT repository_id,
-           bool_or(candidate) AS available,
-           bool_or(candidate AND assigned) AS assigned_candidate,
-           count(*) FILTER (WHERE current) AS current,
-           count(*) FILTER (WHERE current AND assigned) AS current_assigned,
+           bool_or(current AND healthy AND NOT pending) AS available,
+           bool_or(current AND healthy AND NOT pending AND assigned) AS assigned_candidate,
+           count(*) FILTER (WHERE current AND configured) AS current,
+           count(*) FILTER (WHERE current AND configured AND assigned) AS current_assigned,
            count(*) AS replicas,
            count(*) FILTER (WHERE verified_at >= now() - make_interval(secs => $3)) AS verified,
            count(*) FILTER (WHERE verified_at < now() - make_interval(secs => $3)) AS expired,
@@ -274,8 +281,8 @@ per_repository AS (
 explicit AS (
     SELECT assigned.repository_id, count(*) AS assigned
     FROM repository_assignments AS assigned
-    JOIN configured ON configured.virtual_storage = assigned.virtual_storage
-                   AND configured.storage = assigned.storage
+    WHERE (assigned.virtual_storage, assigned.storage)
+          IN (SELECT virtual_storage, storage FROM configured)
     GROUP BY assigned.repository_id
 ),
 judged AS (

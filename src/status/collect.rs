@@ -102,9 +102,6 @@ pub async fn collect(sources: &Sources, counts: &Cached<CountsResult>) -> Status
     let mut note = |err: &DatastoreError| database_errors.push(err.to_string());
     let health = health.inspect_err(&mut note).ok();
     let queue = queue.inspect_err(&mut note).unwrap_or_default();
-    if let Err(err) = &counts {
-        database_errors.push(err.clone());
-    }
     let virtual_storages = sources
         .config
         .virtual_storage

@@ -17,7 +17,8 @@ pub struct Status {
     pub virtual_storages: Vec<VirtualStorageStatus>,
     /// What is wrong and what to do about it, worst first.
     pub problems: Vec<Problem>,
-    /// The database queries that failed in this collection (empty when all answered).
+    /// The health and queue queries that failed in this collection (empty when all
+    /// answered; a failed repository count is reported with its virtual storage instead).
     pub database_errors: Vec<String>,
     /// This router's latest warnings and errors, newest first.
     pub recent_errors: Vec<LoggedError>,

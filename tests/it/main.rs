@@ -25,6 +25,7 @@ mod replication;
 mod router;
 mod scale_bench;
 mod sighup;
+mod status_bench;
 mod status_page;
 mod toolkit_check;
 mod toolkit_dataloss;
