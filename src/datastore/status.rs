@@ -251,31 +251,42 @@ pending_delete AS MATERIALIZED (
     WHERE state NOT IN ('completed', 'cancelled', 'dead')
       AND job ->> 'change' = 'delete_replica'
 ),
+cutoff AS MATERIALIZED (
+    SELECT now() - make_interval(secs => $3) AS verified_since
+),
 replica AS (
-    SELECT replica.repository_id, replica.verified_at,
-           COALESCE(replica.generation = repo.generation, false) AS current,
-           (replica.virtual_storage, replica.storage)
-               IN (SELECT virtual_storage, storage FROM healthy) AS healthy,
-           (replica.virtual_storage, replica.storage)
-               IN (SELECT virtual_storage, storage FROM configured) AS configured,
-           (replica.repository_id::text, replica.storage)
-               IN (SELECT repository_id, storage FROM pending_delete) AS pending,
+    -- OFFSET 0 keeps this a subquery of its own: each membership test runs once per
+    -- replica, instead of once per aggregate that uses its column.
+    SELECT replica.repository_id,
+           CASE WHEN replica.verified_at IS NULL THEN 0
+                WHEN replica.verified_at >= (SELECT verified_since FROM cutoff) THEN 1
+                ELSE 2 END AS verification,
+           current AND (replica.virtual_storage, replica.storage)
+               IN (SELECT virtual_storage, storage FROM healthy)
+               AND NOT COALESCE((replica.repository_id::text, replica.storage)
+                   IN (SELECT repository_id, storage FROM pending_delete), false) AS candidate,
+           current AND (replica.virtual_storage, replica.storage)
+               IN (SELECT virtual_storage, storage FROM configured) AS current_configured,
            assigned.storage IS NOT NULL AS assigned
     FROM storage_repositories AS replica
     JOIN repositories AS repo ON repo.repository_id = replica.repository_id
+    CROSS JOIN LATERAL (
+        SELECT COALESCE(replica.generation = repo.generation, false) AS current
+    ) AS generation
     LEFT JOIN repository_assignments AS assigned
            ON assigned.repository_id = replica.repository_id AND assigned.storage = replica.storage
+    OFFSET 0
 ),
 per_repository AS (
     SELECT repository_id,
-           bool_or(current AND healthy AND NOT pending) AS available,
-           bool_or(current AND healthy AND NOT pending AND assigned) AS assigned_candidate,
-           count(*) FILTER (WHERE current AND configured) AS current,
-           count(*) FILTER (WHERE current AND configured AND assigned) AS current_assigned,
+           bool_or(candidate) AS available,
+           bool_or(candidate AND assigned) AS assigned_candidate,
+           count(*) FILTER (WHERE current_configured) AS current,
+           count(*) FILTER (WHERE current_configured AND assigned) AS current_assigned,
            count(*) AS replicas,
-           count(*) FILTER (WHERE verified_at >= now() - make_interval(secs => $3)) AS verified,
-           count(*) FILTER (WHERE verified_at < now() - make_interval(secs => $3)) AS expired,
-           count(*) FILTER (WHERE verified_at IS NULL) AS unverified
+           count(*) FILTER (WHERE verification = 1) AS verified,
+           count(*) FILTER (WHERE verification = 2) AS expired,
+           count(*) FILTER (WHERE verification = 0) AS unverified
     FROM replica GROUP BY repository_id
 ),
 explicit AS (
