@@ -25,9 +25,19 @@ impl<T: Clone> Cached<T> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = T>,
     {
+        self.get_by(|_| ttl, refresh).await
+    }
+
+    /// [`Cached::get`] with a lifetime that depends on the value (a failure may be kept
+    /// longer than a success, so that a statement that times out is not retried at once).
+    pub async fn get_by<F, Fut>(&self, ttl: impl Fn(&T) -> Duration, refresh: F) -> (T, Duration)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
         let mut slot = self.slot.lock().await;
         if let Some((at, value)) = slot.as_ref() {
-            if at.elapsed() < ttl {
+            if at.elapsed() < ttl(value) {
                 return (value.clone(), at.elapsed());
             }
         }
@@ -50,5 +60,8 @@ mod tests {
         assert_eq!(kept, 1);
         let (fresh, _) = cached.get(Duration::ZERO, || async { 3 }).await;
         assert_eq!(fresh, 3);
+        let by_value = |v: &u32| Duration::from_secs(u64::from(*v == 3) * 60);
+        let (kept, _) = cached.get_by(by_value, || async { 4 }).await;
+        assert_eq!(kept, 3, "3 is kept a minute");
     }
 }

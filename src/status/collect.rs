@@ -26,6 +26,9 @@ use crate::wire::proto::DiskStatisticsRequest;
 /// the repository tables in full runs at most this often per router, however many people
 /// look at the page.
 pub const COUNTS_TTL: Duration = Duration::from_secs(30);
+/// How long a count that timed out is kept: a count that timed out (a very large or busy database)
+/// would time out again, at the cost of a whole `scrape_timeout` of the database's time.
+pub const COUNTS_FAILURE_TTL: Duration = Duration::from_secs(300);
 /// The longest a node may take to report its disk.
 const DISK_TIMEOUT: Duration = Duration::from_secs(2);
 /// The bound on each query when `scrape_timeout` is zero.
@@ -45,7 +48,34 @@ pub struct Sources {
 }
 
 /// The repository counts, or why they could not be had.
-pub type CountsResult = Result<Arc<Vec<RepositoryCounts>>, String>;
+pub type CountsResult = Result<Arc<Vec<RepositoryCounts>>, CountsError>;
+
+/// A count that failed.
+#[derive(Clone, Debug)]
+pub struct CountsError {
+    pub message: String,
+    /// It ran out of time (rather than finding the database unavailable): trying again soon
+    /// would cost as much again.
+    pub timed_out: bool,
+}
+
+impl CountsError {
+    fn new(err: &DatastoreError) -> Self {
+        let timed_out = match err {
+            DatastoreError::Timeout { .. } => true,
+            // 57014: query_canceled, what statement_timeout raises.
+            DatastoreError::Query {
+                source: sqlx::Error::Database(db),
+                ..
+            } => db.code().as_deref() == Some("57014"),
+            _ => false,
+        };
+        CountsError {
+            message: err.to_string(),
+            timed_out,
+        }
+    }
+}
 
 impl Sources {
     /// Each query's bound: `[prometheus] scrape_timeout`, as for `/db_metrics`.
@@ -89,13 +119,19 @@ pub async fn collect(sources: &Sources, counts: &Cached<CountsResult>) -> Status
     let (health, queue, (counts, counts_age), disks) = tokio::join!(
         store.cluster_health(timeout),
         store.queue_groups(timeout),
-        counts.get(COUNTS_TTL, || async {
-            store
-                .repository_counts(&configured, interval, timeout)
-                .await
-                .map(Arc::new)
-                .map_err(|err| err.to_string())
-        }),
+        counts.get_by(
+            |result: &CountsResult| match result {
+                Err(err) if err.timed_out => COUNTS_FAILURE_TTL,
+                _ => COUNTS_TTL,
+            },
+            || async {
+                store
+                    .repository_counts(&configured, interval, timeout)
+                    .await
+                    .map(Arc::new)
+                    .map_err(|err| CountsError::new(&err))
+            }
+        ),
         disks(&sources.nodes, timeout.min(DISK_TIMEOUT)),
     );
     let mut database_errors = Vec::new();
@@ -266,7 +302,7 @@ fn virtual_storage(
         nodes,
         active_routers,
         quorum_needed: active_routers.div_ceil(2),
-        repository_counts_error: counts.as_ref().err().cloned(),
+        repository_counts_error: counts.as_ref().err().map(|err| err.message.clone()),
         repository_counts_age_seconds: counts.is_ok().then_some(counts_age.as_secs()),
         repositories,
         queue: queue_targets(name, queue),

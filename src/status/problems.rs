@@ -92,7 +92,7 @@ pub fn find(status: &Status) -> Vec<Problem> {
                 Severity::Warning,
                 "repository-counts-failed",
                 format!("The repositories of {} could not be counted: {err}", vs.name),
-                "Counting reads the repository tables once (at most every 30 s); on a very large or busy database it can exceed [prometheus] scrape_timeout, which bounds it. Raise scrape_timeout or look at the database's load; `/db_metrics` and `praefect dataloss` give the unavailable repositories meanwhile.",
+                "Counting reads the repository tables once (at most every 30 s; after a timeout, not again for 5 minutes); on a very large or busy database it can exceed [prometheus] scrape_timeout, which bounds it. Raise scrape_timeout or look at the database's load; `/db_metrics` and `praefect dataloss` give the unavailable repositories meanwhile.",
             );
         }
         if let Some(counts) = &vs.repositories {

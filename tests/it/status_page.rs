@@ -441,3 +441,32 @@ async fn a_database_that_is_down_gives_a_page_that_says_so() {
     assert_eq!(code, 503, "{body}");
     pg.start_again();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_count_that_times_out_is_a_warning_on_a_complete_page() {
+    let db = TestDb::new().await;
+    crate::scale_bench::fill::fill(&mut db.raw().await, 10_000).await;
+    let node = GitNode::start("gitaly-1");
+    let dir = tempfile::tempdir().unwrap();
+    // 10,000 repositories cannot be counted in 5 ms; the node observations can.
+    let router = start_router(
+        &db,
+        dir.path(),
+        &[&node],
+        "[prometheus]\nscrape_timeout = \"5ms\"",
+    )
+    .await;
+    let (code, page) = router.http_get("/");
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("data-kind=\"repository-counts-failed\""),
+        "{page}"
+    );
+    assert!(page.contains("id=\"repository-counts-error\""), "{page}");
+    assert!(page.contains("statement timeout"), "{page}");
+    // The rest of the page is there.
+    assert!(
+        page.contains("class=\"node\" data-storage=\"gitaly-1\""),
+        "{page}"
+    );
+}
