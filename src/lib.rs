@@ -1,8 +1,8 @@
 //! praefect-rs: a Rust re-implementation of Praefect, the router of a Gitaly Cluster.
 //!
 //! One module per concern: `config` (TOML keys and validation), `cli` (subcommands),
-//! `datastore` (all SQL), `metrics`, `logging`, `routing` (pure decisions), and `periodic`
-//! (the background workers' loop).
+//! `datastore` (all SQL), `metrics`, `logging`, `routing` (pure decisions), `status` (the
+//! status page) and `periodic` (the background workers' loop).
 
 pub mod cleanup;
 pub mod cli;
@@ -16,6 +16,7 @@ pub mod periodic;
 pub mod proxy;
 pub mod replication;
 pub mod routing;
+pub mod status;
 pub mod transactions;
 pub mod verification;
 

@@ -8,7 +8,9 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::Logging;
@@ -31,9 +33,11 @@ pub fn init(config: &Logging) {
             .with_ansi(false)
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .event_format(JsonLine)
+            .finish()
+            .with(RecentErrors)
             .try_init()
     } else {
-        builder.try_init()
+        builder.finish().with(RecentErrors).try_init()
     };
     // A logger installed earlier (tests) stays in place.
     let _ = result;
@@ -124,5 +128,94 @@ impl Visit for JsonVisitor<'_> {
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.put(field, Value::from(value));
+    }
+}
+
+/// How many warnings and errors the status page lists.
+pub const RECENT_ERRORS: usize = 20;
+
+/// One warning or error the router logged.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LoggedError {
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub level: String,
+    /// The message and the event's fields, `key=value`.
+    pub message: String,
+}
+
+static RECENT: std::sync::Mutex<std::collections::VecDeque<LoggedError>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+
+/// The latest warnings and errors, newest first: the status page shows them so that an
+/// operator sees what went wrong without access to the log pipeline.
+pub fn recent_errors() -> Vec<LoggedError> {
+    RECENT
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .rev()
+        .cloned()
+        .collect()
+}
+
+/// Keeps the last [`RECENT_ERRORS`] warnings and errors in memory.
+struct RecentErrors;
+
+impl<S: Subscriber> tracing_subscriber::Layer<S> for RecentErrors {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let level = *event.metadata().level();
+        if level != tracing::Level::WARN && level != tracing::Level::ERROR {
+            return;
+        }
+        let mut fields = TextFields::default();
+        event.record(&mut fields);
+        let entry = LoggedError {
+            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            level: level.as_str().to_ascii_lowercase(),
+            message: fields.text(),
+        };
+        let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT_ERRORS {
+            recent.pop_front();
+        }
+        recent.push_back(entry);
+    }
+}
+
+/// An event's message and fields as one line of text.
+#[derive(Default)]
+struct TextFields {
+    message: String,
+    fields: Vec<String>,
+}
+
+impl TextFields {
+    fn text(self) -> String {
+        let mut text = self.message;
+        for field in self.fields {
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            text.push_str(&field);
+        }
+        text
+    }
+}
+
+impl Visit for TextFields {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        } else {
+            self.fields.push(format!("{}={value:?}", field.name()));
+        }
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_string();
+        } else {
+            self.fields.push(format!("{}={value}", field.name()));
+        }
     }
 }

@@ -35,6 +35,7 @@ mod replicas;
 mod repositories;
 mod routing;
 pub mod sql;
+mod status;
 mod storage_cleanup;
 mod tracking;
 mod verification;
@@ -55,6 +56,11 @@ pub use reconcile::{ScheduledJob, StoragePair, RECONCILIATION_LOCK};
 pub use replicas::JobContext;
 pub use repositories::{ConsistentStorages, NewRepository, RecordedReplicas, ValidPrimary};
 pub use routing::{Primary, UpdateJob};
+pub use status::{
+    ClusterHealth, NodeObservation, QueueGroup, RepositoryCounts, RepositoryJob,
+    COUNTS_SETTINGS_SQL, NODE_OBSERVATIONS_SQL, QUEUE_GROUPS_SQL, REPOSITORY_COUNTS_SQL,
+    REPOSITORY_JOBS_LIMIT, REPOSITORY_JOBS_SQL,
+};
 pub use verification::{
     ReleasedLease, RemovedReplica, ReplicaSelector, VerificationJob, VerificationOutcome,
     VerificationResult,

@@ -112,6 +112,9 @@ impl HealthManager {
         let observations = futures::future::join_all(probes).await;
         let mut set = HealthySet::new();
         for o in &observations {
+            crate::metrics::NODE_HEALTHY
+                .with_label_values(&[o.virtual_storage.as_str(), o.storage.as_str()])
+                .set(i64::from(o.healthy));
             let entry = set.entry(o.virtual_storage.clone()).or_default();
             if o.healthy {
                 entry.insert(o.storage.clone());

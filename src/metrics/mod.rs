@@ -95,6 +95,21 @@ pub static METHOD_TYPES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// `gitaly_praefect_node_healthy{virtual_storage,storage}` (ours; Praefect has no per-node
+/// health metric): 1 when this router's latest health check of the node passed, else 0, so
+/// that a dashboard can show node health as each router sees it.
+pub static NODE_HEALTHY: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
+    let gauge = defined(prometheus::IntGaugeVec::new(
+        Opts::new(
+            "gitaly_praefect_node_healthy",
+            "Whether this router's latest health check of the node passed (1) or not (0)",
+        ),
+        &["virtual_storage", "storage"],
+    ));
+    let _ = REGISTRY.register(Box::new(gauge.clone()));
+    gauge
+});
+
 /// `gitaly_praefect_verification_jobs_dequeued_total{virtual_storage,storage}`: replicas the
 /// background verifier leased for a check.
 pub static VERIFICATION_JOBS_DEQUEUED: LazyLock<IntCounterVec> = LazyLock::new(|| {

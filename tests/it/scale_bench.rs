@@ -20,7 +20,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod explain;
-mod fill;
+pub mod fill;
 
 use crate::common;
 

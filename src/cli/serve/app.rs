@@ -26,6 +26,7 @@ use crate::replication::reconciler::Reconciler;
 use crate::replication::Replicator;
 use crate::routing::methods::check_transactional;
 use crate::routing::registry::Registry;
+use crate::status::{Sources as StatusSources, StatusPage};
 use crate::transactions::{RefTransactionService, Transactions};
 use crate::verification::{self, NodeCluster, Verifier};
 use crate::wire::auth::{AuthConfig, AuthLayer};
@@ -47,6 +48,8 @@ pub struct App {
     /// Transactions of writes in flight; the nodes vote over the node connections.
     transactions: Transactions,
     tasks: Tasks,
+    /// When the process started serving, for the status page's uptime.
+    started: std::time::Instant,
 }
 
 /// A started router: its tasks, the database pool to close once they are done, and its
@@ -90,15 +93,19 @@ impl App {
             sessions: SessionRegistry::default(),
             transactions,
             tasks,
+            started: std::time::Instant::now(),
         };
         app.start_health().await;
         let cache = app.start_cache();
         app.start_verification();
         app.start_replication()?;
         app.start_cleanup();
-        let proxy = app.proxy(cache);
+        let proxy = app.proxy(cache.clone());
         let mut listeners = Vec::new();
-        listeners.extend(app.start_metrics(proxy.clone(), &mut inherited).await?);
+        listeners.extend(
+            app.start_metrics(proxy.clone(), cache, &mut inherited)
+                .await?,
+        );
         listeners.extend(app.start_servers(proxy, &mut inherited).await?);
         inherited.close_unused();
         app.log_started(postgresql_version_num);
@@ -201,10 +208,12 @@ impl App {
         ))
     }
 
-    /// The Prometheus listener (`/metrics`, `/db_metrics` and `/readiness`), when configured.
+    /// The Prometheus listener (`/metrics`, `/db_metrics`, `/readiness` and the status
+    /// pages), when configured.
     async fn start_metrics(
         &self,
         proxy: Arc<Proxy>,
+        cache: Arc<StorageCache>,
         inherited: &mut InheritedListeners,
     ) -> anyhow::Result<Option<Passable>> {
         if self.config.prometheus_listen_addr.is_empty() {
@@ -224,7 +233,18 @@ impl App {
         )
         .context("grpc_latency_buckets")?;
         let db_metrics = DbMetrics::new(&self.config, self.store.clone());
-        let routes = readiness_route(proxy).merge(db_metrics_route(db_metrics.clone()));
+        let status_page = StatusPage::new(StatusSources {
+            config: self.config.clone(),
+            store: self.store.clone(),
+            health: self.health.clone(),
+            nodes: self.nodes.clone(),
+            cache,
+            version: crate::cli::VERSION.to_string(),
+            started: self.started,
+        });
+        let routes = readiness_route(proxy)
+            .merge(db_metrics_route(db_metrics.clone()))
+            .merge(crate::status::routes(status_page));
         let on_metrics =
             (!self.config.prometheus_exclude_database_from_default_metrics).then(|| {
                 let extra: crate::metrics::ScrapeExtra = Arc::new(move || {
