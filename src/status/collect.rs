@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::cache::Cached;
+use super::cache::Refreshed;
 use super::model::{
     Disk, NodeStatus, QueueState, QueueTarget, RouterInfo, RouterView, Status, Summary,
     Verification, VirtualStorageStatus,
@@ -22,9 +22,9 @@ use crate::nodes::NodePool;
 use crate::wire::proto::server_service_client::ServerServiceClient;
 use crate::wire::proto::DiskStatisticsRequest;
 
-/// How long the repository counts are kept: the one statement of a collection that reads
-/// the repository tables in full runs at most this often per router, however many people
-/// look at the page.
+/// How long the repository counts are kept: a count (a pass over the repository tables, in
+/// slices) starts at most this often per router, however many people look at the page, and
+/// runs in the background while the page shows the last one with its age.
 pub const COUNTS_TTL: Duration = Duration::from_secs(30);
 /// How long a count that timed out is kept: a count that timed out (a very large or busy database)
 /// would time out again, at the cost of a whole `scrape_timeout` of the database's time.
@@ -111,7 +111,7 @@ impl Sources {
 
 /// Collects the status now; the repository counts come from `counts` (kept for
 /// [`COUNTS_TTL`]).
-pub async fn collect(sources: &Sources, counts: &Cached<CountsResult>) -> Status {
+pub async fn collect(sources: &Sources, counts: &Arc<Refreshed<CountsResult>>) -> Status {
     let timeout = sources.query_timeout();
     let store = &sources.store;
     let configured = sources.configured();
@@ -119,17 +119,20 @@ pub async fn collect(sources: &Sources, counts: &Cached<CountsResult>) -> Status
     let (health, queue, (counts, counts_age), disks) = tokio::join!(
         store.cluster_health(timeout),
         store.queue_groups(timeout),
-        counts.get_by(
+        counts.get(
             |result: &CountsResult| match result {
                 Err(err) if err.timed_out => COUNTS_FAILURE_TTL,
                 _ => COUNTS_TTL,
             },
-            || async {
-                store
-                    .repository_counts(&configured, interval, timeout)
-                    .await
-                    .map(Arc::new)
-                    .map_err(|err| CountsError::new(&err))
+            || {
+                let (store, configured) = (store.clone(), configured.clone());
+                async move {
+                    store
+                        .repository_counts(&configured, interval, timeout)
+                        .await
+                        .map(Arc::new)
+                        .map_err(|err| CountsError::new(&err))
+                }
             }
         ),
         disks(&sources.nodes, timeout.min(DISK_TIMEOUT)),

@@ -41,7 +41,7 @@ use std::time::Duration;
 pub use collect::{Sources, COUNTS_TTL};
 pub use model::Status;
 
-use cache::Cached;
+use cache::{Cached, Refreshed};
 use collect::CountsResult;
 
 /// How long a collection is shown before the next view collects again.
@@ -51,7 +51,9 @@ pub const STATUS_TTL: Duration = Duration::from_secs(5);
 pub struct StatusPage {
     sources: Sources,
     status: Cached<Arc<Status>>,
-    counts: Cached<CountsResult>,
+    /// Counted in the background (see [`Refreshed`]): at a million repositories a count takes
+    /// longer than anyone should wait for a page.
+    counts: Arc<Refreshed<CountsResult>>,
 }
 
 impl StatusPage {
@@ -59,7 +61,7 @@ impl StatusPage {
         Arc::new(StatusPage {
             sources,
             status: Cached::default(),
-            counts: Cached::default(),
+            counts: Arc::default(),
         })
     }
 
