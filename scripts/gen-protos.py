@@ -1,20 +1,23 @@
 #!/usr/bin/env python3
-"""Writes crates/wire/proto/gitaly/*.proto from the protocol facts in the workspace's shared TSV files.
+"""Writes crates/wire/proto/gitaly/*.proto from tables of protocol facts (TSV files).
 
 The TSVs list every message field (name, number, type, label, oneof), every enum value and
 every RPC (streaming flags, request and response types) of the Gitaly protocol. From those
 facts this script writes our own .proto files: package `gitaly`, the same names, numbers and
 types, hence wire-compatible. The generated files are committed; the build never reads the
-TSVs. Re-run after the shared facts change:
+TSVs. Re-run after the facts change, naming the directory that holds gitaly-messages.tsv,
+gitaly-enums.tsv and gitaly-rpcs.tsv:
 
-    scripts/gen-protos.py [SHARED_DIR]   (default ../shared)
+    scripts/gen-protos.py FACTS_DIR
 """
 import collections
 import csv
 import os
 import sys
 
-shared = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+if len(sys.argv) != 2:
+    sys.exit("usage: scripts/gen-protos.py FACTS_DIR (the directory of the protocol's TSV files)")
+shared = sys.argv[1]
 out_dir = os.path.join(os.path.dirname(__file__), "..", "crates", "wire", "proto", "gitaly")
 
 

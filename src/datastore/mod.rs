@@ -41,7 +41,7 @@ mod tracking;
 mod verification;
 mod writer;
 
-pub use cache::{CacheStats, ListenerSettings, StorageCache, CACHE_CAPACITY};
+pub use cache::{CacheStats, ListenerSettings, StorageCache, CACHE_BYTES};
 pub use connect::{
     find_writable, is_connection_error, is_read_only_error, targets, PoolSettings, Target,
     READ_ONLY_SQLSTATES,

@@ -758,7 +758,8 @@ mod cache {
             .await
             .unwrap();
         let window = Duration::from_secs(3);
-        let cache = StorageCache::with_settings(store.clone(), &["vs".to_string()], 1000, window);
+        let cache =
+            StorageCache::with_settings(store.clone(), &["vs".to_string()], 1 << 20, window);
         let stop = tokio_util::sync::CancellationToken::new();
         let _stop = stop.clone().drop_guard();
         tokio::spawn(cache.clone().listen(

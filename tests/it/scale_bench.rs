@@ -705,7 +705,7 @@ async fn cache_bench(
     let cache = StorageCache::with_settings(
         store.clone(),
         &[VIRTUAL_STORAGE.to_string()],
-        praefect::datastore::CACHE_CAPACITY,
+        praefect::datastore::CACHE_BYTES,
         Duration::from_secs(300),
     );
     let stop = CancellationToken::new();
@@ -774,13 +774,13 @@ async fn cache_bench(
             "cache fill: {fill} repositories read through the cache in {elapsed:.1} s \
              ({:.0} misses/s, {misses} misses in all); RSS {} MiB before, {} MiB after: \
              {per_entry:.0} bytes per cached repository; 1,000,000 cached = {:.0} MiB; \
-             CACHE_CAPACITY ({}) full = {:.0} MiB",
+             the budget (CACHE_BYTES, {} MiB) holds about {:.0} such entries",
             fill as f64 / elapsed,
             before / 1024,
             after / 1024,
             per_entry * 1e6 / 1048576.0,
-            praefect::datastore::CACHE_CAPACITY,
-            per_entry * praefect::datastore::CACHE_CAPACITY as f64 / 1048576.0,
+            praefect::datastore::CACHE_BYTES / 1048576,
+            praefect::datastore::CACHE_BYTES as f64 / per_entry.max(1.0),
         );
     }
     stop.cancel();

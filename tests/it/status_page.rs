@@ -225,8 +225,28 @@ async fn the_page_shows_a_stopped_node_and_the_queue_building_for_it() {
         async || queued_for(&db, "gitaly-3").await >= 2,
     )
     .await;
-    // A fresh collection, after the repository counts' lifetime.
+    // After the repository counts' lifetime, a view starts a count in the background and
+    // shows the last one meanwhile: a later view shows the new count.
     tokio::time::sleep(praefect::status::COUNTS_TTL).await;
+    wait_until(
+        Duration::from_secs(60),
+        "the repository counts show the outdated replicas",
+        async || {
+            let (_, body) = router.http_get("/status.json");
+            let status: serde_json::Value =
+                serde_json::from_str(&body).map_err(|e| e.to_string())?;
+            let outdated = status["virtual_storages"][0]["repositories"]["outdated"]
+                .as_i64()
+                .unwrap_or(0);
+            if outdated < 2 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            (outdated >= 2).then_some(()).ok_or(body)
+        },
+    )
+    .await;
+    // The page itself is collected every 5 s: the next one has the new counts.
+    tokio::time::sleep(praefect::status::STATUS_TTL).await;
 
     let url = format!("{base}/");
     let dom = dump_dom(&chromium, &url).await;

@@ -134,7 +134,7 @@ impl App {
         let cache = StorageCache::with_settings(
             self.store.clone(),
             &self.virtual_storages(),
-            crate::datastore::CACHE_CAPACITY,
+            crate::datastore::CACHE_BYTES,
             self.config.database.stale_read_window(),
         );
         self.tasks.spawn_worker(cache.clone().listen(
