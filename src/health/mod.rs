@@ -19,7 +19,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::config::Config;
 use crate::datastore::{Datastore, HealthObservation};
-use crate::nodes::NodePool;
+use crate::nodes::{NodeChannel, NodePool};
 use crate::periodic::{FirstRun, Ticker};
 
 /// Time between the end of one round and the start of the next.
@@ -56,6 +56,21 @@ pub struct HealthManager {
     written: watch::Sender<bool>,
 }
 
+/// One health check over `channel`, within [`ROUND_TIMEOUT`]: Ok when the node says it is
+/// serving, else why not.
+async fn probe(channel: NodeChannel) -> Result<(), String> {
+    let mut client = HealthClient::new(channel);
+    let check = client.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    match tokio::time::timeout(ROUND_TIMEOUT, check).await {
+        Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
+        Ok(Ok(response)) => Err(format!("status {}", response.get_ref().status)),
+        Ok(Err(status)) => Err(status.message().to_string()),
+        Err(_) => Err("timed out".to_string()),
+    }
+}
+
 impl HealthManager {
     pub fn new(config: &Config, nodes: Arc<NodePool>, store: Datastore) -> Self {
         HealthManager {
@@ -88,25 +103,22 @@ impl HealthManager {
     /// One round: probe every node, publish, write.
     pub async fn round(&self) {
         let probes = self.nodes.iter().map(|(node, channel)| async move {
-            let mut client = HealthClient::new(channel.clone());
-            let check = client.check(HealthCheckRequest {
-                service: String::new(),
-            });
-            let healthy = match tokio::time::timeout(ROUND_TIMEOUT, check).await {
-                Ok(Ok(response)) => response.get_ref().status == ServingStatus::Serving as i32,
-                Ok(Err(status)) => {
-                    tracing::debug!(storage = %node.storage, error = %status.message(), "health check failed");
-                    false
-                }
-                Err(_) => {
-                    tracing::debug!(storage = %node.storage, "health check timed out");
-                    false
-                }
-            };
+            // Both lanes: reads go over plain HTTP/2, writes over backchannel sessions
+            // (`nodes::subchannel::Lane`); a node only one of them reaches is not healthy.
+            let (plain, backchannel) =
+                futures::future::join(probe(channel.clone()), probe(channel.over_backchannel()))
+                    .await;
+            let failed = [("plain", plain), ("backchannel", backchannel)]
+                .into_iter()
+                .filter_map(|(lane, outcome)| outcome.err().map(|why| (lane, why)))
+                .collect::<Vec<_>>();
+            for (lane, why) in &failed {
+                tracing::debug!(storage = %node.storage, lane, error = %why, "health check failed");
+            }
             HealthObservation {
                 virtual_storage: node.virtual_storage.clone(),
                 storage: node.storage.clone(),
-                healthy,
+                healthy: failed.is_empty(),
             }
         });
         let observations = futures::future::join_all(probes).await;

@@ -75,6 +75,8 @@ impl NodeError {
 #[derive(Clone)]
 pub struct NodeChannel {
     shared: Arc<ChannelShared>,
+    /// The lane every call takes; `None`: the one its headers need ([`Lane::for_headers`]).
+    lane: Option<Lane>,
 }
 
 struct ChannelShared {
@@ -153,6 +155,7 @@ impl NodeChannel {
         };
         let authority = Authority::try_from(authority).map_err(|_| unsupported())?;
         Ok(NodeChannel {
+            lane: None,
             shared: Arc::new(ChannelShared {
                 address: address.to_string(),
                 authority,
@@ -162,6 +165,16 @@ impl NodeChannel {
                 dns,
             }),
         })
+    }
+
+    /// The same connections, with every call over the backchannel lane. The health checker
+    /// uses it: its calls carry no transaction, so on their own they would take the plain
+    /// lane and never show that a node's backchannel connections, which writes need, fail.
+    pub fn over_backchannel(&self) -> NodeChannel {
+        NodeChannel {
+            shared: self.shared.clone(),
+            lane: Some(Lane::Backchannel),
+        }
     }
 
     /// The address as configured.
@@ -415,8 +428,9 @@ impl ChannelShared {
     async fn call(
         self: Arc<Self>,
         request: http::Request<RequestBody>,
+        lane: Option<Lane>,
     ) -> Result<http::Response<ResponseBody>, NodeError> {
-        self.send_or_return(request)
+        self.send_or_return(request, lane)
             .await
             .map_err(|unsent| unsent.error)
     }
@@ -426,6 +440,7 @@ impl ChannelShared {
     async fn send_or_return(
         self: Arc<Self>,
         mut request: http::Request<RequestBody>,
+        lane: Option<Lane>,
     ) -> Result<http::Response<ResponseBody>, Unsent> {
         let unsent = |error, request| Unsent {
             error,
@@ -435,7 +450,10 @@ impl ChannelShared {
             return Err(unsent(error, request));
         }
         let call = MethodMetrics::for_path(Side::Client, request.uri().path()).start();
-        let result = self.send_prepared(request, &call.metrics().msg_sent).await;
+        let lane = lane.unwrap_or_else(|| Lane::for_headers(request.headers()));
+        let result = self
+            .send_prepared(request, &call.metrics().msg_sent, lane)
+            .await;
         match result {
             Ok(mut response) => {
                 match response.headers().get("grpc-status") {
@@ -459,12 +477,12 @@ impl ChannelShared {
         self: &Arc<Self>,
         request: http::Request<RequestBody>,
         sent: &prometheus::IntCounter,
+        lane: Lane,
     ) -> Result<http::Response<ResponseBody>, Unsent> {
         let unsent = |error, request| Unsent {
             error,
             request: Some(Box::new(request)),
         };
-        let lane = Lane::for_headers(request.headers());
         let conn = match self.pick_ready(lane) {
             Some(conn) => conn,
             None => match self.wait_ready(lane).await {
@@ -523,7 +541,7 @@ impl NodeChannel {
         &self,
         request: http::Request<RequestBody>,
     ) -> Result<http::Response<ResponseBody>, Unsent> {
-        self.shared.clone().send_or_return(request).await
+        self.shared.clone().send_or_return(request, self.lane).await
     }
 }
 
@@ -538,7 +556,7 @@ impl tower::Service<http::Request<RequestBody>> for NodeChannel {
     }
 
     fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
-        Box::pin(self.shared.clone().call(request))
+        Box::pin(self.shared.clone().call(request, self.lane))
     }
 }
 

@@ -516,3 +516,43 @@ async fn client_cost_per_call_tonic_channel_vs_node_channel() {
         );
     }
 }
+
+/// A node that answers plain HTTP/2 but opens no backchannel session (here a bare tonic
+/// health server, as a node with a broken backchannel would be) would serve reads and fail
+/// every write, which needs the session. The router's health checks go over both lanes, so
+/// such a node is unhealthy to it, while a real node next to it is healthy.
+#[tokio::test]
+async fn a_node_without_backchannel_sessions_is_unhealthy() {
+    let db = common::pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = GitNode::start("gitaly-1");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bare = format!("tcp://{}", listener.local_addr().unwrap());
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // The bare server answers a plain health check; one forced over a backchannel session
+    // fails.
+    let channel = open(&bare);
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("plain health check");
+    let status = HealthClient::new(channel.over_backchannel())
+        .check(HealthCheckRequest::default())
+        .await
+        .expect_err("a health check over a backchannel session");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    let entries = [
+        common::router::NodeEntry::from(&node),
+        common::router::NodeEntry::new("gitaly-2", &bare),
+    ];
+    let _router =
+        common::router::start_router_on(dir.path(), &db.connection(), None, &entries, "").await;
+    common::router::wait_for_health_round(&db, "gitaly-2", false).await;
+    common::router::wait_for_health_round(&db, "gitaly-1", true).await;
+}
