@@ -7,7 +7,8 @@
 //! are already there, with every row), and lets the migrations after the base run as usual:
 //! `20261122000700` adds our queue indexes and `20261122000800` replaces the views, the NOTIFY
 //! function and triggers with ours and adds the write-lock table, `20261202000100` adds the
-//! dequeue's index. `sql-migrate` runs the
+//! dequeue's index, and `20261202000200` drops the job locks' foreign keys and adds the
+//! queue's functions. `sql-migrate` runs the
 //! adoption and those migrations in one transaction, so a failure leaves Go's database as it
 //! was.
 //!

@@ -51,7 +51,7 @@ pub use health::{HealthObservation, HealthyStorage};
 pub use migrations::{
     Migration, MigrationEvent, MigrationState, MigrationStatus, MIGRATIONS_TABLE,
 };
-pub use queue::{ChangeType, JobState, QueuedJob, ReplicationJob, ACKNOWLEDGE_SQL, DEQUEUE_SQL};
+pub use queue::{ChangeType, JobState, QueuedJob, ReplicationJob, DEQUEUE_SQL};
 pub use reconcile::{ScheduledJob, StoragePair, RECONCILIATION_LOCK};
 pub use replicas::JobContext;
 pub use repositories::{ConsistentStorages, NewRepository, RecordedReplicas, ValidPrimary};

@@ -265,9 +265,9 @@ async fn a_go_praefect_database_is_adopted_and_served() {
         lines[0],
         "praefect sql-migrate: adopting the database of Go Praefect 15.1 or later"
     );
-    assert_eq!(lines[1], "praefect sql-migrate: migrations to apply: 3");
+    assert_eq!(lines[1], "praefect sql-migrate: migrations to apply: 4");
     assert!(
-        lines.last().unwrap().ends_with("OK (applied 3 migrations)"),
+        lines.last().unwrap().ends_with("OK (applied 4 migrations)"),
         "{out}"
     );
 

@@ -48,6 +48,24 @@ async fn lock_acquired(raw: &mut sqlx::PgConnection, id: &str) -> bool {
         .unwrap()
 }
 
+/// Every running job's heartbeat two minutes old, as if its router had died.
+async fn stop_heartbeats(raw: &mut sqlx::PgConnection) {
+    sqlx::query(
+        "UPDATE replication_queue_job_lock SET triggered_at = triggered_at - interval '2 minutes'",
+    )
+    .execute(raw)
+    .await
+    .unwrap();
+}
+
+/// Releases the jobs whose heartbeat is older than a minute; how many.
+async fn release_stale(store: &Datastore) -> u64 {
+    store
+        .release_stale_jobs(Duration::from_secs(60))
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_ready_duplicate_is_not_queued_twice() {
     let db = TestDb::new().await;
@@ -272,27 +290,10 @@ async fn jobs_of_a_dead_router_are_handed_out_again_and_unused_locks_dropped() {
     // A heartbeat keeps them; fresh ones are not stale.
     let ids: Vec<i64> = taken.iter().map(|j| j.id).collect();
     assert_eq!(store.refresh_job_locks(&ids).await.unwrap(), 2);
-    assert_eq!(
-        store
-            .release_stale_jobs(Duration::from_secs(60))
-            .await
-            .unwrap(),
-        0
-    );
+    assert_eq!(release_stale(&store).await, 0);
     // The router died: no heartbeat for two minutes.
-    sqlx::query(
-        "UPDATE replication_queue_job_lock SET triggered_at = triggered_at - interval '2 minutes'",
-    )
-    .execute(&mut raw)
-    .await
-    .unwrap();
-    assert_eq!(
-        store
-            .release_stale_jobs(Duration::from_secs(60))
-            .await
-            .unwrap(),
-        2
-    );
+    stop_heartbeats(&mut raw).await;
+    assert_eq!(release_stale(&store).await, 2);
     // The one with attempts left is failed (and can run again); the other is gone.
     assert_eq!(rows(&mut raw).await, [(retried, "failed".to_string(), 2)]);
     assert!(!lock_acquired(&mut raw, "vs|g2|a.git").await);
@@ -310,6 +311,48 @@ async fn jobs_of_a_dead_router_are_handed_out_again_and_unused_locks_dropped() {
         .await
         .unwrap();
     assert_eq!(locks, 0);
+}
+
+/// The job locks have no foreign keys (they cost a third of the queue's time): a job lock
+/// whose job was deleted under it, which only a bug could leave, must still not hold its
+/// replica's lock for ever. Once its heartbeat stops it is released as stale, and the replica
+/// gets its next job.
+#[tokio::test]
+async fn a_job_lock_without_its_job_is_released_as_stale() {
+    let db = TestDb::new().await;
+    let store = db.datastore().await;
+    let mut raw = db.raw().await;
+    store
+        .enqueue(&update("a.git", "g1", "g2"), "")
+        .await
+        .unwrap()
+        .unwrap();
+    let taken = store.dequeue("vs", "g2", 10).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    // The bug: the running job's row goes, its job lock stays.
+    sqlx::query("DELETE FROM replication_queue WHERE id = $1")
+        .bind(taken[0].id)
+        .execute(&mut raw)
+        .await
+        .unwrap();
+    let next = store
+        .enqueue(&update("a.git", "g1", "g2"), "")
+        .await
+        .unwrap()
+        .unwrap();
+    // Acknowledging the lost job does nothing, and the replica stays locked meanwhile.
+    let acked = store
+        .acknowledge(JobState::Completed, &[taken[0].id])
+        .await
+        .unwrap();
+    assert!(acked.is_empty());
+    assert!(lock_acquired(&mut raw, "vs|g2|a.git").await);
+    assert!(store.dequeue("vs", "g2", 10).await.unwrap().is_empty());
+    stop_heartbeats(&mut raw).await;
+    assert_eq!(release_stale(&store).await, 1);
+    assert!(!lock_acquired(&mut raw, "vs|g2|a.git").await);
+    let again = store.dequeue("vs", "g2", 10).await.unwrap();
+    assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), [next]);
 }
 
 /// Several routers dequeue from one database at once: no replica is worked on by two jobs at

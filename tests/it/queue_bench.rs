@@ -34,7 +34,7 @@ use sqlx::Row;
 
 use common::pg::TestDb;
 use praefect::datastore::{
-    ChangeType, Datastore, JobState, PoolSettings, ReplicationJob, ACKNOWLEDGE_SQL, DEQUEUE_SQL,
+    ChangeType, Datastore, JobState, PoolSettings, ReplicationJob, DEQUEUE_SQL,
 };
 
 const VIRTUAL_STORAGE: &str = "default";
@@ -142,19 +142,75 @@ async fn dequeue_rolled_back(
     (elapsed, rows.len())
 }
 
-/// Prints the plans of one dequeue of `batch` for `target` and of acknowledging the jobs it
-/// took `completed`, both under `EXPLAIN (ANALYZE, BUFFERS)` in a transaction that is rolled
-/// back.
-async fn explain_dequeue_and_acknowledge(raw: &mut sqlx::PgConnection, target: &str, batch: i64) {
-    sqlx::query("BEGIN").execute(&mut *raw).await.unwrap();
-    let explain = format!("EXPLAIN (ANALYZE, BUFFERS) {DEQUEUE_SQL}");
-    let plan: Vec<String> = dequeue_statement(&explain, target, batch)
+/// The statement a queue function runs (`RETURN QUERY ...;` in its PL/pgSQL body), with its
+/// arguments as $1, $2, ...
+async fn function_statement(raw: &mut sqlx::PgConnection, function: &str) -> String {
+    let source: String = sqlx::query_scalar("SELECT prosrc FROM pg_proc WHERE proname = $1")
+        .bind(function)
+        .fetch_one(&mut *raw)
+        .await
+        .unwrap();
+    let start = source.find("RETURN QUERY").expect("RETURN QUERY") + "RETURN QUERY".len();
+    let end = source.rfind(';').expect("statement end");
+    source[start..end].trim().to_string()
+}
+
+/// `EXPLAIN (ANALYZE, BUFFERS)` of prepared statement `name` executed with `arguments` (SQL
+/// literals), after five executions that are rolled back: the server then plans it as it
+/// plans the statement inside the function after as many calls (a generic plan, when it
+/// judges that one as good as planning each call anew).
+async fn explain_prepared(
+    raw: &mut sqlx::PgConnection,
+    name: &str,
+    arguments: &str,
+) -> Vec<String> {
+    for _ in 0..5 {
+        sqlx::raw_sql("SAVEPOINT warm")
+            .execute(&mut *raw)
+            .await
+            .unwrap();
+        let execute = format!("EXECUTE {name}({arguments})");
+        sqlx::raw_sql(&execute).execute(&mut *raw).await.unwrap();
+        sqlx::raw_sql("ROLLBACK TO SAVEPOINT warm")
+            .execute(&mut *raw)
+            .await
+            .unwrap();
+    }
+    let explain = format!("EXPLAIN (ANALYZE, BUFFERS) EXECUTE {name}({arguments})");
+    sqlx::raw_sql(&explain)
         .fetch_all(&mut *raw)
         .await
         .unwrap()
         .iter()
         .map(|row| row.get(0))
-        .collect();
+        .collect()
+}
+
+/// Prints the plans of one dequeue of `batch` for `target` and of acknowledging the jobs it
+/// took `completed`: the statements of the two queue functions, prepared and explained as
+/// [`explain_prepared`] does, in a transaction that is rolled back.
+async fn explain_dequeue_and_acknowledge(raw: &mut sqlx::PgConnection, target: &str, batch: i64) {
+    let dequeue = function_statement(raw, "replication_queue_dequeue").await;
+    let acknowledge = function_statement(raw, "replication_queue_acknowledge").await;
+    sqlx::raw_sql(&format!(
+        "PREPARE bench_dequeue (text, text, bigint) AS {dequeue}"
+    ))
+    .execute(&mut *raw)
+    .await
+    .unwrap();
+    sqlx::raw_sql(&format!(
+        "PREPARE bench_acknowledge (bigint[], text) AS {acknowledge}"
+    ))
+    .execute(&mut *raw)
+    .await
+    .unwrap();
+    sqlx::query("BEGIN").execute(&mut *raw).await.unwrap();
+    let plan = explain_prepared(
+        raw,
+        "bench_dequeue",
+        &format!("'{VIRTUAL_STORAGE}', '{target}', {batch}"),
+    )
+    .await;
     print_plan(
         &format!("EXPLAIN (ANALYZE, BUFFERS) of one dequeue of {batch} for {target}"),
         &plan,
@@ -166,13 +222,17 @@ async fn explain_dequeue_and_acknowledge(raw: &mut sqlx::PgConnection, target: &
     .fetch_all(&mut *raw)
     .await
     .unwrap();
-    let plan: Vec<String> =
-        sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS) {ACKNOWLEDGE_SQL}"))
-            .bind(&taken)
-            .bind(JobState::Completed.as_str())
-            .fetch_all(&mut *raw)
-            .await
-            .unwrap();
+    let ids: Vec<String> = taken.iter().map(i64::to_string).collect();
+    let plan = explain_prepared(
+        raw,
+        "bench_acknowledge",
+        &format!(
+            "'{{{}}}', '{}'",
+            ids.join(","),
+            JobState::Completed.as_str()
+        ),
+    )
+    .await;
     print_plan(
         &format!(
             "EXPLAIN (ANALYZE, BUFFERS) of acknowledging those {} jobs completed",
@@ -181,6 +241,10 @@ async fn explain_dequeue_and_acknowledge(raw: &mut sqlx::PgConnection, target: &
         &plan,
     );
     sqlx::query("ROLLBACK").execute(&mut *raw).await.unwrap();
+    sqlx::raw_sql("DEALLOCATE ALL")
+        .execute(&mut *raw)
+        .await
+        .unwrap();
 }
 
 /// The batch-versus-backlog evidence at the current backlog: for each of
