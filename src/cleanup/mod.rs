@@ -63,11 +63,7 @@ impl RepositoriesCleanup {
 
     /// Walks every storage due, one at a time, until none is.
     async fn check(&self, run: Duration, stop: &CancellationToken) -> Result<(), DatastoreError> {
-        let pairs: Vec<(String, String)> = self
-            .nodes
-            .iter()
-            .map(|(node, _)| (node.virtual_storage.clone(), node.storage.clone()))
-            .collect();
+        let pairs = crate::nodes::configured_pairs(&self.config);
         self.store.populate_storage_cleanups(&pairs).await?;
         while !stop.is_cancelled() {
             let Some((virtual_storage, storage)) =

@@ -51,6 +51,15 @@ pub fn configured_nodes(config: &Config) -> Vec<NodeRef> {
         .collect()
 }
 
+/// Every configured (virtual storage, storage) pair, in configuration order: what the
+/// datastore's per-storage questions (metadata, dataloss, status, cleanup) are asked about.
+pub fn configured_pairs(config: &Config) -> Vec<(String, String)> {
+    configured_nodes(config)
+        .into_iter()
+        .map(|node| (node.virtual_storage, node.storage))
+        .collect()
+}
+
 fn yamux(config: &Config) -> tokio_yamux::Config {
     yamux_config(
         u32::try_from(config.yamux.maximum_stream_window_size_bytes).unwrap_or(u32::MAX),

@@ -90,15 +90,7 @@ impl Sources {
 
     /// Every configured (virtual storage, storage).
     pub fn configured(&self) -> Vec<(String, String)> {
-        self.config
-            .virtual_storage
-            .iter()
-            .flat_map(|vs| {
-                vs.node
-                    .iter()
-                    .map(move |node| (vs.name.clone(), node.storage.clone()))
-            })
-            .collect()
+        crate::nodes::configured_pairs(&self.config)
     }
 
     fn verification_interval(&self) -> Duration {

@@ -16,14 +16,5 @@ pub fn known_virtual_storage<'p>(proxy: &'p Proxy, name: &str) -> Result<&'p [St
 
 /// Every configured (virtual storage, storage), as the datastore's lookups take them.
 pub fn configured_pairs(proxy: &Proxy) -> Vec<(String, String)> {
-    proxy
-        .router
-        .topology()
-        .iter()
-        .flat_map(|vs| {
-            vs.storages
-                .iter()
-                .map(move |storage| (vs.name.clone(), storage.clone()))
-        })
-        .collect()
+    crate::nodes::configured_pairs(&proxy.config)
 }
