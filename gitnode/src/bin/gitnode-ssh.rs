@@ -9,6 +9,8 @@
 //! GITALY_TOKEN=secret                    v2 token secret (optional)
 //! GITALY_STORAGE=default                 storage (or virtual storage) name
 //! GITALY_RELATIVE_PATH=group/project.git relative path of the repository
+//! GITALY_PLAIN_HTTP2=1                   pushes and create: plain HTTP/2, no backchannel (to go
+//!                                        through a generic proxy such as HAProxy)
 //! ```
 //!
 //! The URL's host and path are ignored: `git clone ssh://gitaly/x dir` works.
@@ -81,6 +83,13 @@ async fn run() -> anyhow::Result<u8> {
     let mut client = SshServiceClient::with_interceptor(channel, TokenInterceptor::new(&token));
 
     if service == "git-receive-pack" {
+        if plain_http2() {
+            let mut client = SshServiceClient::with_interceptor(
+                plain_channel(&address)?,
+                TokenInterceptor::new(&token),
+            );
+            return receive_pack(&mut client, repository, git_protocol).await;
+        }
         return receive_pack(&mut client, repository, git_protocol).await;
     }
 
@@ -115,15 +124,30 @@ async fn run() -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// Whether `GITALY_PLAIN_HTTP2` asks for plain HTTP/2 (pushes and `create` only).
+fn plain_http2() -> bool {
+    std::env::var_os("GITALY_PLAIN_HTTP2").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// A plain HTTP/2 channel to a `tcp://host:port` address: no backchannel, so no sidechannels
+/// (enough for a push, which needs none).
+fn plain_channel(address: &str) -> anyhow::Result<tonic::transport::Channel> {
+    let Some(host_port) = address.strip_prefix("tcp://") else {
+        anyhow::bail!("GITALY_PLAIN_HTTP2 needs a tcp:// address, not {address:?}");
+    };
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{host_port}"))?.connect_lazy())
+}
+
 /// `gitnode-ssh create`: CreateRepository for the repository in the environment.
 async fn create() -> anyhow::Result<u8> {
     use praefect_wire::proto::repository_service_client::RepositoryServiceClient;
     use praefect_wire::proto::CreateRepositoryRequest;
-    let channel = dial_lazy(
-        &env("GITALY_ADDRESS")?,
-        yamux_config(0, 256),
-        ClientHandler::default(),
-    )?;
+    let address = env("GITALY_ADDRESS")?;
+    let channel = if plain_http2() {
+        plain_channel(&address)?
+    } else {
+        dial_lazy(&address, yamux_config(0, 256), ClientHandler::default())?
+    };
     let token = std::env::var("GITALY_TOKEN").unwrap_or_default();
     let mut client =
         RepositoryServiceClient::with_interceptor(channel, TokenInterceptor::new(&token));

@@ -4,12 +4,15 @@
 
 use std::io;
 
-use futures::StreamExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_yamux::{Config as YamuxConfig, Control, Session, StreamHandle};
 
+use super::coalesce::{next_stream, Coalesced};
 use super::io::{sniff, BoxIo, BACKCHANNEL_MAGIC, SNIFF_TIMEOUT};
+use super::measured::Measured;
+use super::readahead::ReadAhead;
+use super::yamux::{grpc_stream, GrpcStream};
 use crate::sidechannel::{SidechannelRegistry, SIDECHANNEL_MAGIC};
 
 /// What a backchannel client offers the server on streams the server opens.
@@ -25,7 +28,7 @@ pub struct ClientHandler {
 /// session's control. Closing the control ends the session, and with it the connection and
 /// every stream the server opened on it; the session otherwise lives as long as the socket.
 pub struct ClientSession {
-    pub stream: StreamHandle,
+    pub stream: GrpcStream,
     pub control: Control,
 }
 
@@ -38,10 +41,12 @@ pub async fn start_client_session(
 ) -> io::Result<ClientSession> {
     io.write_all(BACKCHANNEL_MAGIC).await?;
     io.flush().await?;
-    let mut session = Session::new_client(super::measured::Measured::new(io), yamux);
+    // The frames of one poll of the session go out in one write, as on the server.
+    let (io, writer) = Coalesced::new(ReadAhead::new(Measured::new(io)));
+    let mut session = Session::new_client(io, yamux);
     let mut control = session.control();
     tokio::spawn(async move {
-        while let Some(Ok(stream)) = session.next().await {
+        while let Some(Ok(stream)) = next_stream(&mut session, &writer).await {
             tokio::spawn(handle_inbound(stream, handler.clone()));
         }
     });
@@ -49,7 +54,10 @@ pub async fn start_client_session(
         .open_stream()
         .await
         .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, format!("opening stream: {e:?}")))?;
-    Ok(ClientSession { stream, control })
+    Ok(ClientSession {
+        stream: grpc_stream(stream),
+        control,
+    })
 }
 
 /// A stream the server opened to us: a sidechannel, or a gRPC connection to our services.

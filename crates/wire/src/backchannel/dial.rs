@@ -7,11 +7,12 @@ use std::io;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tokio_yamux::{Config as YamuxConfig, StreamHandle};
+use tokio_yamux::Config as YamuxConfig;
 use tonic::transport::{Channel, Endpoint};
 
 use super::client::{start_client_session, ClientHandler};
 use super::connect::connect_raw;
+use super::yamux::GrpcStream;
 
 /// Dials `address` with the backchannel handshake. Each (re)connection of the returned
 /// channel is a new yamux session whose first stream carries our gRPC calls; streams the
@@ -56,7 +57,7 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-type Connector = tower::util::BoxCloneSyncService<http::Uri, TokioIo<StreamHandle>, io::Error>;
+type Connector = tower::util::BoxCloneSyncService<http::Uri, TokioIo<GrpcStream>, io::Error>;
 
 fn endpoint_and_connector(
     address: &str,
@@ -85,7 +86,7 @@ async fn open_session(
     address: &str,
     yamux: YamuxConfig,
     handler: ClientHandler,
-) -> io::Result<StreamHandle> {
+) -> io::Result<GrpcStream> {
     let io = connect_raw(address).await?;
     Ok(start_client_session(io, yamux, handler).await?.stream)
 }

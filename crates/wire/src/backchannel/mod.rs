@@ -13,7 +13,7 @@
 //! One file per concern: `io` (boxed connections, sniffing a magic), `yamux` (settings),
 //! `sessions` (the server's registry of sessions, [`PeerInfo`]), `listener` and `server`
 //! (accepting), `limits` (what one client may hold), `coalesce` (the server session's batched writes), `measured` (read and write sizes for
-//! metrics), `connect` (a client's raw
+//! metrics), `readahead` (small reads served from one larger read), `connect` (a client's raw
 //! connection), `client` (the client's session), `dial` (tonic channels over it) and `callback` (a
 //! server's channels back to its callers).
 //! Everything public is re-exported here, at the paths it always had; sidechannels use `io`
@@ -28,6 +28,7 @@ pub(crate) mod io;
 mod limits;
 mod listener;
 mod measured;
+mod readahead;
 mod server;
 pub(crate) mod sessions;
 mod yamux;
@@ -43,7 +44,7 @@ pub use listener::Listener;
 pub use measured::{observe_sizes, Direction, Measured};
 pub use server::{incoming, incoming_until, AcceptObserver, Incoming, ServerConn};
 pub use sessions::{HeldStream, PeerInfo, SessionRegistry};
-pub use yamux::yamux_config;
+pub use yamux::{grpc_stream, yamux_config, GrpcStream};
 
 /// What the server writes first on a sidechannel stream (defined with the sidechannel).
 pub use crate::sidechannel::SIDECHANNEL_MAGIC;

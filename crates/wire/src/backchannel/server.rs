@@ -21,7 +21,9 @@ use super::io::{sniff, BoxIo, BACKCHANNEL_MAGIC, SNIFF_TIMEOUT};
 use super::limits::{HandshakeDeadline, ServerLimits, MAX_SESSION_STREAMS};
 use super::listener::{Accepted, Listener};
 use super::measured::Measured;
+use super::readahead::ReadAhead;
 use super::sessions::{PeerInfo, SessionRegistry};
+use super::yamux::grpc_stream;
 
 /// One HTTP/2 connection for the gRPC server: a plain socket or one yamux stream.
 pub struct ServerConn {
@@ -300,7 +302,7 @@ async fn serve_session(
     handshaking: mpsc::Sender<()>,
 ) {
     let mut handshaking = Some(handshaking);
-    let (io, writer) = Coalesced::new(Measured::new(io));
+    let (io, writer) = Coalesced::new(ReadAhead::new(Measured::new(io)));
     let mut session = Session::new_server(io, yamux);
     let (id, mut held_streams) = registry.insert(session.control());
     let remote_addr: Arc<str> = remote_addr.into();
@@ -358,7 +360,7 @@ async fn serve_session(
                 };
                 let deadline = tokio::time::Instant::now() + handshake_timeout;
                 let conn = ServerConn {
-                    io: Box::new(HandshakeDeadline::new(stream, deadline)),
+                    io: Box::new(HandshakeDeadline::new(grpc_stream(stream), deadline)),
                     info: PeerInfo {
                         remote_addr: remote_addr.clone(),
                         backchannel_id: Some(id),

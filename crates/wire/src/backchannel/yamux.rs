@@ -1,6 +1,25 @@
 //! The yamux settings both ends of a backchannel use, from the `[yamux]` configuration.
 
-use tokio_yamux::Config as YamuxConfig;
+use tokio::io::BufWriter;
+use tokio_yamux::{Config as YamuxConfig, StreamHandle};
+
+/// How much an HTTP/2 connection over a yamux stream gathers before it hands a frame to the
+/// session (see [`GrpcStream`]).
+const GRPC_STREAM_WRITE_BUFFER: usize = 64 * 1024;
+
+/// The yamux stream that carries a session's HTTP/2 connection, with its writes gathered.
+///
+/// h2 writes every frame as a 9-byte header and then its payload; on a socket the two go out
+/// in one vectored write, but a yamux stream has no vectored write, so each would become a
+/// yamux frame of its own, with its own write to the socket: a 131 MB push cost 18,700
+/// writes of 7 KB on average. The buffer gathers what h2 writes between two flushes (h2
+/// flushes after each batch of frames) into one yamux frame of up to 64 KiB.
+pub type GrpcStream = BufWriter<StreamHandle>;
+
+/// Wraps the stream that carries a session's HTTP/2 connection (see [`GrpcStream`]).
+pub fn grpc_stream(stream: StreamHandle) -> GrpcStream {
+    BufWriter::with_capacity(GRPC_STREAM_WRITE_BUFFER, stream)
+}
 
 /// yamux settings from `[yamux]`; keepalive is off, as in Gitaly (gRPC has its own).
 pub fn yamux_config(window: u32, accept_backlog: usize) -> YamuxConfig {
@@ -62,5 +81,97 @@ mod tests {
         assert_eq!(received.len(), 3_000_000);
         writer.await.unwrap();
         idle_reader.abort();
+    }
+
+    /// Counts the writes a session makes to its connection (a yamux session writes each
+    /// frame with a write of its own).
+    struct CountingWrites<T> {
+        inner: T,
+        writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingWrites<T> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountingWrites<T> {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let written = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+            if written.is_ready() {
+                self.writes
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            written
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// An HTTP/2 frame's header and payload, written one after the other as h2 writes them,
+    /// leave the session as one yamux frame (one write to the connection), not two.
+    #[tokio::test]
+    async fn a_frame_header_and_its_payload_leave_as_one_yamux_frame() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let writes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = CountingWrites {
+            inner: client_io,
+            writes: writes.clone(),
+        };
+        let mut client = Session::new_client(counted, yamux_config(0, 256));
+        let mut control = client.control();
+        tokio::spawn(async move { while let Some(Ok(_)) = client.next().await {} });
+        let mut server = Session::new_server(server_io, yamux_config(0, 256));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut tx = Some(tx);
+        tokio::spawn(async move {
+            while let Some(Ok(stream)) = server.next().await {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(stream);
+                }
+            }
+        });
+        let mut stream = grpc_stream(control.open_stream().await.unwrap());
+        stream.write_all(b"hello").await.unwrap();
+        stream.flush().await.unwrap();
+        let mut accepted = rx.await.unwrap();
+        let mut hello = [0u8; 5];
+        accepted.read_exact(&mut hello).await.unwrap();
+        let before = writes.load(std::sync::atomic::Ordering::SeqCst);
+
+        stream.write_all(&[1u8; 9]).await.unwrap();
+        stream.write_all(&[2u8; 16 * 1024]).await.unwrap();
+        stream.flush().await.unwrap();
+        let mut received = vec![0u8; 9 + 16 * 1024];
+        tokio::time::timeout(Duration::from_secs(10), accepted.read_exact(&mut received))
+            .await
+            .expect("the frame did not arrive")
+            .unwrap();
+        assert_eq!(&received[..9], &[1u8; 9]);
+        assert!(received[9..].iter().all(|b| *b == 2));
+        assert_eq!(
+            writes.load(std::sync::atomic::Ordering::SeqCst) - before,
+            1,
+            "header and payload went out as separate frames"
+        );
     }
 }
