@@ -1,7 +1,7 @@
-//! Write coalescing for a server's yamux sessions: the session flushes after every frame, and
-//! this turns the frames of one poll of the session into one write to the socket. Kept apart
-//! from the server because it is an I/O adapter with its own invariants (order, a bound on
-//! what waits, backpressure) and its own tests.
+//! Write coalescing for yamux sessions (a server's and a client's): the session flushes after
+//! every frame, and this turns the frames of one poll of the session into one write to the
+//! socket. Kept apart from the server and the client because it is an I/O adapter with its own
+//! invariants (order, a bound on what waits, backpressure) and its own tests.
 
 use std::io;
 use std::pin::Pin;

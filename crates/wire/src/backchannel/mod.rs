@@ -12,10 +12,10 @@
 //!
 //! One file per concern: `io` (boxed connections, sniffing a magic), `yamux` (settings),
 //! `sessions` (the server's registry of sessions, [`PeerInfo`]), `listener` and `server`
-//! (accepting), `limits` (what one client may hold), `coalesce` (the server session's batched writes), `measured` (read and write sizes for
-//! metrics), `readahead` (small reads served from one larger read), `connect` (a client's raw
-//! connection), `client` (the client's session), `dial` (tonic channels over it) and `callback` (a
-//! server's channels back to its callers).
+//! (accepting), `limits` (what one client may hold), `coalesce` (a session's batched writes),
+//! `measured` (read and write sizes for metrics), `readahead` (small reads served from one
+//! larger read), `connect` (a client's raw connection), `client` (the client's session),
+//! `dial` (tonic channels over it) and `callback` (a server's channels back to its callers).
 //! Everything public is re-exported here, at the paths it always had; sidechannels use `io`
 //! and `sessions` directly, so that they do not depend on the client that depends on them.
 
