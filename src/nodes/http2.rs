@@ -334,10 +334,25 @@ pub(crate) async fn watch_pongs(
     }
 }
 
-/// Writes a request body to its stream, within the stream's flow-control window.
+/// The largest first chunk of a request body handed to h2 before the stream has flow-control
+/// capacity (one frame at h2's default frame size, and within any node's initial window but a
+/// deliberately tiny one).
+///
+/// h2 assigns capacity only to a stream it has opened, and it opens one when the connection's
+/// task next writes: a body that waits for capacity therefore goes out in a second write,
+/// after a round through both tasks. A unary request's body, sent at once, leaves with its
+/// HEADERS in one write instead (one system call, one segment and one wake-up of the node
+/// fewer per call). h2 buffers data sent ahead of capacity; one chunk of this size per call
+/// keeps that bounded, and every later chunk waits for capacity as before.
+const EAGER_FIRST_CHUNK: usize = 16 * 1024;
+
+/// Writes a request body to its stream, within the stream's flow-control window (but for a
+/// small first chunk, see [`EAGER_FIRST_CHUNK`]).
 struct PipeBody {
     body: RequestBody,
     stream: h2::SendStream<Bytes>,
+    /// Nothing was sent yet: a small first chunk goes without waiting for capacity.
+    first_chunk: bool,
     /// Data read from the body and not yet sent (waiting for window).
     pending: Bytes,
     /// Where the body's messages are counted (`grpc_client_msg_sent_total`).
@@ -361,6 +376,7 @@ impl PipeBody {
         PipeBody {
             body,
             stream,
+            first_chunk: true,
             pending: Bytes::new(),
             sent: sent.map(|counter| (MessageCounter::default(), counter)),
             ended: false,
@@ -371,6 +387,16 @@ impl PipeBody {
     fn poll_pipe(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
         loop {
             if !self.pending.is_empty() {
+                if std::mem::take(&mut self.first_chunk) && self.pending.len() <= EAGER_FIRST_CHUNK
+                {
+                    let last = self.ended;
+                    self.stream
+                        .send_data(std::mem::take(&mut self.pending), last)?;
+                    if last {
+                        return Poll::Ready(Ok(()));
+                    }
+                    continue;
+                }
                 self.stream.reserve_capacity(self.pending.len());
                 let capacity = match ready!(self.stream.poll_capacity(cx)) {
                     Some(capacity) => capacity?,

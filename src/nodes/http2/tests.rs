@@ -581,3 +581,97 @@ async fn a_late_pong_is_forgiven_while_the_node_sends_and_not_after() {
     super::watch_pongs(&mut Silent, &idle, interval, timeout).await;
     assert_eq!(started.elapsed(), interval + timeout);
 }
+
+/// The client's side of an in-memory connection, counting the batches it writes: the writes
+/// between two flushes are one batch (one system call on a socket that takes vectored writes).
+struct CountedBatches {
+    io: tokio::io::DuplexStream,
+    written_since_flush: bool,
+    batches: Arc<AtomicUsize>,
+}
+
+impl AsyncRead for CountedBatches {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountedBatches {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+        self.written_since_flush |= written > 0;
+        Poll::Ready(Ok(written))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        if std::mem::take(&mut self.written_since_flush) {
+            self.batches.fetch_add(1, Ordering::SeqCst);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A unary call with a 10-byte message, answered OK.
+async fn small_call(conn: &Http2Conn) {
+    let message = Bytes::from_static(b"\0\0\0\0\x05hello");
+    let body = RequestBody::new(http_body_util::Full::new(message));
+    let response = tokio::time::timeout(BOUND, conn.send(request(body)))
+        .await
+        .unwrap()
+        .unwrap();
+    let collected = tokio::time::timeout(BOUND, response.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+}
+
+#[tokio::test]
+async fn a_small_request_leaves_with_its_headers_in_one_write() {
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(async move {
+        let mut connection = h2::server::handshake(server_io).await.unwrap();
+        while let Some(Ok((request, respond))) = connection.accept().await {
+            tokio::spawn(async move {
+                let mut body = request.into_body();
+                while let Some(data) = body.data().await {
+                    let data = data.unwrap();
+                    let _ = body.flow_control().release_capacity(data.len());
+                }
+                answer_ok(respond).await;
+            });
+        }
+    });
+    let batches = Arc::new(AtomicUsize::new(0));
+    let io = CountedBatches {
+        io: client_io,
+        written_since_flush: false,
+        batches: batches.clone(),
+    };
+    let conn = tokio::time::timeout(BOUND, Http2Conn::start(io, None, "duplex".into()))
+        .await
+        .expect("HTTP/2 start hung")
+        .expect("HTTP/2 start failed");
+    // The first call also carries what is left of the handshake (the SETTINGS ack).
+    small_call(&conn).await;
+    batches.store(0, Ordering::SeqCst);
+    small_call(&conn).await;
+    assert_eq!(
+        batches.load(Ordering::SeqCst),
+        1,
+        "HEADERS and the body's only DATA frame should leave in one batch"
+    );
+}
