@@ -216,6 +216,28 @@ impl StorageCache {
         virtual_storage: &str,
         relative_path: &str,
     ) -> Result<Option<Value>, DatastoreError> {
+        // A hit needs neither an owned key nor the shared-miss machinery of `try_get_with`.
+        if let Some(cache) = self.caches.get(virtual_storage) {
+            if self.is_enabled() {
+                if let Some(cached) = cache.get(relative_path).await {
+                    self.count_hit(virtual_storage);
+                    return Ok(Some(cached.storages));
+                }
+            }
+        }
+        // Boxed: the future of a miss (the shared loader, the query, the fallback) is several
+        // kilobytes, and unboxed it would make every read's future as large, to be copied
+        // whole each time the call's future moves (into its box, into its task).
+        Box::pin(self.get_uncached(virtual_storage, relative_path)).await
+    }
+
+    /// [`Self::get`] when the cache did not answer: the cache bypassed or unconfirmed, or a
+    /// miss.
+    async fn get_uncached(
+        &self,
+        virtual_storage: &str,
+        relative_path: &str,
+    ) -> Result<Option<Value>, DatastoreError> {
         let Some(cache) = self.caches.get(virtual_storage) else {
             self.stats.bypassed.fetch_add(1, Ordering::Relaxed);
             return Ok(self
@@ -228,11 +250,6 @@ impl StorageCache {
             return self
                 .get_unconfirmed(cache, virtual_storage, relative_path)
                 .await;
-        }
-        // A hit needs neither an owned key nor the shared-miss machinery of `try_get_with`.
-        if let Some(cached) = cache.get(relative_path).await {
-            self.count_hit(virtual_storage);
-            return Ok(Some(cached.storages));
         }
         let populated = AtomicBool::new(false);
         let started_at = self.epoch.load(Ordering::Acquire);

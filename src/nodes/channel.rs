@@ -483,16 +483,15 @@ impl ChannelShared {
             error,
             request: Some(Box::new(request)),
         };
+        // The waits for a connection are boxed, here and in `send_again`: they are rare, and
+        // their futures would otherwise make every call's future larger (see
+        // `StorageCache::get`).
         let conn = match self.pick_ready(lane) {
             Some(conn) => conn,
-            None => match self.wait_ready(lane).await {
+            None => match Box::pin(self.wait_ready(lane)).await {
                 Ok(conn) => conn,
                 Err(error) => return Err(unsent(error, request)),
             },
-        };
-        let failed = |error| Unsent {
-            error,
-            request: None,
         };
         match conn.send_counted(request, Some(sent)).await {
             Ok(response) => Ok(response),
@@ -504,26 +503,47 @@ impl ChannelShared {
             }) => {
                 tracing::debug!(node = %self.address, error = %error, "connection refused a new stream; retrying");
                 conn.retire();
-                let conn = match self.wait_ready(lane).await {
-                    Ok(conn) => conn,
-                    Err(error) => return Err(unsent(error, *request)),
-                };
-                match conn.send_counted(*request, Some(sent)).await {
-                    Ok(response) => Ok(response),
-                    Err(SendError::NotSent {
-                        request: Some(request),
-                        error,
-                    }) => Err(unsent(
-                        self.call_error(SendError::NotSent {
-                            request: None,
-                            error,
-                        }),
-                        *request,
-                    )),
-                    Err(err) => Err(failed(self.call_error(err))),
-                }
+                Box::pin(self.send_again(*request, sent, lane)).await
             }
-            Err(err) => Err(failed(self.call_error(err))),
+            Err(err) => Err(Unsent {
+                error: self.call_error(err),
+                request: None,
+            }),
+        }
+    }
+
+    /// The second and last attempt of [`ChannelShared::send_prepared`], on another
+    /// connection.
+    async fn send_again(
+        self: &Arc<Self>,
+        request: http::Request<RequestBody>,
+        sent: &prometheus::IntCounter,
+        lane: Lane,
+    ) -> Result<http::Response<ResponseBody>, Unsent> {
+        let unsent = |error, request| Unsent {
+            error,
+            request: Some(Box::new(request)),
+        };
+        let conn = match self.wait_ready(lane).await {
+            Ok(conn) => conn,
+            Err(error) => return Err(unsent(error, request)),
+        };
+        match conn.send_counted(request, Some(sent)).await {
+            Ok(response) => Ok(response),
+            Err(SendError::NotSent {
+                request: Some(request),
+                error,
+            }) => Err(unsent(
+                self.call_error(SendError::NotSent {
+                    request: None,
+                    error,
+                }),
+                *request,
+            )),
+            Err(err) => Err(Unsent {
+                error: self.call_error(err),
+                request: None,
+            }),
         }
     }
 }

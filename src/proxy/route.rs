@@ -64,8 +64,10 @@ pub async fn plan(
     match methods::call_kind(method)? {
         CallKind::StorageAccessor => storage_accessor(proxy, method, message),
         CallKind::Accessor => accessor(proxy, method, message, headers).await,
-        CallKind::Mutator => mutator(proxy, method, message, headers).await,
-        CallKind::Maintenance => maintenance(proxy, method, message).await,
+        // Boxed: their futures are several times a read's, and every call's future would
+        // otherwise be as large as the largest (copied whole whenever it is moved).
+        CallKind::Mutator => Box::pin(mutator(proxy, method, message, headers)).await,
+        CallKind::Maintenance => Box::pin(maintenance(proxy, method, message)).await,
     }
 }
 

@@ -121,9 +121,14 @@ impl<S: RoutingStore, H: HealthView> Router<S, H> {
         self.check_repository(repository)?;
         let healthy = self.healthy(&repository.storage_name)?;
         let (storage, replica_path) = if force_primary {
-            let (entry, primary) = self
-                .healthy_primary(repository, &healthy, RoutingError::RepositoryNotFound)
-                .await?;
+            // Boxed: an election's future is large and rare; reads from any replica should
+            // not carry its size.
+            let (entry, primary) = Box::pin(self.healthy_primary(
+                repository,
+                &healthy,
+                RoutingError::RepositoryNotFound,
+            ))
+            .await?;
             (primary, entry.replica_path)
         } else {
             let entry = self
