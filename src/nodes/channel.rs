@@ -442,12 +442,8 @@ impl ChannelShared {
         mut request: http::Request<RequestBody>,
         lane: Option<Lane>,
     ) -> Result<http::Response<ResponseBody>, Unsent> {
-        let unsent = |error, request| Unsent {
-            error,
-            request: Some(Box::new(request)),
-        };
         if let Err(error) = self.prepare(&mut request) {
-            return Err(unsent(error, request));
+            return Err(Unsent::returned(error, request));
         }
         let call = MethodMetrics::for_path(Side::Client, request.uri().path()).start();
         let lane = lane.unwrap_or_else(|| Lane::for_headers(request.headers()));
@@ -472,78 +468,50 @@ impl ChannelShared {
         }
     }
 
-    /// [`ChannelShared::send_or_return`] of a prepared request.
+    /// [`ChannelShared::send_or_return`] of a prepared request. A connection that would not
+    /// open a stream (closing, failed) leaves the request intact, so it goes to another
+    /// connection, once.
     async fn send_prepared(
         self: &Arc<Self>,
-        request: http::Request<RequestBody>,
+        mut request: http::Request<RequestBody>,
         sent: &prometheus::IntCounter,
         lane: Lane,
     ) -> Result<http::Response<ResponseBody>, Unsent> {
-        let unsent = |error, request| Unsent {
-            error,
-            request: Some(Box::new(request)),
-        };
-        // The waits for a connection are boxed, here and in `send_again`: they are rare, and
-        // their futures would otherwise make every call's future larger (see
-        // `StorageCache::get`).
-        let conn = match self.pick_ready(lane) {
-            Some(conn) => conn,
-            None => match Box::pin(self.wait_ready(lane)).await {
-                Ok(conn) => conn,
-                Err(error) => return Err(unsent(error, request)),
-            },
-        };
-        match conn.send_counted(request, Some(sent)).await {
-            Ok(response) => Ok(response),
-            // The connection would not open a stream (closing, failed): the request is
-            // intact, so it goes to another connection, once.
-            Err(SendError::NotSent {
-                request: Some(request),
-                error,
-            }) => {
-                tracing::debug!(node = %self.address, error = %error, "connection refused a new stream; retrying");
-                conn.retire();
-                Box::pin(self.send_again(*request, sent, lane)).await
-            }
-            Err(err) => Err(Unsent {
-                error: self.call_error(err),
-                request: None,
-            }),
-        }
-    }
-
-    /// The second and last attempt of [`ChannelShared::send_prepared`], on another
-    /// connection.
-    async fn send_again(
-        self: &Arc<Self>,
-        request: http::Request<RequestBody>,
-        sent: &prometheus::IntCounter,
-        lane: Lane,
-    ) -> Result<http::Response<ResponseBody>, Unsent> {
-        let unsent = |error, request| Unsent {
-            error,
-            request: Some(Box::new(request)),
-        };
-        let conn = match self.wait_ready(lane).await {
-            Ok(conn) => conn,
-            Err(error) => return Err(unsent(error, request)),
-        };
-        match conn.send_counted(request, Some(sent)).await {
-            Ok(response) => Ok(response),
-            Err(SendError::NotSent {
-                request: Some(request),
-                error,
-            }) => Err(unsent(
-                self.call_error(SendError::NotSent {
-                    request: None,
+        let mut conn = self.pick_ready(lane);
+        let mut retried = false;
+        loop {
+            // The wait for a connection is boxed: it is rare, and its future would otherwise
+            // make every call's future larger (see `StorageCache::get`).
+            let ready = match conn.take() {
+                Some(ready) => ready,
+                None => match Box::pin(self.wait_ready(lane)).await {
+                    Ok(ready) => ready,
+                    Err(error) => return Err(Unsent::returned(error, request)),
+                },
+            };
+            match ready.send_counted(request, Some(sent)).await {
+                Ok(response) => return Ok(response),
+                Err(SendError::NotSent {
+                    request: Some(returned),
                     error,
-                }),
-                *request,
-            )),
-            Err(err) => Err(Unsent {
-                error: self.call_error(err),
-                request: None,
-            }),
+                }) if !retried => {
+                    tracing::debug!(node = %self.address, error = %error, "connection refused a new stream; retrying");
+                    ready.retire();
+                    retried = true;
+                    request = *returned;
+                }
+                Err(SendError::NotSent {
+                    request: Some(returned),
+                    error,
+                }) => {
+                    let error = self.call_error(SendError::NotSent {
+                        request: None,
+                        error,
+                    });
+                    return Err(Unsent::returned(error, *returned));
+                }
+                Err(err) => return Err(Unsent::sent(self.call_error(err))),
+            }
         }
     }
 }
@@ -552,6 +520,24 @@ impl ChannelShared {
 pub struct Unsent {
     pub error: NodeError,
     pub request: Option<Box<http::Request<RequestBody>>>,
+}
+
+impl Unsent {
+    /// A call that never reached the node: the request comes back with the error.
+    fn returned(error: NodeError, request: http::Request<RequestBody>) -> Unsent {
+        Unsent {
+            error,
+            request: Some(Box::new(request)),
+        }
+    }
+
+    /// A call that reached the node, or may have.
+    fn sent(error: NodeError) -> Unsent {
+        Unsent {
+            error,
+            request: None,
+        }
+    }
 }
 
 impl NodeChannel {
