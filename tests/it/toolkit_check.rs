@@ -129,12 +129,14 @@ async fn db_metrics_show_a_queue_building_against_a_stopped_node() {
     ];
     let path = "group/queued.git";
     seed_repository(&db, &[&nodes[0], &nodes[1], &nodes[2]], path).await;
+    // gitaly-3 stops before the router starts: otherwise the background verifier could verify
+    // its replica first, and the replica would no longer count as unverified below.
+    nodes[2].kill();
     let dir = tempfile::tempdir().unwrap();
     let router = {
         let refs: Vec<&GitNode> = nodes.iter().collect();
         start_router(&db, dir.path(), &refs, "").await
     };
-    nodes[2].kill();
     wait_for_health_round(&db, "gitaly-3", false).await;
 
     let replica = replica_path(&db, path).await;
