@@ -54,9 +54,14 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
     {
         return configuration::validate_stdin();
     }
+    let serving = matches!(cli.command, None | Some(Command::Serve));
+    if serving {
+        // Before the heap grows: pages already made huge stay huge.
+        serve::huge_pages::disable();
+    }
     // Before the configuration is loaded (`config_command` starts a process): the sockets a
     // predecessor passed to `serve` become close-on-exec here, so no other process gets them.
-    let inheritance = matches!(cli.command, None | Some(Command::Serve)).then(serve::inherit);
+    let inheritance = serving.then(serve::inherit);
     let Some(config_path) = cli.config else {
         eprintln!("praefect: the -config flag is required: praefect -config FILE [subcommand]");
         return ExitCode::from(EXIT_USAGE);

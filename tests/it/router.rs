@@ -510,3 +510,45 @@ async fn ready_jobs(raw: &mut sqlx::PgConnection) -> Vec<(String, String, String
     .await
     .unwrap()
 }
+
+/// The `THP_enabled` line of a process's status: 0 once it has disabled transparent huge
+/// pages for itself (`PR_SET_THP_DISABLE`).
+fn thp_enabled(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .map(|value| value.trim().to_owned())
+        .unwrap_or_else(|| panic!("no THP_enabled in /proc/{pid}/status:\n{status}"))
+}
+
+/// The router keeps its heap out of transparent huge pages (mimalloc asks for them, and they
+/// multiplied its resident memory), unless the operator sets mimalloc's MIMALLOC_ALLOW_THP.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_router_turns_transparent_huge_pages_off_unless_the_allocator_switch_is_set() {
+    let db = TestDb::new().await;
+    let node = GitNode::start("gitaly-1");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db.connection(), &[&node]);
+    for (env, expected) in [(None, "0"), (Some(("MIMALLOC_ALLOW_THP", "1")), "1")] {
+        let config = config.clone();
+        let router =
+            tokio::task::spawn_blocking(move || Router::start_with_env(&config, env.as_slice()))
+                .await
+                .unwrap();
+        assert_eq!(
+            thp_enabled(router.child.id()),
+            expected,
+            "environment {env:?}"
+        );
+        assert_eq!(
+            router
+                .startup_log
+                .iter()
+                .any(|line| line.contains("transparent huge pages left to the allocator")),
+            env.is_some(),
+            "{:?}",
+            router.startup_log
+        );
+    }
+}

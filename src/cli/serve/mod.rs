@@ -15,6 +15,7 @@
 mod app;
 mod db_metrics;
 mod handover;
+pub mod huge_pages;
 mod listen;
 mod pid_file;
 mod readiness;
@@ -35,6 +36,7 @@ pub use handover::{inherit, HandoverError, Inheritance};
 
 pub async fn run(config: Config, inheritance: Result<Inheritance, HandoverError>) -> ExitCode {
     logging::init(&config.logging);
+    huge_pages::log_outcome();
     warn_ignored_keys(&config);
     let outcome = match inheritance {
         Ok(inheritance) => serve(config, inheritance).await,
