@@ -522,8 +522,9 @@ fn thp_enabled(pid: u32) -> String {
         .unwrap_or_else(|| panic!("no THP_enabled in /proc/{pid}/status:\n{status}"))
 }
 
-/// The router keeps its heap out of transparent huge pages (mimalloc asks for them, and they
-/// multiplied its resident memory), unless the operator sets mimalloc's MIMALLOC_ALLOW_THP.
+/// The router keeps its heap out of transparent huge pages (they multiplied its resident
+/// memory), also where the system's THP mode is `always`, unless the operator sets mimalloc's
+/// MIMALLOC_ALLOW_THP.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_router_turns_transparent_huge_pages_off_unless_the_allocator_switch_is_set() {
     let db = TestDb::new().await;

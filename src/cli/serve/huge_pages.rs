@@ -1,19 +1,21 @@
-//! Transparent huge pages off for the router's process, unless the operator asks for them.
+//! The router's heap stays out of transparent huge pages.
 //!
-//! Why: mimalloc, the router's allocator, reserves its heap in 1 GiB arenas and marks them
-//! `MADV_HUGEPAGE`. On a kernel whose THP mode is `madvise` (Debian's default) or `always`,
-//! a page fault there, or later a pass of `khugepaged`, makes a whole 2 MiB region resident
-//! even when it holds only a few KiB that are in use. The router's live heap is small (1–5 MB
-//! under the benchmark's mixed load, counted with the `alloc-trace` feature), so huge pages
-//! mostly hold empty memory: side by side under the same load, anonymous memory was 14.4 MB
-//! with them and 2.8 MB without, and a 10-minute soak stepped up by 8 MB, for good, when
-//! `khugepaged` first reached the router about 11 minutes after it started. CPU per call was
-//! the same either way (the working set is small enough for the TLB).
+//! Why: mimalloc, the router's allocator, reserves its heap in 1 GiB arenas and, by default,
+//! marks them `MADV_HUGEPAGE`. On a kernel whose THP mode is `madvise` (Debian's default) or
+//! `always`, a page fault there, or later a pass of `khugepaged`, makes a whole 2 MiB region
+//! resident even when it holds only a few KiB that are in use. The router's live heap is small
+//! (1–5 MB under the benchmark's mixed load, counted with the `alloc-trace` feature), so huge
+//! pages mostly held free memory: side by side under the same load, anonymous memory was
+//! 14.4 MB with them and 2.8 MB without, and a 10-minute soak stepped up by 8 MB, for good,
+//! when `khugepaged` first reached the router about 11 minutes after it started. CPU per call
+//! was the same either way (the working set is small enough for the TLB).
 //!
-//! `PR_SET_THP_DISABLE` applies to the whole process from then on (page faults and
-//! `khugepaged` alike) and to processes it forks, such as the successor of a SIGHUP
-//! hand-over. An operator who wants huge pages sets `MIMALLOC_ALLOW_THP=1`, mimalloc's own
-//! switch; when that variable is set at all, the decision is left to mimalloc.
+//! Two parts: mimalloc is built with its `no_thp` feature (Cargo.toml), so it never asks for
+//! huge pages, not even for the pages it touches before `main`; and [`disable`] sets
+//! `PR_SET_THP_DISABLE` for the process, which also keeps a THP mode of `always` off it (page
+//! faults and `khugepaged` alike, and processes it forks, such as the successor of a SIGHUP
+//! hand-over). An operator who wants the system's setting to apply sets `MIMALLOC_ALLOW_THP`
+//! (mimalloc's own switch); when that variable is set at all, [`disable`] does nothing.
 
 use std::sync::OnceLock;
 
