@@ -10,8 +10,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// With the `alloc-trace` feature, the same allocator behind a counting wrapper.
 #[cfg(feature = "alloc-trace")]
 #[global_allocator]
-static ALLOCATOR: alloc_trace::Counting<mimalloc::MiMalloc> =
-    alloc_trace::Counting::new(mimalloc::MiMalloc);
+static ALLOCATOR: praefect_alloc_trace::Counting<mimalloc::MiMalloc> =
+    praefect_alloc_trace::Counting::new(mimalloc::MiMalloc);
 
 fn main() -> std::process::ExitCode {
     #[cfg(feature = "alloc-trace")]
@@ -32,7 +32,7 @@ fn start_alloc_trace() {
     ALLOCATOR.set_large(number("PRAEFECT_ALLOC_TRACE_BYTES", 1 << 20) as usize);
     let interval =
         std::time::Duration::from_secs(number("PRAEFECT_ALLOC_TRACE_INTERVAL", 1).max(1));
-    if let Err(error) = alloc_trace::start_reporter(&ALLOCATOR, interval) {
+    if let Err(error) = praefect_alloc_trace::start_reporter(&ALLOCATOR, interval) {
         eprintln!("alloc-trace: cannot start the reporter: {error}");
     }
 }
