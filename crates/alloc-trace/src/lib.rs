@@ -8,7 +8,7 @@
 //!
 //! - the bytes currently allocated, and their highest value since the last report;
 //! - the number of allocations;
-//! - for each allocation of at least [`Counting::large`] bytes: its size and, for the first
+//! - for each allocation of at least [`Counting::set_large`] bytes: its size and, for the first
 //!   few each second, a backtrace, printed to stderr.
 //!
 //! [`start_reporter`] prints one line per interval to stderr. Crates that use it put it
@@ -58,11 +58,6 @@ impl<A> Counting<A> {
     /// From how many bytes an allocation is reported on stderr.
     pub fn set_large(&self, bytes: usize) {
         self.large.store(bytes, Ordering::Relaxed);
-    }
-
-    /// The threshold set by [`Counting::set_large`].
-    pub fn large(&self) -> usize {
-        self.large.load(Ordering::Relaxed)
     }
 
     /// Bytes allocated and not yet freed, as the callers asked for them (not the allocator's
