@@ -8,6 +8,7 @@
 //! - [`gitnode`]: gitnode processes, git, and the environment for git over gitnode-ssh.
 //! - [`dns`]: a DNS server on loopback whose answers a test changes (service discovery).
 //! - [`wait`]: [`wait::wait_until`], polling a condition until a deadline.
+//! - [`ports`]: loopback ports for the processes a test starts.
 //!
 //! Nothing here knows the router's own types (its configuration or datastore): the tests
 //! translate [`pg::Conn`] into those, and migrate databases through a function they pass.
@@ -26,4 +27,5 @@ pub mod gitnode;
 pub mod patroni;
 pub mod pg;
 pub mod pgbouncer;
+pub mod ports;
 pub mod wait;

@@ -14,7 +14,6 @@
 
 use std::fs::{self, OpenOptions};
 use std::future::Future;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -23,6 +22,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+
+pub use crate::ports::free_port;
 use sqlx::{Connection, Executor, PgConnection};
 
 /// How to reach one database: what a router's `[database]` section holds. The tests turn it
@@ -263,13 +264,6 @@ fn run_as(command: &mut Command, identity: Option<(u32, u32)>) -> &mut Command {
         command.gid(gid).uid(uid);
     }
     command
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("finding a free port")
 }
 
 async fn is_up(url: &str) -> bool {

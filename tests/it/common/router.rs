@@ -50,15 +50,10 @@ pub fn write_config_with(
     write_config_on(dir, db, nodes, "127.0.0.1:0", extra)
 }
 
-/// A loopback port that was free a moment ago. Routers that must have distinct instance names
-/// (`<hostname>:<listen_addr>`) need distinct configured ports, not port 0.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// A loopback port that was free a moment ago (see `testkit::ports`). Routers that must have
+/// distinct instance names (`<hostname>:<listen_addr>`) need distinct configured ports, not
+/// port 0.
+pub use testkit::ports::free_port;
 
 /// Like [`write_config_with`], listening on `listen_addr`.
 pub fn write_config_on(
