@@ -622,3 +622,105 @@ async fn push_and_clone_over_tls_with_the_backchannel_inside() {
         "{stderr}"
     );
 }
+
+/// `h2-relay`, the bench's yardstick for the HTTP/2 library, in front of a node: unary
+/// answers and error statuses come through as they are, and a push (a stream each way)
+/// lands. A relay that broke calls would make the bench's floor a floor of failures.
+#[tokio::test(flavor = "multi_thread")]
+async fn h2_relay_passes_calls_and_pushes_through_unchanged() {
+    let node = GitNode::start("gitaly-relay");
+    let port = testkit::ports::free_port();
+    let node_addr = node.address.trim_start_matches("tcp://").to_string();
+    let _relay = KillOnDrop(
+        std::process::Command::new(binary("h2-relay"))
+            .args([format!("127.0.0.1:{port}"), node_addr])
+            .spawn()
+            .unwrap(),
+    );
+    let relay_address = format!("tcp://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "h2-relay did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let through_relay = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    // An error status (with its message) comes through unchanged.
+    let refused = RefServiceClient::new(through_relay.clone())
+        .find_default_branch_name(FindDefaultBranchNameRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert_eq!(refused.message(), "authentication required");
+
+    // A push through the relay, over plain HTTP/2 (the relay has no backchannel).
+    let path = "relayed.git";
+    node.create_repository(path).await;
+    let work = tempfile::tempdir().unwrap();
+    build_history(work.path());
+    let mut env = ssh_env(&relay_address, &node.storage, path);
+    env.push(("GITALY_PLAIN_HTTP2".into(), "1".into()));
+    // Under `timeout`: a relay that waited for the whole request before the answer would
+    // hang the push (the client waits for the advertisement first).
+    let pushed = std::process::Command::new("timeout")
+        .args(["60", "git", "push", "--quiet", "ssh://gitaly/x", "--all"])
+        .current_dir(work.path())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .status()
+        .unwrap();
+    assert!(pushed.success(), "push through h2-relay: {pushed}");
+    let pushed = node.root.join(path);
+    assert_eq!(
+        resolve_ref(&pushed, "refs/heads/main"),
+        resolve_ref(&work.path().join(".git"), "refs/heads/main")
+    );
+
+    // Many unary calls in a row on one connection, each answered like the direct one.
+    let authed = |token: &str| {
+        let mut request = tonic::Request::new(FindDefaultBranchNameRequest {
+            repository: Some(node.repository(path)),
+            ..Default::default()
+        });
+        let header = format!("Bearer {}", sign_v2(token.as_bytes(), SystemTime::now()));
+        request
+            .metadata_mut()
+            .insert("authorization", header.parse().unwrap());
+        request
+    };
+    let direct = RefServiceClient::new(node.plain_channel().await)
+        .find_default_branch_name(authed(TOKEN))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(direct.name, b"refs/heads/main");
+    for _ in 0..50 {
+        let relayed = RefServiceClient::new(through_relay.clone())
+            .find_default_branch_name(authed(TOKEN))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(relayed, direct);
+    }
+}
+
+/// A child process killed when the test ends, failed or not (a relay left running would
+/// hold the test's output open).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn resolve_ref(git_dir: &Path, name: &str) -> String {
+    git(git_dir, &["rev-parse", name], &[]).trim().to_string()
+}
