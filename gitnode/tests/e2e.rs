@@ -5,11 +5,13 @@
 // the failure where it happened, which is what a test should do.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use praefect_wire::auth::sign_v2;
+use praefect_wire::auth::{sign_v2, TokenInterceptor};
 use praefect_wire::proto::ref_service_client::RefServiceClient;
 use praefect_wire::proto::repository_service_client::RepositoryServiceClient;
 use praefect_wire::proto::server_service_client::ServerServiceClient;
@@ -638,14 +640,10 @@ async fn h2_relay_passes_calls_and_pushes_through_unchanged() {
             .unwrap(),
     );
     let relay_address = format!("tcp://127.0.0.1:{port}");
-    let deadline = std::time::Instant::now() + WAIT;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "h2-relay did not listen"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    testkit::wait::wait_until(WAIT, "h2-relay listens", async || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
     let through_relay = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
         .connect()
@@ -676,33 +674,29 @@ async fn h2_relay_passes_calls_and_pushes_through_unchanged() {
         .status()
         .unwrap();
     assert!(pushed.success(), "push through h2-relay: {pushed}");
-    let pushed = node.root.join(path);
+    let source_main = common::resolve(&work.path().join(".git"), "refs/heads/main");
+    assert!(source_main.is_some());
     assert_eq!(
-        resolve_ref(&pushed, "refs/heads/main"),
-        resolve_ref(&work.path().join(".git"), "refs/heads/main")
+        common::resolve(&node.root.join(path), "refs/heads/main"),
+        source_main
     );
 
     // Many unary calls in a row on one connection, each answered like the direct one.
-    let authed = |token: &str| {
-        let mut request = tonic::Request::new(FindDefaultBranchNameRequest {
-            repository: Some(node.repository(path)),
-            ..Default::default()
-        });
-        let header = format!("Bearer {}", sign_v2(token.as_bytes(), SystemTime::now()));
-        request
-            .metadata_mut()
-            .insert("authorization", header.parse().unwrap());
-        request
+    let request = || FindDefaultBranchNameRequest {
+        repository: Some(node.repository(path)),
+        ..Default::default()
     };
-    let direct = RefServiceClient::new(node.plain_channel().await)
-        .find_default_branch_name(authed(TOKEN))
+    let signed = TokenInterceptor::new(TOKEN);
+    let direct = RefServiceClient::with_interceptor(node.plain_channel().await, signed.clone())
+        .find_default_branch_name(request())
         .await
         .unwrap()
         .into_inner();
     assert_eq!(direct.name, b"refs/heads/main");
+    let mut relayed_client = RefServiceClient::with_interceptor(through_relay, signed);
     for _ in 0..50 {
-        let relayed = RefServiceClient::new(through_relay.clone())
-            .find_default_branch_name(authed(TOKEN))
+        let relayed = relayed_client
+            .find_default_branch_name(request())
             .await
             .unwrap()
             .into_inner();
@@ -719,8 +713,4 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn resolve_ref(git_dir: &Path, name: &str) -> String {
-    git(git_dir, &["rev-parse", name], &[]).trim().to_string()
 }
