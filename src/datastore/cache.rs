@@ -109,9 +109,12 @@ enum LookupError {
     Database(Arc<DatastoreError>),
 }
 
+/// One virtual storage's cache (foldhash: every read looks into it).
+type RepositoryCache = moka::future::Cache<Key, Cached, foldhash::fast::RandomState>;
+
 pub struct StorageCache {
     store: Datastore,
-    caches: HashMap<String, moka::future::Cache<Key, Cached>>,
+    caches: foldhash::HashMap<String, RepositoryCache>,
     enabled: AtomicBool,
     /// Bumped each time the listener (re)connects, so that a read that queried before a
     /// reconnect does not put its result into the freshly flushed cache.
@@ -125,7 +128,7 @@ pub struct StorageCache {
     evicted_at: Mutex<HashMap<(String, String), u64>>,
     pub stats: CacheStats,
     /// The `hit` counter of each virtual storage, looked up once (hits are every read).
-    hit_counters: HashMap<String, OnceLock<prometheus::IntCounter>>,
+    hit_counters: foldhash::HashMap<String, OnceLock<prometheus::IntCounter>>,
 }
 
 #[derive(Deserialize)]
@@ -161,7 +164,7 @@ impl StorageCache {
                 let cache = moka::future::Cache::builder()
                     .max_capacity(share)
                     .weigher(weigh)
-                    .build();
+                    .build_with_hasher(foldhash::fast::RandomState::default());
                 (vs.clone(), cache)
             })
             .collect();
@@ -313,7 +316,7 @@ impl StorageCache {
     /// the entry; if the database is unavailable, a recent enough entry answers.
     async fn get_unconfirmed(
         &self,
-        cache: &moka::future::Cache<Key, Cached>,
+        cache: &RepositoryCache,
         virtual_storage: &str,
         relative_path: &str,
     ) -> Result<Option<Value>, DatastoreError> {
@@ -359,7 +362,7 @@ impl StorageCache {
     /// window.
     async fn stale_fallback(
         &self,
-        cache: &moka::future::Cache<Key, Cached>,
+        cache: &RepositoryCache,
         virtual_storage: &str,
         relative_path: &str,
         err: &DatastoreError,

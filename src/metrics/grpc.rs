@@ -10,7 +10,6 @@
 //! the bytes as they pass ([`MessageCounter`]): the router forwards frames without decoding
 //! them.
 
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -164,7 +163,7 @@ pub struct MethodMetrics {
 /// so a client calling made-up paths cannot grow it.
 /// One map per side, keyed by path alone, so that a lookup borrows the path instead of
 /// allocating a key on every call.
-type Cache = RwLock<HashMap<Box<str>, Arc<MethodMetrics>>>;
+type Cache = RwLock<foldhash::HashMap<Box<str>, Arc<MethodMetrics>>>;
 static SERVER_CACHE: LazyLock<Cache> = LazyLock::new(Cache::default);
 static CLIENT_CACHE: LazyLock<Cache> = LazyLock::new(Cache::default);
 

@@ -452,7 +452,10 @@ impl ChannelShared {
             .await;
         match result {
             Ok(mut response) => {
-                match response.headers().get("grpc-status") {
+                match response
+                    .headers()
+                    .get(crate::wire::header_names::GRPC_STATUS)
+                {
                     // Trailers-only: the call is over.
                     Some(code) => {
                         call.done(tonic::Code::from_bytes(code.as_bytes()));

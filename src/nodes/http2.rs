@@ -52,12 +52,12 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 /// Headers HTTP/2 forbids (they are about one HTTP/1 connection); h2 refuses a request
 /// that has them, so they are dropped rather than failing the call.
-const CONNECTION_HEADERS: [&str; 5] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
+const CONNECTION_HEADERS: [http::HeaderName; 5] = [
+    http::header::CONNECTION,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
 ];
 
 /// One established HTTP/2 connection: a handle to open streams on it, and whether it is gone.
@@ -554,7 +554,7 @@ impl Body for ResponseBody {
         match trailers {
             Ok(Some(trailers)) => {
                 let code = trailers
-                    .get("grpc-status")
+                    .get(crate::wire::header_names::GRPC_STATUS)
                     .map_or(tonic::Code::Unknown, |c| {
                         tonic::Code::from_bytes(c.as_bytes())
                     });

@@ -73,8 +73,8 @@ impl Lane {
     /// reference transaction or a sidechannel (the node answers back over the session it
     /// came on), the plain one otherwise.
     pub(crate) fn for_headers(headers: &http::HeaderMap) -> Lane {
-        if headers.contains_key(crate::wire::transaction::METADATA_KEY)
-            || headers.contains_key(crate::wire::sidechannel::METADATA_KEY)
+        if headers.contains_key(crate::wire::header_names::REFERENCE_TRANSACTION)
+            || headers.contains_key(crate::wire::header_names::SIDECHANNEL_ID)
         {
             Lane::Backchannel
         } else {

@@ -90,10 +90,13 @@ impl Finish {
 
     /// The response, watched for its end.
     fn watch(self, response: Response) -> Response {
-        if let Some(code) = response.headers().get("grpc-status") {
+        if let Some(code) = response
+            .headers()
+            .get(crate::wire::header_names::GRPC_STATUS)
+        {
             // Trailers-only: over now.
             let code = tonic::Code::from_bytes(code.as_bytes());
-            let message = message(response.headers());
+            let message = failure_message(code, response.headers());
             self.done(code, &message);
             return response;
         }
@@ -122,8 +125,13 @@ impl Finish {
     }
 }
 
-/// The status message of trailers (or trailers-only headers), decoded.
-fn message(headers: &http::HeaderMap) -> String {
+/// The status message of a failed call's trailers (or trailers-only headers), decoded; empty
+/// for a call that succeeded, whose line has no message (so that the decoding, and its
+/// allocation, is not paid on every call).
+fn failure_message(code: tonic::Code, headers: &http::HeaderMap) -> String {
+    if code == tonic::Code::Ok {
+        return String::new();
+    }
     tonic::Status::from_header_map(headers)
         .map(|status| status.message().to_string())
         .unwrap_or_default()
@@ -147,11 +155,11 @@ impl Body for Watched {
         let ended = match &polled {
             Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|trailers| {
                 let code = trailers
-                    .get("grpc-status")
+                    .get(crate::wire::header_names::GRPC_STATUS)
                     .map_or(tonic::Code::Unknown, |c| {
                         tonic::Code::from_bytes(c.as_bytes())
                     });
-                (code, message(trailers))
+                (code, failure_message(code, trailers))
             }),
             Poll::Ready(Some(Err(status))) => Some((status.code(), status.message().to_string())),
             Poll::Ready(None) => Some((

@@ -126,12 +126,12 @@ pub fn broken(message: String) -> CallStatus {
 /// sent them (percent-encoded), which is enough to tell whether two nodes answered alike.
 pub fn call_status(headers: &http::HeaderMap) -> CallStatus {
     let code = headers
-        .get("grpc-status")
+        .get(crate::wire::header_names::GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(tonic::Code::Unknown as i32);
     let message = headers
-        .get("grpc-message")
+        .get(crate::wire::header_names::GRPC_MESSAGE)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         .unwrap_or_default();
     CallStatus { code, message }
@@ -150,7 +150,10 @@ where
     Fut: Future<Output = Result<(), Status>> + Send + 'static,
 {
     let (parts, body) = response.into_parts();
-    if parts.headers.contains_key("grpc-status") {
+    if parts
+        .headers
+        .contains_key(crate::wire::header_names::GRPC_STATUS)
+    {
         // A trailers-only answer: the outcome is known now.
         let status = call_status(&parts.headers);
         return match detached(finish(status)).await {
@@ -177,7 +180,7 @@ pub fn status_trailers(status: Status) -> http::HeaderMap {
 /// Whether trailers (or trailers-only headers) report success.
 pub fn is_ok(headers: &http::HeaderMap) -> bool {
     headers
-        .get("grpc-status")
+        .get(crate::wire::header_names::GRPC_STATUS)
         .is_some_and(|v| v.as_bytes() == b"0")
 }
 
@@ -350,6 +353,11 @@ mod tests {
         node.send(Ok(ok_trailers())).await.unwrap();
         let frame = body.frame().await.unwrap().unwrap();
         let trailers = frame.trailers_ref().unwrap();
-        assert_eq!(trailers.get("grpc-status").unwrap(), "14");
+        assert_eq!(
+            trailers
+                .get(crate::wire::header_names::GRPC_STATUS)
+                .unwrap(),
+            "14"
+        );
     }
 }

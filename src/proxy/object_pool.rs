@@ -21,7 +21,10 @@ type Response = http::Response<tonic::body::Body>;
 /// The node's answer with the pool's path translated back for the client.
 pub async fn translate(proxy: &Proxy, response: Response) -> Result<Response, ProxyError> {
     let (parts, body) = response.into_parts();
-    if parts.headers.contains_key("grpc-status") {
+    if parts
+        .headers
+        .contains_key(crate::wire::header_names::GRPC_STATUS)
+    {
         return Ok(http::Response::from_parts(parts, body));
     }
     let forward_error = |source: tonic::Status| ProxyError::Forward {

@@ -25,7 +25,6 @@ use super::write::WriteCall;
 use super::{forward, object_pool, request_body, sidechannel};
 use crate::routing::registry::MethodInfo;
 use crate::wire::backchannel::PeerInfo;
-use crate::wire::sidechannel as wire_sidechannel;
 
 type Response = http::Response<tonic::body::Body>;
 
@@ -61,7 +60,7 @@ impl Proxy {
                 }
                 // Several nodes cannot share the client's one sidechannel, and none may open
                 // one to the client under its id: maintenance calls never use one anyway.
-                headers.remove(wire_sidechannel::METADATA_KEY);
+                headers.remove(crate::wire::header_names::SIDECHANNEL_ID);
                 forward::fan_out(self, &uri, &headers, calls).await
             }
             Forwarding::One {
@@ -151,7 +150,7 @@ impl Proxy {
         }
         let waiter = self.nodes.sidechannels.register();
         let value = http::HeaderValue::from(waiter.id());
-        headers.append(wire_sidechannel::METADATA_KEY, value);
+        headers.append(crate::wire::header_names::SIDECHANNEL_ID, value);
         sidechannel::spawn_bridge(
             &self.bridges,
             waiter,

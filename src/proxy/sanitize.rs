@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use http_body::Frame;
 use http_body_util::BodyExt;
 
-const GRPC_MESSAGE: &str = "grpc-message";
+use crate::wire::header_names::GRPC_MESSAGE;
 
 /// Node address schemes (see `nodes::address`) and the ones Gitaly uses.
 const ADDRESS_SCHEMES: &[&str] = &["tcp://", "tls://", "dns+tls:", "dns:", "unix:"];

@@ -129,7 +129,9 @@ where
 /// appended id takes over; a client has no business sending two), as is a value that is not
 /// a plain non-negative int64.
 pub fn client_id(headers: &http::HeaderMap) -> Result<Option<u64>, Malformed> {
-    let mut values = headers.get_all(sidechannel::METADATA_KEY).iter();
+    let mut values = headers
+        .get_all(crate::wire::header_names::SIDECHANNEL_ID)
+        .iter();
     let Some(value) = values.next() else {
         return Ok(None);
     };

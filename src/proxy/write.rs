@@ -31,7 +31,6 @@ use crate::routing::registry::MethodInfo;
 use crate::routing::WriteRoute;
 use crate::transactions::outcome::{self, CallStatus, Decision};
 use crate::transactions::{voters_for, Registration};
-use crate::wire::sidechannel as wire_sidechannel;
 use crate::wire::transaction::{TransactionMetadata, METADATA_KEY as TRANSACTION_KEY};
 
 type Response = http::Response<tonic::body::Body>;
@@ -92,7 +91,7 @@ impl Proxy {
                 .map(|((destination, _), body)| {
                     let mut headers = headers.clone();
                     // Only the primary talks to the client over a sidechannel.
-                    headers.remove(wire_sidechannel::METADATA_KEY);
+                    headers.remove(crate::wire::header_names::SIDECHANNEL_ID);
                     let storage = destination.storage.clone();
                     let task = self.spawn_secondary(
                         &registration,
@@ -236,7 +235,10 @@ async fn run_secondary(
         Err(err) => return broken(format!("{err}: {}", err.chain())),
     };
     let (parts, mut body) = response.into_parts();
-    if parts.headers.contains_key("grpc-status") {
+    if parts
+        .headers
+        .contains_key(crate::wire::header_names::GRPC_STATUS)
+    {
         return call_status(&parts.headers);
     }
     finalize::ends_with(&mut body).await

@@ -5,7 +5,6 @@
 //! The facts come from `data/gitaly-rpcs.tsv` (a copy of the protocol's RPC table, one row per
 //! RPC), compiled into the binary and parsed once.
 
-use std::collections::HashMap;
 use std::sync::LazyLock;
 
 /// How an RPC affects a repository, which decides how it is routed.
@@ -74,7 +73,7 @@ const RPC_TABLE: &str = include_str!("../../data/gitaly-rpcs.tsv");
 
 /// The registry of every Gitaly RPC, by full method name.
 pub struct Registry {
-    methods: HashMap<String, MethodInfo>,
+    methods: foldhash::HashMap<String, MethodInfo>,
 }
 
 // The table is compiled in and the unit tests below parse it, so parsing cannot fail in a
@@ -136,7 +135,7 @@ impl Registry {
             partition: column("partition_id_field")?,
             intercepted: column("intercepted")?,
         };
-        let mut methods = HashMap::new();
+        let mut methods = foldhash::HashMap::default();
         for (i, line) in lines {
             if line.trim().is_empty() {
                 continue;

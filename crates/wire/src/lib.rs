@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod backchannel;
+pub mod header_names;
 pub mod idle;
 pub mod pktline;
 pub mod sidechannel;
