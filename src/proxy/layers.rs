@@ -42,15 +42,20 @@ pub type Request = http::Request<tonic::body::Body>;
 pub type RequestStep = fn(Request) -> Request;
 
 /// Gives every call a correlation id: the client's, or a new one when it sent none.
+///
+/// The id is marked sensitive, which only tells HPACK to send it as a literal that is never
+/// indexed (the HTTP/2 header compression of the call to the node). Every call has a new id:
+/// indexing it would insert an entry into the connection's header table on every call,
+/// evicting the headers that do repeat (content type, the node's token), and search the table
+/// for it first; that was about 3% of the instructions of a unary call.
 pub fn ensure_correlation_id(mut request: Request) -> Request {
-    let has_id = request
-        .headers()
-        .get(&CORRELATION_NAME)
-        .is_some_and(|id| !id.is_empty() && id.to_str().is_ok());
-    if !has_id {
-        request
-            .headers_mut()
-            .insert(CORRELATION_NAME, new_correlation_id());
+    match request.headers_mut().get_mut(&CORRELATION_NAME) {
+        Some(id) if !id.is_empty() && id.to_str().is_ok() => id.set_sensitive(true),
+        _ => {
+            let mut id = new_correlation_id();
+            id.set_sensitive(true);
+            request.headers_mut().insert(CORRELATION_NAME, id);
+        }
     }
     request
 }

@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tower::Layer;
 
 use super::db_metrics::{db_metrics_route, DbMetrics};
 use super::handover::{self, HandoverError, InheritedListeners, ListenerId, Passable};
+use super::http2_server;
 use super::listen::{self, bind};
 use super::readiness::readiness_route;
 use super::tasks::Tasks;
@@ -273,7 +275,6 @@ impl App {
         health_reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
-        let service = crate::proxy::router_service(proxy, health_service);
         if self.config.auth.token.is_empty() {
             // Allowed (Praefect allows it), but rarely meant outside a test set-up.
             tracing::warn!(
@@ -284,6 +285,8 @@ impl App {
             AuthConfig::new(&self.config.auth.token, self.config.auth.transitioning)
                 .observed_by(crate::metrics::server::auth_observer()),
         );
+        // Authentication first: a call without a valid token reaches nothing else.
+        let service = auth.layer(crate::proxy::router_service(proxy, health_service));
         let yamux = yamux_config(
             u32::try_from(self.config.yamux.maximum_stream_window_size_bytes).unwrap_or(u32::MAX),
             usize::try_from(self.config.yamux.accept_backlog).unwrap_or(256),
@@ -293,11 +296,9 @@ impl App {
         let mut passables = Vec::new();
         for (listener, passable) in bind(&self.config, inherited).await? {
             passables.push(passable);
-            let server = limits.server().layer(auth.clone());
             // The stop ends the stream once the connections accepted before it are handed
-            // over, and the stream's end stops the server gracefully (the signal given to
-            // tonic only makes it graceful): a connection accepted just before the stop is
-            // served rather than closed in its handshake.
+            // over, and the stream's end stops the server gracefully: a connection accepted
+            // just before the stop is served rather than closed in its handshake.
             let stream = incoming_until(
                 listener,
                 self.sessions.clone(),
@@ -306,10 +307,10 @@ impl App {
                 limits.clone(),
                 self.tasks.stop_token().cancelled_owned(),
             );
-            self.tasks.spawn_server(server.serve_with_incoming_shutdown(
-                service.clone(),
+            self.tasks.spawn_server(http2_server::serve(
                 stream,
-                std::future::pending::<()>(),
+                service.clone(),
+                *limits.settings(),
             ));
         }
         Ok(passables)

@@ -15,6 +15,7 @@
 mod app;
 mod db_metrics;
 mod handover;
+mod http2_server;
 pub mod huge_pages;
 mod listen;
 mod pid_file;
