@@ -59,8 +59,9 @@ count_instructions() {
   idle=$(awk '/^totals:/ { print $2 }' "$out.2")
   mv "$out.1" "$out"
   callgrind_annotate --inclusive=yes "$out" 2>/dev/null |
-    awk -v n="$calls" '/^ *[0-9,]+ \(/ && shown < 60 { v = $1; gsub(",", "", v); $1 = ""; $2 = "";
-      printf "%9.0f %s\n", v / n, $0; shown++ }' > "$instructions_dir/$name.top.txt"
+    awk -v n="$calls" '/^ *[0-9,]+ \(/ && shown < 60 { v = $1; gsub(",", "", v)
+      sub(/^ *[0-9,]+ +\( *[0-9.]+%\) +/, ""); printf "%9.0f  %s\n", v / n, $0; shown++ }' \
+      > "$instructions_dir/$name.top.txt"
   awk -v n="$name" -v c="$calls" -v l="$loaded" -v i="$idle" -v s="$seconds" \
     'BEGIN { printf "%-8s %9.0f instructions/call  (%d calls in %.1f s; %.0f/call of background work subtracted)\n",
       n, (l - i) / c, c, s, i / c }'
