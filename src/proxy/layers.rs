@@ -144,7 +144,11 @@ mod tests {
                     .headers_mut()
                     .insert(CORRELATION_NAME, http::HeaderValue::from_static(id));
             }
-            let id = correlation_id(ensure_correlation_id(request).headers());
+            let request = ensure_correlation_id(request);
+            let value = request.headers().get(&CORRELATION_NAME).unwrap();
+            // Never indexed by HPACK (see ensure_correlation_id), whoever made it.
+            assert!(value.is_sensitive(), "{sent:?}");
+            let id = correlation_id(request.headers());
             match kept {
                 Some(kept) => assert_eq!(id, kept),
                 None => {
