@@ -153,7 +153,8 @@ pub fn incoming(
 /// closed, so that another process sharing the socket, a SIGHUP hand-over's successor, gets
 /// the next connections) and the stream ends as soon as the connections accepted before are
 /// yielded, each after its handshake. A server that stops gracefully when its stream ends
-/// (tonic's, with a shutdown signal) thus serves every connection it accepted.
+/// (tonic's with a shutdown signal, or the router's own hyper server) thus serves every
+/// connection it accepted.
 pub fn incoming_until(
     listener: Listener,
     registry: SessionRegistry,
