@@ -307,11 +307,8 @@ impl App {
                 limits.clone(),
                 self.tasks.stop_token().cancelled_owned(),
             );
-            self.tasks.spawn_server(http2_server::serve(
-                stream,
-                service.clone(),
-                *limits.settings(),
-            ));
+            self.tasks
+                .spawn_server(http2_server::serve(stream, service.clone(), limits.clone()));
         }
         Ok(passables)
     }

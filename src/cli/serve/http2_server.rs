@@ -5,7 +5,8 @@
 //! forwards), error recovery (the router's services never fail; failures are answers), and a
 //! request extension map for its connection info. Counted with `scripts/bench`'s
 //! `BENCH_INSTRUCTIONS`, that was about 5% of the instructions of a unary call. Here each
-//! connection gets hyper's HTTP/2 server with the same limits as before ([`LimitSettings`])
+//! connection gets hyper's HTTP/2 server with the same limits as before
+//! ([`ServerLimits::http2_builder`])
 //! and the call goes straight to the router's service, with the connection's
 //! [`PeerInfo`](crate::wire::backchannel::PeerInfo).
 //!
@@ -16,25 +17,25 @@
 use std::convert::Infallible;
 
 use futures::StreamExt;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
 use tower::{Service, ServiceExt};
 
-use crate::wire::backchannel::{Incoming, LimitSettings};
+use crate::wire::backchannel::{Incoming, ServerLimits};
 
 type Request = http::Request<tonic::body::Body>;
 type Response = http::Response<tonic::body::Body>;
 
 /// Serves every connection `incoming` yields with `service`, until `incoming` ends and the
 /// connections it yielded have closed.
-pub async fn serve<S>(mut incoming: Incoming, service: S, settings: LimitSettings)
+pub async fn serve<S>(mut incoming: Incoming, service: S, limits: ServerLimits)
 where
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    let builder = builder(&settings);
+    let builder = limits.http2_builder();
     let connections = TaskTracker::new();
     let closing = CancellationToken::new();
     while let Some(accepted) = incoming.next().await {
@@ -71,18 +72,4 @@ where
     closing.cancel();
     connections.close();
     connections.wait().await;
-}
-
-/// hyper's HTTP/2 server with the listeners' limits.
-fn builder(s: &LimitSettings) -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(s.max_concurrent_streams)
-        .keep_alive_interval(Some(s.keepalive_interval))
-        .keep_alive_timeout(s.keepalive_timeout)
-        .max_header_list_size(s.max_header_list_size)
-        .max_pending_accept_reset_streams(Some(s.max_pending_accept_reset_streams))
-        .max_local_error_reset_streams(Some(s.max_local_error_reset_streams));
-    builder
 }

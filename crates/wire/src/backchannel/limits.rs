@@ -1,7 +1,8 @@
 //! What a server lets one client hold: connections, streams, time to finish the handshake,
 //! header sizes, resets. Both the router and gitnode serve through [`ServerLimits`]: the
 //! accept loop ([`super::incoming_until`]) enforces the connection cap and the handshake
-//! deadline, and [`ServerLimits::server`] gives tonic's server builder the HTTP/2 limits.
+//! deadline, and [`ServerLimits::server`] gives tonic's server builder (gitnode's) the HTTP/2
+//! limits, [`ServerLimits::http2_builder`] hyper's (the router's).
 //!
 //! tonic leaves most of these unset: unlimited streams per connection, no keepalive, and it
 //! passes "no limit" for h2's count of streams the server resets because of the client's
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
@@ -115,6 +117,22 @@ impl ServerLimits {
             .http2_max_header_list_size(s.max_header_list_size)
             .http2_max_pending_accept_reset_streams(Some(s.max_pending_accept_reset_streams))
             .http2_max_local_error_reset_streams(Some(s.max_local_error_reset_streams))
+    }
+
+    /// hyper's HTTP/2 server builder with the same limits as [`ServerLimits::server`] (keep the
+    /// two alike: a limit set on one only leaves the other server open).
+    pub fn http2_builder(&self) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+        let s = &self.settings;
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(s.max_concurrent_streams)
+            .keep_alive_interval(Some(s.keepalive_interval))
+            .keep_alive_timeout(s.keepalive_timeout)
+            .max_header_list_size(s.max_header_list_size)
+            .max_pending_accept_reset_streams(Some(s.max_pending_accept_reset_streams))
+            .max_local_error_reset_streams(Some(s.max_local_error_reset_streams));
+        builder
     }
 
     /// A place for one more connection, or `None` (and a log line, at most one per
