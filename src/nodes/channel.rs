@@ -452,13 +452,10 @@ impl ChannelShared {
             .await;
         match result {
             Ok(mut response) => {
-                match response
-                    .headers()
-                    .get(crate::wire::header_names::GRPC_STATUS)
-                {
+                match crate::wire::header_names::grpc_code(response.headers()) {
                     // Trailers-only: the call is over.
                     Some(code) => {
-                        call.done(tonic::Code::from_bytes(code.as_bytes()));
+                        call.done(code);
                     }
                     None => response.body_mut().count(call),
                 }

@@ -553,11 +553,8 @@ impl Body for ResponseBody {
         this.done = true;
         match trailers {
             Ok(Some(trailers)) => {
-                let code = trailers
-                    .get(crate::wire::header_names::GRPC_STATUS)
-                    .map_or(tonic::Code::Unknown, |c| {
-                        tonic::Code::from_bytes(c.as_bytes())
-                    });
+                let code =
+                    crate::wire::header_names::grpc_code(&trailers).unwrap_or(tonic::Code::Unknown);
                 this.ended(code);
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }

@@ -17,6 +17,7 @@ use tower::{Layer, Service};
 
 use crate::metrics::grpc::{self, CallTimer, MessageCounter, MethodMetrics, Side};
 use crate::wire::backchannel::PeerInfo;
+use crate::wire::header_names::grpc_code;
 
 type Request = http::Request<tonic::body::Body>;
 type Response = http::Response<tonic::body::Body>;
@@ -90,12 +91,8 @@ impl Finish {
 
     /// The response, watched for its end.
     fn watch(self, response: Response) -> Response {
-        if let Some(code) = response
-            .headers()
-            .get(crate::wire::header_names::GRPC_STATUS)
-        {
+        if let Some(code) = grpc_code(response.headers()) {
             // Trailers-only: over now.
-            let code = tonic::Code::from_bytes(code.as_bytes());
             let message = failure_message(code, response.headers());
             self.done(code, &message);
             return response;
@@ -154,11 +151,7 @@ impl Body for Watched {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         let ended = match &polled {
             Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|trailers| {
-                let code = trailers
-                    .get(crate::wire::header_names::GRPC_STATUS)
-                    .map_or(tonic::Code::Unknown, |c| {
-                        tonic::Code::from_bytes(c.as_bytes())
-                    });
+                let code = grpc_code(trailers).unwrap_or(tonic::Code::Unknown);
                 (code, failure_message(code, trailers))
             }),
             Poll::Ready(Some(Err(status))) => Some((status.code(), status.message().to_string())),
