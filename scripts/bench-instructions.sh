@@ -18,8 +18,8 @@
 #   NAME.top.txt     functions by inclusive instructions, per call
 # Needs valgrind (Debian: valgrind).
 #
-# Expects from scripts/bench: bin, state, pin_proxy, wait_port, pids, and the configurations it
-# wrote ($state/praefect.toml, $state/haproxy/haproxy.cfg).
+# Expects from scripts/bench: bin, state, pin_proxy, wait_port, unary_h2load_args, pids, and the
+# configurations it wrote ($state/praefect.toml, $state/haproxy/haproxy.cfg).
 
 instructions_dir="$state/instructions"
 
@@ -29,7 +29,7 @@ count_instructions() {
   local name=$1 port=$2 auth=$3 storage=$4 path=$5
   shift 6
   local calls="${BENCH_INSTRUCTIONS:-2000}" out="$instructions_dir/$name.callgrind"
-  local request="$instructions_dir/request-$name.bin" header args pid started seconds loaded idle
+  local request="$instructions_dir/request-$name.bin" args result pid started seconds loaded idle
   rm -f "$out" "$out".*
   "${pin_proxy[@]}" valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
     "$@" > "$instructions_dir/$name.log" 2>&1 &
@@ -40,13 +40,13 @@ count_instructions() {
     tail -20 "$instructions_dir/$name.log" >&2
     return 1
   fi
-  header=$("$bin/gitaly-bench" --h2load-request "$auth" "$storage" "$path" "$request")
-  args=(-c 1 -m 1 -d "$request" -H "content-type: application/grpc" -H "te: trailers"
-    -H "$header" "http://127.0.0.1:$port/gitaly.RefService/FindDefaultBranchName")
+  unary_h2load_args "$request" 1 "$port" "$auth" "$storage" "$path"
+  args=("${h2load_args[@]}")
   "${pin_proxy[@]}" h2load -n 300 "${args[@]}" >/dev/null # warm-up (and lazy set-up)
   callgrind_control -i on "$pid" >/dev/null
   started=$EPOCHREALTIME
-  "${pin_proxy[@]}" h2load -n "$calls" "${args[@]}" | grep -q "succeeded, 0 failed" ||
+  result=$("${pin_proxy[@]}" h2load -n "$calls" "${args[@]}")
+  grep -q ' 0 failed, 0 errored, 0 timeout' <<<"$result" ||
     echo "bench: $name: some calls failed" >&2
   seconds=$(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }')
   callgrind_control -d "$pid" >/dev/null

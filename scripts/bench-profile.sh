@@ -10,19 +10,18 @@
 #   NAME.crates.txt  the share of samples by the crate (or library) of the innermost frame
 # Needs perf (Debian: linux-perf) and inferno (cargo install inferno).
 #
-# Expects from scripts/bench: bin, state, pin_proxy, h2load.
+# Expects from scripts/bench: bin, state, pin_proxy, unary_h2load_args.
 
 # profile_unary NAME PID PORT TOKEN STORAGE RELATIVE_PATH
 profile_unary() {
   local name=$1 pid=$2 port=$3 auth=$4 storage=$5 path=$6
-  local seconds="${BENCH_PROFILE:-10}" out="$state/profile" request header args
+  local seconds="${BENCH_PROFILE:-10}" out="$state/profile" request args
   local before_user before_sys after_user after_sys calls
   mkdir -p "$out"
   request="$out/request-$name.bin"
   "$bin/gitaly-bench" --plain "tcp://127.0.0.1:$port" "$auth" "$storage" "$path" 1 0 >/dev/null
-  header=$("$bin/gitaly-bench" --h2load-request "$auth" "$storage" "$path" "$request")
-  args=(-c 1 -m 1 -d "$request" -H "content-type: application/grpc" -H "te: trailers"
-    -H "$header" "http://127.0.0.1:$port/gitaly.RefService/FindDefaultBranchName")
+  unary_h2load_args "$request" 1 "$port" "$auth" "$storage" "$path"
+  args=("${h2load_args[@]}")
   "${pin_proxy[@]}" h2load -n 2000 "${args[@]}" >/dev/null # warm-up
   read -r before_user before_sys < <(awk '{print $14, $15}' "/proc/$pid/stat")
   calls=$("${pin_proxy[@]}" h2load -D "$seconds" "${args[@]}" |
