@@ -1,10 +1,13 @@
 //! One log line and the go-grpc-prometheus metrics per finished call, as Gitaly and Praefect
 //! give them: `grpc.method`, `grpc.code`, `grpc.time_ms`, `peer.address`, and, from the
 //! call's span, `correlation_id` and what routing chose (`virtual_storage`, `relative_path`,
-//! `storage`). A call ends with its trailers, or when the client goes away (Canceled). Calls
-//! that fail are logged at warn (the cause itself was logged where it happened, see
-//! `ProxyError::report`); health checks only at debug, since load balancers send them every
-//! second. No header is logged, so no token ever is.
+//! `storage`). A call ends with its trailers, or when the client goes away (Canceled). The
+//! line's level follows its code as in go-grpc-middleware's logrus interceptor, which Gitaly
+//! and Praefect log with (see [`level_of`]): what the client caused or gave up on is info,
+//! what an operator may have to look at is warn, and what points to a fault is error (the
+//! cause itself was logged where it happened, see `ProxyError::report`). Health checks are
+//! logged only at debug, since load balancers send them every second. No header is logged,
+//! so no token ever is.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -111,14 +114,48 @@ impl Finish {
         let peer = self.peer.as_deref().unwrap_or("");
         let code_name = grpc::code_name(code);
         self.span.in_scope(|| {
-            if self.health_check {
-                tracing::debug!(grpc.method = %self.method, grpc.code = code_name, grpc.time_ms = time_ms, peer.address = peer, "finished call");
-            } else if code == tonic::Code::Ok {
-                tracing::info!(grpc.method = %self.method, grpc.code = code_name, grpc.time_ms = time_ms, peer.address = peer, "finished call");
+            let level = if self.health_check {
+                tracing::Level::DEBUG
             } else {
-                tracing::warn!(grpc.method = %self.method, grpc.code = code_name, grpc.time_ms = time_ms, peer.address = peer, grpc.message = message, "finished call");
+                level_of(code)
+            };
+            match level {
+                // Health checks, whatever their code.
+                tracing::Level::DEBUG => {
+                    tracing::debug!(grpc.method = %self.method, grpc.code = code_name, grpc.time_ms = time_ms, peer.address = peer, "finished call")
+                }
+                // A call that succeeded has no message.
+                _ if code == tonic::Code::Ok => {
+                    tracing::info!(grpc.method = %self.method, grpc.code = code_name, grpc.time_ms = time_ms, peer.address = peer, "finished call")
+                }
+                tracing::Level::INFO => {
+                    tracing::info!(grpc.method = %self.method, grpc.code = code_name, grpc.time_ms = time_ms, peer.address = peer, grpc.message = message, "finished call")
+                }
+                tracing::Level::WARN => {
+                    tracing::warn!(grpc.method = %self.method, grpc.code = code_name, grpc.time_ms = time_ms, peer.address = peer, grpc.message = message, "finished call")
+                }
+                _ => {
+                    tracing::error!(grpc.method = %self.method, grpc.code = code_name, grpc.time_ms = time_ms, peer.address = peer, grpc.message = message, "finished call")
+                }
             }
         });
+    }
+}
+
+/// The level of a finished call's line, by its code: go-grpc-middleware's default mapping,
+/// so that alerts and searches written against Go Praefect's logs keep working. A client
+/// that cancels, asks for a repository that does not exist or sends a bad argument is not
+/// the cluster's problem (info); timeouts, refusals and an unavailable node may be (warn);
+/// Unknown, Unimplemented, Internal and DataLoss are faults (error).
+pub fn level_of(code: tonic::Code) -> tracing::Level {
+    use tonic::Code::*;
+    match code {
+        Ok | Cancelled | InvalidArgument | NotFound | AlreadyExists | Unauthenticated => {
+            tracing::Level::INFO
+        }
+        DeadlineExceeded | PermissionDenied | ResourceExhausted | FailedPrecondition | Aborted
+        | OutOfRange | Unavailable => tracing::Level::WARN,
+        Unknown | Unimplemented | Internal | DataLoss => tracing::Level::ERROR,
     }
 }
 
@@ -227,5 +264,33 @@ impl Body for Counted {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_mistakes_are_info_and_faults_are_errors() {
+        use tonic::Code;
+        for code in [
+            Code::Ok,
+            Code::Cancelled,
+            Code::NotFound,
+            Code::InvalidArgument,
+        ] {
+            assert_eq!(level_of(code), tracing::Level::INFO, "{code:?}");
+        }
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::FailedPrecondition,
+        ] {
+            assert_eq!(level_of(code), tracing::Level::WARN, "{code:?}");
+        }
+        for code in [Code::Internal, Code::Unknown, Code::DataLoss] {
+            assert_eq!(level_of(code), tracing::Level::ERROR, "{code:?}");
+        }
     }
 }

@@ -126,6 +126,9 @@ impl ServerLimits {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
+            // gRPC has no use for a `date` header, and Gitaly's (Go) server sends none;
+            // hyper would format and HPACK-encode one on every answer.
+            .auto_date_header(false)
             .max_concurrent_streams(s.max_concurrent_streams)
             .keep_alive_interval(Some(s.keepalive_interval))
             .keep_alive_timeout(s.keepalive_timeout)
