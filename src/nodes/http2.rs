@@ -346,9 +346,10 @@ pub(crate) async fn watch_pongs(
 /// keeps that bounded, and every later chunk waits for capacity as before.
 const EAGER_FIRST_CHUNK: usize = 16 * 1024;
 
-/// Writes a request body to its stream, within the stream's flow-control window (but for a
-/// small first chunk, see [`EAGER_FIRST_CHUNK`]).
-struct PipeBody {
+/// Writes a body to its stream, within the stream's flow-control window (but for a small
+/// first chunk, see [`EAGER_FIRST_CHUNK`]): a request's to a node, or (see
+/// [`PipeBody::answer`]) an answer's to a client.
+pub(crate) struct PipeBody {
     body: RequestBody,
     stream: h2::SendStream<Bytes>,
     /// Nothing was sent yet: a small first chunk goes without waiting for capacity.
@@ -365,6 +366,9 @@ struct PipeBody {
     /// it holds) would wait for ever, so it resets the stream instead, as dropping the
     /// whole call before its head does.
     answer_dropped: Option<oneshot::Receiver<()>>,
+    /// How the stream is reset when the body fails: CANCEL for a request (the client gave
+    /// up), INTERNAL_ERROR for an answer (as hyper's server did).
+    failed: h2::Reason,
 }
 
 impl PipeBody {
@@ -381,6 +385,16 @@ impl PipeBody {
             sent: sent.map(|counter| (MessageCounter::default(), counter)),
             ended: false,
             answer_dropped: None,
+            failed: h2::Reason::CANCEL,
+        }
+    }
+
+    /// The pipe of an answer to a client's stream; it ends early when the client resets the
+    /// stream, dropping the body (and with it the call to the node).
+    pub(crate) fn answer(body: RequestBody, stream: h2::SendStream<Bytes>) -> Self {
+        PipeBody {
+            failed: h2::Reason::INTERNAL_ERROR,
+            ..PipeBody::new(body, stream, None)
         }
     }
 
@@ -445,8 +459,8 @@ impl PipeBody {
                     }
                 },
                 Some(Err(err)) => {
-                    tracing::debug!(error = %err, "request body failed; cancelling the call");
-                    self.stream.send_reset(h2::Reason::CANCEL);
+                    tracing::debug!(error = %err, "body failed; resetting the stream");
+                    self.stream.send_reset(self.failed);
                     return Poll::Ready(Ok(()));
                 }
             }
@@ -583,11 +597,24 @@ impl std::fmt::Debug for ResponseBody {
 }
 
 /// The connection to a node, reporting its first successful read: the node's first bytes.
-struct FirstRead<T> {
+/// Also a client's connection to the router, with no one to tell (`heard` empty), for its
+/// keepalive's count of reads.
+pub(crate) struct FirstRead<T> {
     io: T,
     heard: Option<oneshot::Sender<()>>,
     /// Reads that returned data, for the keepalive ([`watch_pongs`]).
     received: Arc<AtomicU64>,
+}
+
+impl<T> FirstRead<T> {
+    /// `io`, counting its reads that returned data in `received`.
+    pub(crate) fn counting(io: T, received: Arc<AtomicU64>) -> Self {
+        FirstRead {
+            io,
+            heard: None,
+            received,
+        }
+    }
 }
 
 impl<T: Io> AsyncRead for FirstRead<T> {

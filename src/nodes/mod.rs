@@ -6,7 +6,7 @@
 mod address;
 mod balancer;
 mod channel;
-mod http2;
+pub(crate) mod http2;
 mod resolve;
 mod subchannel;
 

@@ -2,7 +2,7 @@
 //! header sizes, resets. Both the router and gitnode serve through [`ServerLimits`]: the
 //! accept loop ([`super::incoming_until`]) enforces the connection cap and the handshake
 //! deadline, and [`ServerLimits::server`] gives tonic's server builder (gitnode's) the HTTP/2
-//! limits, [`ServerLimits::http2_builder`] hyper's (the router's).
+//! limits, [`ServerLimits::h2_builder`] the h2 crate's (the router's).
 //!
 //! tonic leaves most of these unset: unlimited streams per connection, no keepalive, and it
 //! passes "no limit" for h2's count of streams the server resets because of the client's
@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
@@ -119,21 +118,27 @@ impl ServerLimits {
             .http2_max_local_error_reset_streams(Some(s.max_local_error_reset_streams))
     }
 
-    /// hyper's HTTP/2 server builder with the same limits as [`ServerLimits::server`] (keep the
-    /// two alike: a limit set on one only leaves the other server open).
-    pub fn http2_builder(&self) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    /// The h2 crate's server builder with the same limits as [`ServerLimits::server`] (keep
+    /// the two alike: a limit set on one only leaves the other server open). Keepalive is not
+    /// a setting of the connection: the router's server runs it with
+    /// [`LimitSettings::keepalive_interval`] and [`LimitSettings::keepalive_timeout`]. The
+    /// windows and buffers are hyper's server defaults, which the router's listeners used
+    /// before they served HTTP/2 on h2 directly.
+    pub fn h2_builder(&self) -> h2::server::Builder {
+        /// A megabyte of window per connection and per stream: the spec's 64 KiB would hold a
+        /// clone or push to one window per round trip.
+        const WINDOW: u32 = 1024 * 1024;
+        /// What a connection may buffer for sending beyond the peer's window, per stream.
+        const MAX_SEND_BUFFER: usize = 400 * 1024;
         let s = &self.settings;
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        let mut builder = h2::server::Builder::new();
         builder
-            .timer(TokioTimer::new())
-            // gRPC has no use for a `date` header, and Gitaly's (Go) server sends none;
-            // hyper would format and HPACK-encode one on every answer.
-            .auto_date_header(false)
+            .initial_window_size(WINDOW)
+            .initial_connection_window_size(WINDOW)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
             .max_concurrent_streams(s.max_concurrent_streams)
-            .keep_alive_interval(Some(s.keepalive_interval))
-            .keep_alive_timeout(s.keepalive_timeout)
             .max_header_list_size(s.max_header_list_size)
-            .max_pending_accept_reset_streams(Some(s.max_pending_accept_reset_streams))
+            .max_pending_accept_reset_streams(s.max_pending_accept_reset_streams)
             .max_local_error_reset_streams(Some(s.max_local_error_reset_streams));
         builder
     }
