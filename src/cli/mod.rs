@@ -13,6 +13,7 @@ mod list_untracked;
 mod metadata;
 mod remove_repository;
 mod replication_factor;
+mod runtime;
 mod serve;
 mod sql;
 mod track_input;
@@ -77,10 +78,7 @@ pub fn run(args: Vec<OsString>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime::build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("praefect: starting the async runtime: {err}");

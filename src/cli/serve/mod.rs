@@ -37,6 +37,7 @@ pub use handover::{inherit, HandoverError, Inheritance};
 
 pub async fn run(config: Config, inheritance: Result<Inheritance, HandoverError>) -> ExitCode {
     logging::init(&config.logging);
+    super::runtime::log_choice();
     huge_pages::log_outcome();
     warn_ignored_keys(&config);
     let outcome = match inheritance {

@@ -152,8 +152,32 @@ impl Router {
         Self::start_with(config, &[], env)
     }
 
+    /// Like [`Router::start`], with the process allowed one CPU only (`taskset`, the first
+    /// CPU this test may use), as a router deployed on one vCPU is.
+    pub fn start_on_one_cpu(config: &Path) -> Router {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list in /proc/self/status");
+        let first = allowed
+            .trim()
+            .split([',', '-'])
+            .next()
+            .expect("a CPU in Cpus_allowed_list");
+        let mut command = Command::new("taskset");
+        command.args(["-c", first, BIN]);
+        Self::spawn(command, config, &[], &[])
+    }
+
     fn start_with(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Router {
-        let mut child = Command::new(BIN)
+        Self::spawn(Command::new(BIN), config, args, env)
+    }
+
+    /// Starts `command` (the router's binary, or a wrapper that executes it in the same
+    /// process) with `-config FILE` and `args`, and reads its log until it has started.
+    fn spawn(mut command: Command, config: &Path, args: &[&str], env: &[(&str, &str)]) -> Router {
+        let mut child = command
             .args(["-config", config.to_str().unwrap()])
             .args(args)
             .envs(env.iter().copied())
