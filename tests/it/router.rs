@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::gitnode::GitNode;
 use common::pg::TestDb;
 use common::router::{
-    router_git_env, seed_repository, virtual_repo, wait_for_health_round, write_config_with,
-    NodeEntry, Router,
+    commit_and_push, router_git_env, seed_repository, virtual_repo, wait_for_health_round,
+    write_config_with, NodeEntry, Router,
 };
 use common::wait::wait_until;
 use praefect::config::DatabaseConnection;
@@ -616,17 +616,11 @@ async fn the_router_on_one_cpu_runs_on_one_thread_and_serves_calls_clones_and_pu
         &["clone", "--quiet", "ssh://gitaly/x", "."],
         &as_refs(&env),
     );
-    std::fs::write(source.path().join("file"), "on one cpu").unwrap();
-    git(source.path(), &["add", "."], &[]);
-    git(
+    commit_and_push(
         source.path(),
-        &["commit", "--quiet", "-m", "pushed on one cpu"],
-        &[],
-    );
-    git(
-        source.path(),
-        &["push", "--quiet", "ssh://gitaly/x", "main"],
-        &as_refs(&env),
+        &pinned,
+        "group/project.git",
+        "pushed-on-one-cpu",
     );
     let mut raw = db.raw().await;
     let generations: Vec<i64> = sqlx::query_scalar(
@@ -644,7 +638,7 @@ async fn the_router_on_one_cpu_runs_on_one_thread_and_serves_calls_clones_and_pu
         &as_refs(&env),
     );
     let log = git(clone.path(), &["log", "--format=%s", "main"], &[]);
-    assert_eq!(log.trim(), "pushed on one cpu\nfirst");
+    assert_eq!(log.trim(), "pushed-on-one-cpu\nfirst");
 
     // With more CPUs, the multi-threaded scheduler.
     if std::thread::available_parallelism().map_or(1, usize::from) > 1 {
