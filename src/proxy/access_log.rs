@@ -56,7 +56,7 @@ where
     fn call(&mut self, request: Request) -> Self::Future {
         let mut finish = Finish::start(&request);
         let received = finish.timer.metrics().msg_received.clone();
-        let request = request.map(|body| tonic::body::Body::new(Counted::new(body, received)));
+        let request = request.map(|body| super::body::boxed(Counted::new(body, received)));
         let future = self.inner.call(request);
         Box::pin(async move {
             // The request span is entered while this future runs (not when `call` runs).
@@ -105,7 +105,7 @@ impl Finish {
             inner: Counted::new(body, self.timer.metrics().msg_sent.clone()),
             finish: Some(self),
         };
-        http::Response::from_parts(parts, tonic::body::Body::new(body))
+        http::Response::from_parts(parts, super::body::boxed(body))
     }
 
     fn done(self, code: tonic::Code, message: &str) {

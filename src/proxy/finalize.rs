@@ -162,7 +162,7 @@ where
         };
     }
     let body = Finalizing::new(body, finish);
-    http::Response::from_parts(parts, tonic::body::Body::new(body))
+    http::Response::from_parts(parts, super::body::boxed(body))
 }
 
 /// The bookkeeping of one finished call.

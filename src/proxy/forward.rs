@@ -78,8 +78,7 @@ pub async fn try_send(
     tracing::debug!(grpc.method = %outgoing.uri().path(), storage = %destination.storage, "forwarding");
     match channel.send_or_return(outgoing).await {
         Ok(response) => {
-            let (parts, body) = response.into_parts();
-            let response = http::Response::from_parts(parts, tonic::body::Body::new(body));
+            // The node's body, scrubbed, is boxed once (`sanitize::response`).
             Ok(sanitize::response(response, &destination.storage))
         }
         Err(unsent) => {
@@ -114,7 +113,7 @@ impl Buffered {
             frames.push(Ok(Frame::trailers(trailers)));
         }
         let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
-        http::Response::from_parts(self.parts, tonic::body::Body::new(body))
+        http::Response::from_parts(self.parts, super::body::boxed(body))
     }
 }
 
@@ -128,7 +127,7 @@ pub async fn fan_out(
     calls: Vec<(Destination, Vec<u8>)>,
 ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
     let calls = calls.into_iter().map(|(destination, message)| async move {
-        let body = tonic::body::Body::new(http_body_util::Full::new(frame::encode(&message)));
+        let body = super::body::infallible(http_body_util::Full::new(frame::encode(&message)));
         let response = send(proxy, uri.clone(), headers.clone(), &destination, body).await?;
         let (parts, body) = response.into_parts();
         let collected = body.collect().await.map_err(|status| ProxyError::Forward {

@@ -6,6 +6,7 @@
 //! gRPC status.
 
 mod access_log;
+pub mod body;
 pub mod error;
 mod finalize;
 mod forward;

@@ -44,7 +44,7 @@ impl Proxy {
         let (parts, body) = request.into_parts();
         let method = self.look_up(parts.uri.path())?;
         // A sidechannel id the router cannot use is refused before anything is read or sent.
-        sidechannel::client_id(&parts.headers)?;
+        let client_sidechannel = sidechannel::client_id(&parts.headers)?;
         let mut body = BodyStream::new(body);
         let first = self.read_first(&mut body).await?;
         if let Some(AnsweredBy::Method(local)) = local::answered_by(&method.full_name) {
@@ -68,7 +68,8 @@ impl Proxy {
                 message,
             } => {
                 record_virtual_storage(&destination);
-                let bridged = self.bridge_sidechannel(&mut headers, &parts.extensions)?;
+                let bridged =
+                    self.bridge_sidechannel(client_sidechannel, &mut headers, &parts.extensions)?;
                 let outgoing =
                     request_body::single(method.client_streaming, &message, first.rest, body);
                 let channel = forward::channel(self, &destination)?;
@@ -110,6 +111,7 @@ impl Proxy {
                     uri,
                     headers,
                     extensions: &parts.extensions,
+                    sidechannel: client_sidechannel,
                     rest: first.rest,
                     body,
                 };
@@ -132,16 +134,17 @@ impl Proxy {
         Ok(method)
     }
 
-    /// A client that asked its node for a sidechannel gets one bridged through the router:
-    /// the node connects back to the router under the router's own id (appended, nodes use
-    /// the last value), and the router opens the client's under the client's id.
-    /// Whether it bridged one.
+    /// A client that asked its node for a sidechannel (`client_id`, from its metadata) gets
+    /// one bridged through the router: the node connects back to the router under the
+    /// router's own id (appended, nodes use the last value), and the router opens the
+    /// client's under the client's id. Whether it bridged one.
     pub(super) fn bridge_sidechannel(
         &self,
+        client_id: Option<u64>,
         headers: &mut http::HeaderMap,
         extensions: &http::Extensions,
     ) -> Result<bool, ProxyError> {
-        let Some(client_id) = sidechannel::client_id(headers)? else {
+        let Some(client_id) = client_id else {
             return Ok(false);
         };
         let peer = extensions.get::<PeerInfo>().cloned().unwrap_or_default();

@@ -38,7 +38,7 @@ pub fn copies(
             let copied = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
             let head =
                 futures::stream::iter([Ok(Frame::data(first)), Ok(Frame::data(rest.clone()))]);
-            tonic::body::Body::new(StreamBody::new(head.chain(copied)))
+            super::body::boxed(StreamBody::new(head.chain(copied)))
         })
         .collect();
     tokio::spawn(copy(client, senders));
@@ -57,18 +57,18 @@ pub fn single(
     if client_streaming {
         let head = futures::stream::iter([Ok(Frame::data(first_frame)), Ok(Frame::data(rest))]);
         let rest = body.map(|frame| frame.map_err(|e| Status::cancelled(e.to_string())));
-        tonic::body::Body::new(StreamBody::new(head.chain(rest)))
+        super::body::boxed(StreamBody::new(head.chain(rest)))
     } else {
         // One request message is all a unary or server-streaming call has: end the request
         // with it, rather than waiting for the client's end of stream. (A request still
         // open when the answer is complete gets reset, and a node counts resets.)
-        tonic::body::Body::new(http_body_util::Full::new(first_frame))
+        super::body::infallible(http_body_util::Full::new(first_frame))
     }
 }
 
 /// The request body of a call with one request message (unary or server-streaming).
 pub fn one_message(message: &[u8]) -> tonic::body::Body {
-    tonic::body::Body::new(http_body_util::Full::new(frame::encode(message)))
+    super::body::infallible(http_body_util::Full::new(frame::encode(message)))
 }
 
 /// One request body per first message (the nodes of one write, primary first).

@@ -9,8 +9,11 @@
 
 use std::borrow::Cow;
 
-use http_body::Frame;
-use http_body_util::BodyExt;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 
 use crate::wire::header_names::GRPC_MESSAGE;
 
@@ -140,35 +143,79 @@ pub fn scrub_headers(headers: &mut http::HeaderMap) -> Option<String> {
 
 /// A node's answer with its status message scrubbed (see the module comment); what was
 /// removed is logged in the call's span, with the node's storage.
-pub fn response(
-    response: http::Response<tonic::body::Body>,
-    storage: &str,
-) -> http::Response<tonic::body::Body> {
+pub fn response<B>(response: http::Response<B>, storage: &str) -> http::Response<tonic::body::Body>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<tonic::Status>,
+{
     let span = tracing::Span::current();
-    let log = move |storage: &str, original: String| {
-        span.in_scope(|| {
-            tracing::info!(
-                storage,
-                node_message = %original,
-                "node error message had paths or addresses removed for the client"
-            )
-        })
-    };
     let (mut parts, body) = response.into_parts();
     if let Some(original) = scrub_headers(&mut parts.headers) {
-        log(storage, original);
+        log(&span, storage, &original);
     }
-    let storage = storage.to_string();
-    let body = body.map_frame(move |frame| match frame.into_trailers() {
-        Ok(mut trailers) => {
-            if let Some(original) = scrub_headers(&mut trailers) {
-                log(&storage, original);
+    let body = Scrubbed {
+        inner: body,
+        storage: storage.to_string(),
+        span,
+    };
+    http::Response::from_parts(parts, crate::proxy::body::boxed(body))
+}
+
+/// Logs what [`scrub_headers`] removed, in the call's span.
+fn log(span: &tracing::Span, storage: &str, original: &str) {
+    span.in_scope(|| {
+        tracing::info!(
+            storage,
+            node_message = %original,
+            "node error message had paths or addresses removed for the client"
+        )
+    })
+}
+
+/// A node's answer body with its trailers scrubbed, its errors as statuses: one concrete
+/// layer over the node's body, rather than a mapping layer for each (each boxed), polled
+/// for every frame of every call.
+struct Scrubbed<B> {
+    inner: B,
+    storage: String,
+    /// The call's span, for the log line of a scrubbed message.
+    span: tracing::Span,
+}
+
+impl<B> Body for Scrubbed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<tonic::Status>,
+{
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let this = &mut *self;
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(mut frame)) => {
+                if let Some(trailers) = frame.trailers_mut() {
+                    if let Some(original) = scrub_headers(trailers) {
+                        log(&this.span, &this.storage, &original);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
             }
-            Frame::trailers(trailers)
+            Some(Err(err)) => Poll::Ready(Some(Err(err.into()))),
+            None => Poll::Ready(None),
         }
-        Err(frame) => frame,
-    });
-    http::Response::from_parts(parts, tonic::body::Body::new(body))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[cfg(test)]

@@ -45,6 +45,8 @@ pub struct WriteCall<'a> {
     pub uri: http::Uri,
     pub headers: http::HeaderMap,
     pub extensions: &'a http::Extensions,
+    /// The client's sidechannel id, if it asked for one (read once, by the pipeline).
+    pub sidechannel: Option<u64>,
     /// What followed the first message in its chunk.
     pub rest: Bytes,
     pub body: BodyStream<tonic::body::Body>,
@@ -67,7 +69,7 @@ impl Proxy {
         let correlation_id = correlation_id(&headers);
         // Before any node gets the call: a refused sidechannel must not leave secondaries
         // running. Only the primary's copy keeps the sidechannel id (removed below).
-        self.bridge_sidechannel(&mut headers, call.extensions)?;
+        self.bridge_sidechannel(call.sidechannel, &mut headers, call.extensions)?;
         let registration = if transactional {
             Some(self.register(&participants)?)
         } else {

@@ -146,7 +146,7 @@ async fn answer<S>(
     S::Future: Send + 'static,
 {
     let (parts, recv) = request.into_parts();
-    let mut request = http::Request::from_parts(parts, tonic::body::Body::new(ClientBody(recv)));
+    let mut request = http::Request::from_parts(parts, crate::proxy::body::boxed(ClientBody(recv)));
     request.extensions_mut().insert(peer);
     let call = service.oneshot(request);
     let response = tokio::select! {
@@ -172,27 +172,28 @@ async fn answer<S>(
 }
 
 /// A client's request body: its data frames, their window handed back as they are read.
+/// Its errors are statuses already (as tonic maps h2's), so it is boxed once.
 struct ClientBody(h2::RecvStream);
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = h2::Error;
+    type Error = tonic::Status;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
         let recv = &mut self.0;
         match std::task::ready!(recv.poll_data(cx)) {
             Some(Ok(data)) => {
                 let _ = recv.flow_control().release_capacity(data.len());
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            Some(Err(err)) => Poll::Ready(Some(Err(err))),
+            Some(Err(err)) => Poll::Ready(Some(Err(err.into()))),
             None => match std::task::ready!(recv.poll_trailers(cx)) {
                 Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
                 Ok(None) => Poll::Ready(None),
-                Err(err) => Poll::Ready(Some(Err(err))),
+                Err(err) => Poll::Ready(Some(Err(err.into()))),
             },
         }
     }
