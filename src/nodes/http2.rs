@@ -60,6 +60,27 @@ const CONNECTION_HEADERS: [http::HeaderName; 5] = [
     http::header::UPGRADE,
 ];
 
+/// Drops the [`CONNECTION_HEADERS`], and a `te` other than `trailers`, from a request. Calls
+/// almost never have them: one pass over the call's few headers finds that out for less than
+/// a lookup per name (each hashes the name and probes the map).
+fn strip_connection_headers(headers: &mut http::HeaderMap) {
+    let forbidden = headers.iter().any(|(name, value)| {
+        CONNECTION_HEADERS.contains(name) || (name == http::header::TE && value != "trailers")
+    });
+    if !forbidden {
+        return;
+    }
+    for name in CONNECTION_HEADERS {
+        headers.remove(name);
+    }
+    if headers
+        .get(http::header::TE)
+        .is_some_and(|te| te != "trailers")
+    {
+        headers.remove(http::header::TE);
+    }
+}
+
 /// One established HTTP/2 connection: a handle to open streams on it, and whether it is gone.
 #[derive(Clone)]
 pub(crate) struct Http2Conn {
@@ -236,16 +257,7 @@ impl Http2Conn {
             });
         }
         let (mut parts, body) = request.into_parts();
-        for name in CONNECTION_HEADERS {
-            parts.headers.remove(name);
-        }
-        if parts
-            .headers
-            .get(http::header::TE)
-            .is_some_and(|te| te != "trailers")
-        {
-            parts.headers.remove(http::header::TE);
-        }
+        strip_connection_headers(&mut parts.headers);
         let end_of_stream = body.is_end_stream();
         let (response, stream) = send
             .send_request(http::Request::from_parts(parts, ()), end_of_stream)

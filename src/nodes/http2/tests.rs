@@ -675,3 +675,39 @@ async fn a_small_request_leaves_with_its_headers_in_one_write() {
         "HEADERS and the body's only DATA frame should leave in one batch"
     );
 }
+
+#[test]
+fn connection_headers_and_a_te_other_than_trailers_are_dropped_and_nothing_else() {
+    let header = |name: &'static str, value: &'static str| {
+        (
+            http::HeaderName::from_static(name),
+            http::HeaderValue::from_static(value),
+        )
+    };
+    let kept = [
+        header("content-type", "application/grpc"),
+        header("te", "trailers"),
+        header("x-gitlab-correlation-id", "abc"),
+    ];
+    let mut plain: http::HeaderMap = kept.iter().cloned().collect();
+    strip_connection_headers(&mut plain);
+    assert_eq!(plain, kept.iter().cloned().collect::<http::HeaderMap>());
+
+    let mut forbidden: http::HeaderMap = kept.iter().cloned().collect();
+    for (name, value) in [
+        ("connection", "close"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-connection", "keep-alive"),
+        ("transfer-encoding", "chunked"),
+        ("upgrade", "h2c"),
+    ] {
+        let mut headers = forbidden.clone();
+        headers.insert(name, http::HeaderValue::from_static(value));
+        strip_connection_headers(&mut headers);
+        assert_eq!(headers, forbidden, "{name}");
+    }
+    forbidden.insert(http::header::TE, http::HeaderValue::from_static("gzip"));
+    strip_connection_headers(&mut forbidden);
+    assert!(!forbidden.contains_key(http::header::TE));
+    assert_eq!(forbidden.len(), 2);
+}
