@@ -487,6 +487,111 @@ async fn valid_primaries_are_up_to_date_healthy_assigned_and_not_being_deleted()
     assert_eq!(valid_primaries(&store, id).await, ["g1", "g2"]);
 }
 
+/// `/db_metrics`' and `check`'s count of repositories without a valid primary, against its
+/// definition (no row in the `valid_primaries` view), over every way a repository can lose
+/// its candidates, and one that keeps them only through the assignment rule.
+#[tokio::test]
+async fn unavailable_repositories_are_those_the_valid_primaries_view_has_no_row_for() {
+    let db = TestDb::new().await;
+    let store = db.datastore().await;
+    let mut raw = db.raw().await;
+    mark_healthy(&store, &["g1", "g2", "g3"]).await;
+    let create = |path: &'static str, vs: &'static str, primary, secondaries| {
+        let store = store.clone();
+        async move {
+            let id = store.reserve_repository_id(vs, path).await.unwrap();
+            store
+                .create_repository(&new_repository(id, vs, path, primary, secondaries), &[])
+                .await
+                .unwrap();
+            id
+        }
+    };
+    // Fine: three up-to-date replicas.
+    create("fine.git", "vs", "g1", &["g2", "g3"]).await;
+    // Up to date only on g3, which no router will see as healthy below.
+    let on_g3 = create("only-g3.git", "vs", "g3", &["g1", "g2"]).await;
+    store
+        .increment_generation(on_g3, &["g3".to_string()])
+        .await
+        .unwrap();
+    // Assigned only to an outdated replica: the unassigned up-to-date ones still qualify.
+    let assigned = create("assigned-outdated.git", "vs", "g1", &["g2", "g3"]).await;
+    store
+        .increment_generation(assigned, &["g1".to_string(), "g3".to_string()])
+        .await
+        .unwrap();
+    raw.execute(
+        format!(
+            "INSERT INTO repository_assignments (repository_id, virtual_storage, relative_path, storage)
+             VALUES ({assigned}, 'vs', 'assigned-outdated.git', 'g2')"
+        )
+        .as_str(),
+    )
+    .await
+    .unwrap();
+    // One replica, about to be deleted.
+    let deleting = create("deleting.git", "vs", "g1", &[]).await;
+    raw.execute(
+        format!(
+            "INSERT INTO replication_queue (state, lock_id, job) VALUES
+            ('ready', 'vs|g1|deleting.git', '{{\"change\": \"delete_replica\", \"virtual_storage\": \"vs\",
+              \"repository_id\": {deleting}, \"relative_path\": \"deleting.git\", \"target_node_storage\": \"g1\",
+              \"source_node_storage\": \"\"}}')"
+        )
+        .as_str(),
+    )
+    .await
+    .unwrap();
+    // Another virtual storage, whose storages no router has seen.
+    create("elsewhere.git", "vs2", "g1", &["g2"]).await;
+
+    // g3 down: the one router sees g1 and g2 only, and its last sight of g3 is too old.
+    mark_healthy(&store, &["g1", "g2"]).await;
+    raw.execute("UPDATE node_status SET last_seen_active_at = now() - interval '1 minute' WHERE node_name = 'g3'")
+        .await
+        .unwrap();
+    let counts = |rows: Vec<praefect::datastore::db_metrics::UnavailableCount>| {
+        rows.into_iter()
+            .map(|row| (row.virtual_storage, row.count))
+            .collect::<Vec<_>>()
+    };
+    let found = counts(
+        store
+            .unavailable_repositories(Duration::from_secs(10))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        found,
+        [("vs".to_string(), 2), ("vs2".to_string(), 1)],
+        "only-g3.git and deleting.git in vs, elsewhere.git in vs2"
+    );
+    let by_view: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT virtual_storage, count(*) FROM repositories AS repo
+         WHERE NOT EXISTS (SELECT 1 FROM valid_primaries AS valid
+                           WHERE valid.repository_id = repo.repository_id)
+         GROUP BY virtual_storage ORDER BY virtual_storage",
+    )
+    .fetch_all(&mut raw)
+    .await
+    .unwrap();
+    assert_eq!(found, by_view);
+
+    // The job finished and g3 is back: only the other virtual storage is left.
+    raw.execute("UPDATE replication_queue SET state = 'completed'")
+        .await
+        .unwrap();
+    mark_healthy(&store, &["g1", "g2", "g3"]).await;
+    let found = counts(
+        store
+            .unavailable_repositories(Duration::from_secs(10))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(found, [("vs2".to_string(), 1)]);
+}
+
 #[tokio::test]
 async fn only_one_active_delete_replica_job_per_repository() {
     let db = TestDb::new().await;

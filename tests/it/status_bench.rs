@@ -16,6 +16,7 @@ use crate::scale_bench::fill::{fill, STORAGES, VIRTUAL_STORAGE};
 use std::time::{Duration, Instant};
 
 use common::pg::TestDb;
+use praefect::datastore::db_metrics::UNAVAILABLE_REPOSITORIES_SQL;
 use praefect::datastore::{
     HealthObservation, COUNTS_SETTINGS_SQL, NODE_OBSERVATIONS_SQL, QUEUE_GROUPS_SQL,
     REPOSITORY_COUNTS_SQL, REPOSITORY_JOBS_LIMIT, REPOSITORY_JOBS_SQL,
@@ -124,15 +125,32 @@ async fn status_collection_at_scale() {
     )
     .await;
     plan(&mut raw, "queue groups", QUEUE_GROUPS_SQL, |q| q).await;
+    plan(
+        &mut raw,
+        "unavailable repositories (/db_metrics)",
+        UNAVAILABLE_REPOSITORIES_SQL,
+        |q| q,
+    )
+    .await;
     // In a transaction with the settings the datastore call uses.
     sqlx::raw_sql("BEGIN").execute(&mut raw).await.unwrap();
     sqlx::query(COUNTS_SETTINGS_SQL)
         .execute(&mut raw)
         .await
         .unwrap();
-    plan(&mut raw, "repository counts", REPOSITORY_COUNTS_SQL, |q| {
-        q.bind(vs.clone()).bind(st.clone()).bind(interval)
-    })
+    // One slice of ids, as the datastore counts them.
+    plan(
+        &mut raw,
+        "repository counts (ids 0 to 50,000)",
+        REPOSITORY_COUNTS_SQL,
+        |q| {
+            q.bind(vs.clone())
+                .bind(st.clone())
+                .bind(interval)
+                .bind(0_i64)
+                .bind(50_000_i64)
+        },
+    )
     .await;
     sqlx::raw_sql("COMMIT").execute(&mut raw).await.unwrap();
     let path: String =
@@ -161,6 +179,36 @@ async fn status_collection_at_scale() {
         store.unavailable_repositories(TIMEOUT)
     })
     .await;
+    // The same count asked through the `valid_primaries` view, as `/db_metrics` asked it
+    // until 2026-12-04: the same answer, for comparison of the time.
+    let by_view = "SELECT virtual_storage, count(*) FROM repositories AS repo
+                   WHERE NOT EXISTS (SELECT 1 FROM valid_primaries AS valid
+                                     WHERE valid.repository_id = repo.repository_id)
+                   GROUP BY virtual_storage ORDER BY virtual_storage";
+    let mut times = Vec::new();
+    let mut through_view = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        through_view = sqlx::query_as::<_, (String, i64)>(by_view)
+            .fetch_all(&mut raw)
+            .await
+            .unwrap();
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "{:<40} median {:>9.1} ms  (min {:.1}, max {:.1})",
+        "the same through valid_primaries", times[2], times[0], times[4]
+    );
+    let direct = store.unavailable_repositories(TIMEOUT).await.unwrap();
+    println!("unavailable: {direct:?}; through the view: {through_view:?}");
+    assert_eq!(
+        direct
+            .into_iter()
+            .map(|row| (row.virtual_storage, row.count))
+            .collect::<Vec<_>>(),
+        through_view
+    );
     let by_path = praefect::datastore::RepositoryLookup::Path {
         virtual_storage: VIRTUAL_STORAGE.into(),
         relative_path: path.clone(),
