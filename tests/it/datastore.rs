@@ -397,6 +397,24 @@ async fn mark_healthy(store: &Datastore, storages: &[&str]) {
     store.record_health("p1", &observations).await.unwrap();
 }
 
+/// Queues a ready `delete_replica` job for repository `id` (`path` in `vs`) on `storage`.
+async fn queue_delete_replica(raw: &mut sqlx::PgConnection, id: i64, path: &str, storage: &str) {
+    let job = json!({
+        "change": "delete_replica",
+        "virtual_storage": "vs",
+        "repository_id": id,
+        "relative_path": path,
+        "target_node_storage": storage,
+        "source_node_storage": "",
+    });
+    sqlx::query("INSERT INTO replication_queue (state, lock_id, job) VALUES ('ready', $1, $2)")
+        .bind(format!("vs|{storage}|{path}"))
+        .bind(job)
+        .execute(raw)
+        .await
+        .unwrap();
+}
+
 async fn valid_primaries(store: &Datastore, id: i64) -> Vec<String> {
     store
         .valid_primaries(id)
@@ -468,17 +486,7 @@ async fn valid_primaries_are_up_to_date_healthy_assigned_and_not_being_deleted()
 
     // Pending delete_replica: a replica about to be removed cannot become primary (the job
     // is matched by repository id).
-    raw.execute(
-        format!(
-            "INSERT INTO replication_queue (state, lock_id, job) VALUES
-            ('ready', 'vs|g1|r.git', '{{\"change\": \"delete_replica\", \"virtual_storage\": \"vs\",
-              \"repository_id\": {id}, \"relative_path\": \"r.git\", \"target_node_storage\": \"g1\",
-              \"source_node_storage\": \"\"}}')"
-        )
-        .as_str(),
-    )
-    .await
-    .unwrap();
+    queue_delete_replica(&mut raw, id, "r.git", "g1").await;
     assert_eq!(valid_primaries(&store, id).await, ["g2"]);
     // A finished one no longer counts, and a second active one is refused by the unique index.
     raw.execute("UPDATE replication_queue SET state = 'dead'")
@@ -532,17 +540,7 @@ async fn unavailable_repositories_are_those_the_valid_primaries_view_has_no_row_
     .unwrap();
     // One replica, about to be deleted.
     let deleting = create("deleting.git", "vs", "g1", &[]).await;
-    raw.execute(
-        format!(
-            "INSERT INTO replication_queue (state, lock_id, job) VALUES
-            ('ready', 'vs|g1|deleting.git', '{{\"change\": \"delete_replica\", \"virtual_storage\": \"vs\",
-              \"repository_id\": {deleting}, \"relative_path\": \"deleting.git\", \"target_node_storage\": \"g1\",
-              \"source_node_storage\": \"\"}}')"
-        )
-        .as_str(),
-    )
-    .await
-    .unwrap();
+    queue_delete_replica(&mut raw, deleting, "deleting.git", "g1").await;
     // Another virtual storage, whose storages no router has seen.
     create("elsewhere.git", "vs2", "g1", &["g2"]).await;
 
