@@ -9,7 +9,6 @@ use http_body_util::BodyExt;
 
 use super::error::ProxyError;
 use super::finalize::is_ok;
-use super::frame;
 use super::route::Destination;
 use super::sanitize;
 use super::state::Proxy;
@@ -133,7 +132,7 @@ pub async fn fan_out(
     calls: Vec<(Destination, Vec<u8>)>,
 ) -> Result<http::Response<tonic::body::Body>, ProxyError> {
     let calls = calls.into_iter().map(|(destination, message)| async move {
-        let body = super::body::infallible(http_body_util::Full::new(frame::encode(&message)));
+        let body = super::request_body::one_message(&message);
         let response = send(proxy, uri.clone(), headers.clone(), &destination, body).await?;
         let (parts, body) = response.into_parts();
         let collected = body.collect().await.map_err(|status| ProxyError::Forward {

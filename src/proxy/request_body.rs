@@ -53,8 +53,8 @@ pub fn single(
     rest: Bytes,
     body: BodyStream<tonic::body::Body>,
 ) -> tonic::body::Body {
-    let first_frame = frame::encode(message);
     if client_streaming {
+        let first_frame = frame::encode(message);
         let head = futures::stream::iter([Ok(Frame::data(first_frame)), Ok(Frame::data(rest))]);
         let rest = body.map(|frame| frame.map_err(|e| Status::cancelled(e.to_string())));
         super::body::boxed(StreamBody::new(head.chain(rest)))
@@ -62,7 +62,7 @@ pub fn single(
         // One request message is all a unary or server-streaming call has: end the request
         // with it, rather than waiting for the client's end of stream. (A request still
         // open when the answer is complete gets reset, and a node counts resets.)
-        super::body::infallible(http_body_util::Full::new(first_frame))
+        one_message(message)
     }
 }
 

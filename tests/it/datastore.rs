@@ -495,6 +495,14 @@ async fn valid_primaries_are_up_to_date_healthy_assigned_and_not_being_deleted()
     assert_eq!(valid_primaries(&store, id).await, ["g1", "g2"]);
 }
 
+/// The definition of an unavailable repository, asked as it is written: no row in the
+/// `valid_primaries` view (how `/db_metrics` asked until 2026-12-04; `status_bench` times it).
+pub(crate) const UNAVAILABLE_BY_VIEW_SQL: &str =
+    "SELECT virtual_storage, count(*) FROM repositories AS repo
+     WHERE NOT EXISTS (SELECT 1 FROM valid_primaries AS valid
+                       WHERE valid.repository_id = repo.repository_id)
+     GROUP BY virtual_storage ORDER BY virtual_storage";
+
 /// `/db_metrics`' and `check`'s count of repositories without a valid primary, against its
 /// definition (no row in the `valid_primaries` view), over every way a repository can lose
 /// its candidates, and one that keeps them only through the assignment rule.
@@ -565,15 +573,10 @@ async fn unavailable_repositories_are_those_the_valid_primaries_view_has_no_row_
         [("vs".to_string(), 2), ("vs2".to_string(), 1)],
         "only-g3.git and deleting.git in vs, elsewhere.git in vs2"
     );
-    let by_view: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT virtual_storage, count(*) FROM repositories AS repo
-         WHERE NOT EXISTS (SELECT 1 FROM valid_primaries AS valid
-                           WHERE valid.repository_id = repo.repository_id)
-         GROUP BY virtual_storage ORDER BY virtual_storage",
-    )
-    .fetch_all(&mut raw)
-    .await
-    .unwrap();
+    let by_view: Vec<(String, i64)> = sqlx::query_as(UNAVAILABLE_BY_VIEW_SQL)
+        .fetch_all(&mut raw)
+        .await
+        .unwrap();
     assert_eq!(found, by_view);
 
     // The job finished and g3 is back: only the other virtual storage is left.

@@ -181,10 +181,7 @@ async fn status_collection_at_scale() {
     .await;
     // The same count asked through the `valid_primaries` view, as `/db_metrics` asked it
     // until 2026-12-04: the same answer, for comparison of the time.
-    let by_view = "SELECT virtual_storage, count(*) FROM repositories AS repo
-                   WHERE NOT EXISTS (SELECT 1 FROM valid_primaries AS valid
-                                     WHERE valid.repository_id = repo.repository_id)
-                   GROUP BY virtual_storage ORDER BY virtual_storage";
+    let by_view = crate::datastore::UNAVAILABLE_BY_VIEW_SQL;
     let mut times = Vec::new();
     let mut through_view = Vec::new();
     for _ in 0..5 {

@@ -18,8 +18,8 @@ use praefect::wire::proto::{Repository, RepositoryExistsRequest};
 use prost::Message;
 use tonic::Code;
 
-use super::paths::raw_call;
 use super::rss_and_fds;
+use crate::common::raw::raw_call;
 
 const EXISTS: &str = "/gitaly.RepositoryService/RepositoryExists";
 

@@ -7,17 +7,16 @@
 
 use crate::common;
 
-use common::echo::{self, EchoLog, EchoNode};
+use common::echo::{EchoLog, EchoNode};
 use common::pg::TestDb;
+use common::raw::raw_call;
 use common::router::{start_router_on, NodeEntry, Router};
-use http_body_util::BodyExt;
 use praefect::wire::proto::{
     CreateForkRequest, CreateObjectPoolRequest, CreateRepositoryRequest,
     FindDefaultBranchNameRequest, ObjectPool, OptimizeRepositoryRequest, Repository,
 };
 use prost::Message;
 use tonic::Code;
-use tower::ServiceExt;
 
 use super::rss_and_fds;
 
@@ -26,45 +25,6 @@ const CREATE_FORK: &str = "/gitaly.RepositoryService/CreateFork";
 const CREATE_POOL: &str = "/gitaly.ObjectPoolService/CreateObjectPool";
 const FIND_DEFAULT_BRANCH: &str = "/gitaly.RefService/FindDefaultBranchName";
 const OPTIMIZE: &str = "/gitaly.RepositoryService/OptimizeRepository";
-
-/// Sends one raw request (`message`, framed) to `path` over `channel` with `headers`, and
-/// returns the call's status.
-pub(super) async fn raw_call<S, B>(
-    channel: S,
-    path: &str,
-    message: &[u8],
-    headers: &[(&str, &str)],
-) -> tonic::Status
-where
-    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<B>>,
-    S::Error: std::fmt::Debug,
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    let mut request = http::Request::builder()
-        .method(http::Method::POST)
-        .uri(format!("http://router{path}"))
-        .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header("te", "trailers");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let body = tonic::body::Body::new(http_body_util::Full::new(echo::frame(message)));
-    let response = channel
-        .oneshot(request.body(body).unwrap())
-        .await
-        .unwrap_or_else(|e| panic!("{path}: transport error: {e:?}"));
-    let (parts, body) = response.into_parts();
-    if let Some(status) = tonic::Status::from_header_map(&parts.headers) {
-        return status;
-    }
-    let http_status = parts.status;
-    let collected = body.collect().await.unwrap();
-    collected
-        .trailers()
-        .and_then(tonic::Status::from_header_map)
-        .unwrap_or_else(|| tonic::Status::unknown(format!("no grpc-status: HTTP {http_status}")))
-}
 
 fn repo(relative_path: &str) -> Option<Repository> {
     Some(Repository {

@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod echo;
 pub mod pg;
+pub mod raw;
 pub mod router;
 
 pub use testkit::{gitnode, patroni, pgbouncer, wait};
